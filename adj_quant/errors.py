@@ -1,0 +1,36 @@
+"""User-facing errors: one clear line, no traceback.
+
+Library code raises :class:`UserError` for bad input (a wrong flag value, a file that
+does not match the model, ...). Command-line entry points wrap their ``main`` with
+:func:`cli_main`, which prints ``error: <message>`` to stderr and exits with status 2.
+Set ``ADJQ_TRACEBACK=1`` to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user. The message names the value and the fix."""
+
+
+def cli_main(main):
+    """Decorate a CLI ``main``: turn :class:`UserError` into one line and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            if os.environ.get("ADJQ_TRACEBACK"):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper
