@@ -1,0 +1,155 @@
+"""The adjustable quantizer against TensorFlow's fake_quant ops and hand-derived gradients."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adj_quant import quantizers as q
+from adj_quant.errors import UserError
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_forward_equals_fake_quant_per_channel(bits):
+    rng = np.random.default_rng(bits)
+    channels = 6
+    x = rng.normal(0, 1.5, (4, 5, 5, channels)).astype(np.float32)
+    lo = -rng.uniform(0.1, 2.0, channels).astype(np.float32)  # ranges contain 0
+    hi = rng.uniform(0.1, 2.0, channels).astype(np.float32)
+    ours = q.quantize(x, lo, hi, bits).numpy()
+    oracle = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        x, lo, hi, num_bits=bits, narrow_range=False).numpy()
+    step = (hi - lo) / (2**bits - 1)
+    diff = np.abs(ours - oracle)
+    mismatch = diff > 1e-4 * step
+    # Only exact rounding ties may differ, and then by one step.
+    assert mismatch.mean() < 1e-3
+    np.testing.assert_allclose(diff[mismatch] / np.broadcast_to(step, x.shape)[mismatch], 1.0,
+                               atol=1e-3)
+    assert len(np.unique(ours[..., 0])) <= 2**bits
+
+
+def test_depthwise_axis_and_scalar_broadcast():
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 1, (3, 3, 4, 1)).astype(np.float32)
+    lo, hi = w.min(axis=(0, 1, 3)), w.max(axis=(0, 1, 3))
+    ours = q.quantize(w, lo, hi, 4, axis=2).numpy()
+    oracle = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        np.transpose(w, (0, 1, 3, 2)), lo, hi, num_bits=4).numpy().transpose(0, 1, 3, 2)
+    assert np.mean(np.abs(ours - oracle) > 1e-5) < 1e-2
+    scalar = q.quantize(w, -0.9, 1.1, 3).numpy()  # (-1, 1) would tie on the zero point
+    oracle = tf.quantization.fake_quant_with_min_max_vars(w, -0.9, 1.1, num_bits=3).numpy()
+    assert np.mean(np.abs(scalar - oracle) > 1e-5) < 1e-2
+
+
+def test_mixed_per_channel_bits():
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 1, (50, 3)).astype(np.float32)
+    bits = np.array([2, 5, 8])
+    ours = q.quantize(x, -1.7, 2.3, bits).numpy()
+    for c, b in enumerate(bits):
+        oracle = tf.quantization.fake_quant_with_min_max_vars(x[:, c], -1.7, 2.3, num_bits=int(b))
+        np.testing.assert_allclose(ours[:, c], oracle.numpy(), atol=1e-5)
+
+
+def _expected_gradients(x, g, m, w, a, beta, b0, bits_scale):
+    """Hand-derived gradients of sum(g * out) for one channel (see the derivation below).
+
+    With W = w*a, L = m + w*beta, b = round(bits_scale*b0), n = 2^b - 1, s = n / (W + eps):
+      inside the range   out = round(x s)/s         d out = (x - out)/s * ds
+      clipped            out = (z + 0 or n)/s       d out = dL + (L - out)/s * ds
+    and ds/dW = -n/(W+eps)^2, ds/db = ln2 * 2^b / (W+eps), dW/da = w, dL/dbeta = w, db/dbits_scale = b0.
+    """
+    eps = 1e-7
+    W, L = w * a, m + w * beta
+    b = np.round(bits_scale * b0)
+    n = 2.0**b - 1
+    s = n / (W + eps)
+    z = np.round(L * s)
+    k = np.round(x * s) - z
+    inside = (k >= 0) & (k <= n)
+    out = (np.clip(k, 0, n) + z) / s
+    d_out_ds = np.where(inside, (x - out) / s, (L - out) / s)
+    d_out_dL = np.where(inside, 0.0, 1.0)
+    ds_dW = -n / (W + eps) ** 2
+    ds_db = np.log(2.0) * 2.0**b / (W + eps)
+    grad_s = np.sum(g * d_out_ds)
+    return {
+        "range_scale": grad_s * ds_dW * w,
+        "range_shift": np.sum(g * d_out_dL) * w,
+        "bits_scale": grad_s * ds_db * b0,
+        "x": g * inside,
+    }
+
+
+@pytest.mark.parametrize("a, beta, bits_scale", [(1.0, 0.0, 1.0), (0.7, 0.1, 1.3), (1.2, -0.15, 0.8)])
+def test_gradients_match_hand_derivation(a, beta, bits_scale):
+    x = np.array([-1.3, -0.62, -0.1, 0.05, 0.33, 0.71, 0.98, 1.6], np.float64)
+    g = np.array([0.3, -1.0, 0.5, 2.0, -0.7, 1.1, -0.4, 0.9], np.float64)
+    m, M, b0 = -0.93, 1.05, 4  # no rounding ties in float32 vs float64
+    quant = q.AdjustableQuantizer("t", 1, init_bits=b0, bits_trainable=True, range_preset_id=5)
+    quant.set_range([m], [M])
+    quant.range_scale.assign([a])
+    quant.range_shift.assign([beta])
+    quant.bits_scale.assign([bits_scale])
+    xt = tf.constant(x[:, None], tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        out = quant(xt)
+        loss = tf.reduce_sum(out * g[:, None].astype(np.float32))
+    grads = tape.gradient(loss, [quant.range_scale, quant.range_shift, quant.bits_scale, xt])
+    expected = _expected_gradients(x, g, m, M - m, a, beta, b0, bits_scale)
+    np.testing.assert_allclose(grads[0].numpy()[0], expected["range_scale"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(grads[1].numpy()[0], expected["range_shift"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(grads[2].numpy()[0], expected["bits_scale"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(grads[3].numpy()[:, 0], expected["x"], atol=1e-6)
+
+
+def test_clip_passes_no_gradient_outside_or_to_bounds():
+    quant = q.AdjustableQuantizer("t", 2, init_bits=4, bits_trainable=True, range_preset_id=1)
+    quant.set_range([-1.0, -1.0], [1.0, 1.0])
+    quant.range_scale.assign([1.5, 1.0])   # r_alpha = [0.5, 1.3]: channel 0 is clipped
+    quant.range_shift.assign([0.0, 0.5])   # r_beta = [-0.2, 0.4]: channel 1 is clipped
+    quant.bits_scale.assign([3.0, 1.0])    # 3*4 = 12 > 8: channel 0's bits are clipped
+    x = tf.constant(np.random.default_rng(0).normal(0, 1, (64, 2)), tf.float32)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(quant(x) ** 2)
+    gs, gb, gbits = tape.gradient(loss, [quant.range_scale, quant.range_shift, quant.bits_scale])
+    assert gs.numpy()[0] == 0 and gs.numpy()[1] != 0
+    assert gb.numpy()[1] == 0 and gb.numpy()[0] != 0
+    assert gbits.numpy()[0] == 0 and gbits.numpy()[1] != 0
+    # Boundaries are inclusive: a value exactly on a bound still gets gradient.
+    v = tf.Variable([2.0, 8.0, 1.0])
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(q.clip_ste(v, 2.0, 8.0))
+    np.testing.assert_array_equal(tape.gradient(y, v).numpy(), [1.0, 1.0, 0.0])
+
+
+def test_bits_stay_in_range_for_any_bits_scale():
+    quant = q.AdjustableQuantizer("t", 7, init_bits=6, bits_trainable=True)
+    quant.bits_scale.assign([-50.0, 0.0, 0.2, 0.41, 1.0, 1.3, 1e6])
+    bits = quant.bits().numpy()
+    np.testing.assert_array_equal(bits, [2, 2, 2, 2, 6, 8, 8])
+    fixed = q.AdjustableQuantizer("f", 3, init_bits=5)
+    np.testing.assert_array_equal(fixed.bits().numpy(), [5, 5, 5])
+    assert fixed.bits_scale is None
+
+
+def test_range_presets_clip_the_adjusted_range():
+    quant = q.AdjustableQuantizer("t", 1, init_bits=8, range_preset_id=2)
+    quant.set_range([-1.0], [3.0])
+    quant.range_scale.assign([5.0])
+    quant.range_shift.assign([-5.0])
+    low, width = quant.adjusted_range()
+    assert width.numpy()[0] == pytest.approx(4.0 * 1.0)       # r_alpha upper bound 1.0
+    assert low.numpy()[0] == pytest.approx(-1.0 + 4.0 * -0.2)  # r_beta lower bound -0.2
+
+
+def test_bad_input_is_a_user_error():
+    with pytest.raises(UserError, match="bits"):
+        q.quantize(np.ones((2, 3), np.float32), -1.0, 1.0, 9)
+    with pytest.raises(UserError, match="shape"):
+        q.quantize(np.ones((2, 3), np.float32), np.zeros(4), 1.0, 8)
+    with pytest.raises(UserError, match="--range preset 9"):
+        q.range_preset(9)
+    with pytest.raises(UserError, match="outside"):
+        q.AdjustableQuantizer("t", 1, init_bits=1)
