@@ -238,11 +238,7 @@ def swish(x: tf.Tensor) -> tf.Tensor:
 
 def layer_scopes(arch: ArchConfig) -> list[str]:
     """Scopes of all weight layers, in execution order (``expanded_conv/dws``, ...)."""
-    scopes = ["Conv"]
-    for block in arch.blocks():
-        subs = (["expand"] if block.has_expand else []) + ["dws", "se_1", "se_2", "project"]
-        scopes += [f"{block.scope}/{sub}" for sub in subs]
-    return scopes + ["Conv_1", "Logits"]
+    return list(build_layer_shapes(arch))
 
 
 def swish_scopes(arch: ArchConfig) -> list[str]:
@@ -318,23 +314,29 @@ class EfficientNetB0(tf.Module):
         return {v.name[:-2]: v for v in self.variables if v.name.startswith(SCOPE + "/")}
 
 
+def build_layer_shapes(arch: ArchConfig) -> dict[str, tuple[str, int, int, int, int]]:
+    """``{scope: (kind, kernel, cin, cout, stride)}`` of every weight layer, in execution order."""
+    shapes = {"Conv": ("conv", 3, 3, arch.stem_filters, 2)}
+    for b in arch.blocks():
+        if b.has_expand:
+            shapes[f"{b.scope}/expand"] = ("conv", 1, b.filters_in, b.expanded, 1)
+        shapes[f"{b.scope}/dws"] = ("dws", b.kernel, b.expanded, b.expanded, b.stride)
+        shapes[f"{b.scope}/se_1"] = ("conv", 1, b.expanded, b.se_filters, 1)
+        shapes[f"{b.scope}/se_2"] = ("conv", 1, b.se_filters, b.expanded, 1)
+        shapes[f"{b.scope}/project"] = ("conv", 1, b.expanded, b.filters_out, 1)
+    shapes["Conv_1"] = ("conv", 1, arch.blocks()[-1].filters_out, arch.head_filters, 1)
+    shapes["Logits"] = ("fc", 1, arch.head_filters, arch.num_classes, 1)
+    return shapes
+
+
+def has_batch_norm(scope: str) -> bool:
+    """SE convs and the logits have biases; every other layer has batch norm."""
+    return not scope.endswith(("/se_1", "/se_2")) and scope != "Logits"
+
+
 def build_layers(arch: ArchConfig, rng: tf.random.Generator) -> dict[str, ConvLayer]:
     """Create every weight layer of the network, keyed by scope relative to ``efficientnet_b0``."""
-    layers: dict[str, ConvLayer] = {}
-
-    def add(scope, *args, **kwargs):
-        layers[scope] = conv(f"{SCOPE}/{scope}", *args, **kwargs)
-
     with arg_scope([conv], rng=rng):
-        add("Conv", 3, 3, arch.stem_filters, 2)
-        for b in arch.blocks():
-            if b.has_expand:
-                add(f"{b.scope}/expand", 1, b.filters_in, b.expanded)
-            add(f"{b.scope}/dws", b.kernel, b.expanded, b.expanded, b.stride, kind="dws")
-            with arg_scope([conv], batch_norm=False):
-                add(f"{b.scope}/se_1", 1, b.expanded, b.se_filters)
-                add(f"{b.scope}/se_2", 1, b.se_filters, b.expanded)
-            add(f"{b.scope}/project", 1, b.expanded, b.filters_out)
-        add("Conv_1", 1, arch.blocks()[-1].filters_out, arch.head_filters)
-        add("Logits", 1, arch.head_filters, arch.num_classes, kind="fc", batch_norm=False)
-    return layers
+        return {scope: conv(f"{SCOPE}/{scope}", kernel, cin, cout, stride, kind=kind,
+                            batch_norm=has_batch_norm(scope))
+                for scope, (kind, kernel, cin, cout, stride) in build_layer_shapes(arch).items()}

@@ -1,0 +1,158 @@
+"""The quantized EfficientNet-B0: folding, calibration, thresholds files, bits."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adj_quant.errors import UserError
+from adj_quant.qmodel import QuantConfig, QuantizedEfficientNetB0
+from slim_nets import efficientnet_b0 as eb0
+
+IMG = 32
+
+
+def _float_model(num_classes=10, seed=0):
+    model = eb0.EfficientNetB0(num_classes=num_classes, seed=seed)
+    images = tf.random.stateless_uniform([16, IMG, IMG, 3], seed=[seed, 1])
+    # Realistic batch-norm statistics: moving averages of real batch statistics.
+    for layer in model.layers.values():
+        if layer.bn is not None:
+            layer.bn.momentum = 0.0
+    model(images, training=True)
+    for scope, layer in model.layers.items():
+        if layer.bn is not None:
+            layer.bn.momentum = eb0.BN_MOMENTUM
+        # A random EfficientNet with unit-gain residual branches is chaotic (0.1% input noise
+        # moves its logits by ~20%), unlike a trained one. Damping the residual branches a
+        # little gives a network whose logits depend smoothly, but clearly, on the input.
+        if scope.endswith("/project"):
+            layer.bn.gamma.assign(layer.bn.gamma * 0.75)
+    return model, images
+
+
+@pytest.fixture(scope="module")
+def float_and_images():
+    return _float_model()
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_folded_float_forward_equals_float_model(float_and_images):
+    model, images = float_and_images
+    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig())
+    assert _rel(qmodel.float_forward(images).numpy(), model(images).numpy()) < 1e-4
+
+
+def test_8bit_model_stays_within_5_percent_of_float(float_and_images):
+    model, images = float_and_images
+    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig(8, 8, 8, 8))
+    qmodel.calibrate_activations([images], progress=False)
+    f = model(images).numpy()
+    qlogits = qmodel(images).numpy()
+    assert _rel(qlogits, f) <= 0.05
+    # The float logits do depend on the image: another batch moves them by far more than 5%.
+    assert _rel(model(images[::-1]).numpy(), f) > 0.1
+    # ... and the quantization is real: 3 bits everywhere is much further away.
+    q3 = QuantizedEfficientNetB0.from_float(model, QuantConfig(3, 3, 8, 8))
+    q3.calibrate_activations([images], progress=False)
+    assert _rel(q3(images).numpy(), f) > 2 * _rel(qlogits, f)
+
+
+def test_quantized_weights_have_at_most_2_pow_b_levels(float_and_images):
+    model, _ = float_and_images
+    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig(weight_bits=3))
+    layer = qmodel.layers["expanded_conv_2/expand"]
+    w, _ = layer.quantized_weights()
+    for c in range(layer.cout):
+        assert len(np.unique(w.numpy()[..., c])) <= 8
+    dws = qmodel.layers["expanded_conv_2/dws"]
+    w, _ = dws.quantized_weights()
+    for c in range(dws.cout):
+        assert len(np.unique(w.numpy()[:, :, c, :])) <= 8
+
+
+def test_calibration_records_per_channel_min_max(float_and_images):
+    model, images = float_and_images
+    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig())
+    seen = {}
+
+    def record(name, x):
+        seen[name] = x.numpy()
+
+    qmodel.float_forward(images, record)
+    qmodel.calibrate_activations([images[:7], images[7:]], progress=False)
+    quant = qmodel.quantizers()["expanded_conv_3/project/input"]
+    x = seen["expanded_conv_3/project/input"]
+    np.testing.assert_allclose(quant.init_min.numpy(), x.min(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(quant.init_max.numpy(), x.max(axis=(0, 1, 2)), rtol=1e-5, atol=1e-6)
+    w = qmodel.layers["expanded_conv_3/dws"].weights.numpy()
+    wq = qmodel.quantizers()["expanded_conv_3/dws/weights"]
+    np.testing.assert_allclose(wq.init_max.numpy(), w.max(axis=(0, 1, 3)))
+    swish = qmodel.quantizers()["Conv_1/swish_input"]
+    np.testing.assert_allclose(swish.init_min.numpy(), seen["Conv_1/swish_input"].min(axis=(0, 1, 2)),
+                               rtol=1e-5, atol=1e-6)
+    assert "Conv/input" not in qmodel.quantizers()  # the stem's input is the 8-bit image
+
+
+def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
+    model, images = float_and_images
+    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig())
+    qmodel.calibrate_activations([images], progress=False)
+    path = tmp_path / "initial_thresholds.json"
+    qmodel.save_thresholds(str(path))
+    other = QuantizedEfficientNetB0(model.arch, QuantConfig())
+    other.load_thresholds(str(path))
+    for name, quant in other.quantizers().items():
+        np.testing.assert_array_equal(quant.init_min.numpy(),
+                                      qmodel.quantizers()[name].init_min.numpy())
+    # A model with another class count is refused, naming the first mismatch.
+    wrong = QuantizedEfficientNetB0(eb0.ArchConfig(num_classes=7), QuantConfig())
+    with pytest.raises(UserError, match="Logits/weights min has 10 values, the model needs 7"):
+        wrong.load_thresholds(str(path))
+    no_swish = QuantizedEfficientNetB0(model.arch, QuantConfig(swish_bits=-1))
+    with pytest.raises(UserError, match="unknown tensor 'Conv/swish_input'"):
+        no_swish.load_thresholds(str(path))
+    data = json.loads(path.read_text())
+    del data["expanded_conv_4/se_2/input"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="no entry for 'expanded_conv_4/se_2/input'"):
+        other.load_thresholds(str(path))
+    with pytest.raises(UserError, match="not found"):
+        other.load_thresholds(str(tmp_path / "missing.json"))
+
+
+def test_bits_trainable_and_swish_modes(float_and_images):
+    model, images = float_and_images
+    qm = QuantizedEfficientNetB0.from_float(
+        model, QuantConfig(weight_bits=4, act_bits=6, swish_bits=0, bits_trainable=True))
+    bits = qm.bit_assignment()
+    np.testing.assert_array_equal(bits.weight["expanded_conv_1/expand"].numpy(), [4] * 96)
+    np.testing.assert_array_equal(bits.act["expanded_conv_1/expand"].numpy(), [6] * 16)
+    np.testing.assert_array_equal(bits.swish["expanded_conv_1/dws"].numpy(), [6] * 96)
+    assert bits.act["Conv"] == 8
+    n_quant = len(qm.quantizers())
+    n_bias = len(qm.layers)
+    assert len(qm.bits_variables()) == n_quant - n_bias  # every quantizer but the biases'
+    fixed_swish = QuantizedEfficientNetB0.from_float(model, QuantConfig(bits_trainable=True))
+    assert fixed_swish.swish_quant["Conv"].bits_scale is None
+    assert fixed_swish.bit_assignment().swish["Conv"].numpy()[0] == 8
+    none = QuantizedEfficientNetB0.from_float(model, QuantConfig(swish_bits=-1, bias_bits=0))
+    assert not none.swish_quant and none.bit_assignment().bias_bits == 32
+    # gradients reach bits_scale
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(qm(images) ** 2)
+    grads = tape.gradient(loss, qm.bits_variables())
+    assert sum(float(tf.reduce_sum(tf.abs(g))) for g in grads if g is not None) > 0
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(weight_bits=9), "--weight_bits 9"), (dict(act_bits=1), "--act_bits 1"),
+    (dict(swish_bits=4), "--swish_bits 4"), (dict(range_preset=0), "--range preset 0"),
+])
+def test_bad_config_is_one_clear_error(kwargs, flag):
+    with pytest.raises(UserError, match=flag):
+        QuantConfig(**kwargs)
