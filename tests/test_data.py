@@ -1,0 +1,368 @@
+"""Input pipelines (adj_quant.data) and the TFRecord builder (tools/build_tfrecords.py)."""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adj_quant import data
+from adj_quant.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_build_tool():
+    spec = importlib.util.spec_from_file_location("build_tfrecords", os.path.join(ROOT, "tools", "build_tfrecords.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bt = _load_build_tool()
+
+NUM_CLASSES = 3
+PER_CLASS = 5  # -> 4 train + 1 validation image per class with the default 0.2 fraction
+
+
+def collect(ds, what="test data"):
+    xs, ys = [], []
+    for x, y in data.iterate(ds, what):
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def class_of(images):
+    """Class of a flat-grey test image from its mean level (see write_synthetic_class_folders)."""
+    levels = np.array([bt.class_level(k, NUM_CLASSES) for k in range(NUM_CLASSES)])
+    means = images.mean(axis=(1, 2, 3))
+    return np.abs(means[:, None] - levels[None, :]).argmin(axis=1), np.abs(means[:, None] - levels).min(axis=1)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_split_sizes_and_stratification():
+    from sklearn.datasets import load_digits
+
+    info = data.dataset_info("digits")
+    assert (info.name, info.num_classes) == ("digits", 10)
+    assert info.num_train + info.num_val == 1797
+    assert abs(info.num_val - 0.2 * 1797) <= 1
+    _, y_val = collect(data.make_dataset("digits", "validation", batch_size=128, img_size=8, training=False))
+    _, y_train = collect(data.make_dataset("digits", "train", batch_size=128, img_size=8, training=False))
+    assert (len(y_train), len(y_val)) == (info.num_train, info.num_val)
+    totals = np.bincount(load_digits().target, minlength=10)
+    share = np.bincount(y_val, minlength=10) / totals
+    assert np.all(np.abs(share - 0.2) < 0.02), share
+
+
+def test_digits_values_disjoint_and_deterministic():
+    from sklearn.datasets import load_digits
+
+    kw = dict(batch_size=100, img_size=8, training=False)
+    x_train, y_train = collect(data.make_dataset("digits", "train", **kw))
+    x_val, _ = collect(data.make_dataset("digits", "validation", **kw))
+    again, y_again = collect(data.make_dataset("digits", "train", seed=5, **kw))  # split ignores the seed
+    np.testing.assert_array_equal(x_train, again)
+    np.testing.assert_array_equal(y_train, y_again)
+    # At 8x8 the images are the raw digits / 16, replicated to three channels.
+    np.testing.assert_allclose(x_train[..., 0], x_train[..., 2])
+    raw = {np.round(r, 5).tobytes() for r in (load_digits().images / 16.0).astype(np.float32)}
+    train = {np.round(r[..., 0], 5).tobytes() for r in x_train}
+    val = {np.round(r[..., 0], 5).tobytes() for r in x_val}
+    assert len(train) == len(x_train) and len(val) == len(x_val)
+    assert not train & val
+    assert train | val == raw
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_digits_shapes_and_range(training):
+    ds = data.make_dataset("digits", "train", batch_size=64, img_size=32, training=training, seed=1)
+    x, y = next(data.iterate(ds, "digits"))
+    assert x.shape == (64, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    x = x.numpy()
+    assert x.min() >= 0.0 and x.max() <= 1.0 and x.max() > 0.5
+    np.testing.assert_array_equal(x[..., 0], x[..., 1])
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])
+    assert set(y.numpy()) <= set(range(10))
+
+
+def test_digits_training_is_seeded_and_augmented():
+    def first(seed, training=True):
+        ds = data.make_dataset("digits", "train", batch_size=32, img_size=32, training=training, seed=seed,
+                               drop_remainder=True, repeat=True)
+        return next(iter(ds))[0].numpy()
+
+    a, b, c = first(0), first(0), first(1)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # Augmentation only translates: every augmented image keeps most of its ink.
+    ds = data.make_dataset("digits", "train", batch_size=len(a), img_size=32, training=False)
+    plain_ink = next(iter(ds))[0].numpy().sum(axis=(1, 2, 3)).mean()
+    assert abs(a.sum(axis=(1, 2, 3)).mean() / plain_ink - 1) < 0.2
+
+
+def test_digits_uncached_resize_matches_cached(monkeypatch):
+    cached = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24, training=False)))
+    monkeypatch.setattr(data, "_DIGITS_CACHE_BYTES", 0)
+    fresh = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24, training=False)))
+    np.testing.assert_allclose(cached[0].numpy(), fresh[0].numpy(), atol=1e-6)
+
+
+def test_representative_images_digits():
+    a = data.representative_images("digits", img_size=32, count=20, seed=3)
+    b = data.representative_images("digits", img_size=32, count=20, seed=3)
+    assert a.shape == (20, 32, 32, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert not np.array_equal(a, data.representative_images("digits", img_size=32, count=20, seed=4))
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_seeded_and_deterministic():
+    info = data.dataset_info("synthetic", num_classes=7, synthetic_size=40)
+    assert (info.num_classes, info.num_train, info.num_val) == (7, 40, 40)
+    kw = dict(batch_size=8, img_size=16, num_classes=7, synthetic_size=40)
+    x1, y1 = collect(data.make_dataset("synthetic", "validation", training=False, **kw))
+    x2, y2 = collect(data.make_dataset("synthetic", "validation", training=False, **kw))
+    assert x1.shape == (40, 16, 16, 3) and y1.dtype == np.int32
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert x1.min() >= 0 and x1.max() < 1 and set(y1) <= set(range(7)) and len(set(y1)) > 1
+    xt, _ = collect(data.make_dataset("synthetic", "train", training=False, **kw))
+    assert not np.array_equal(xt, x1)  # the splits differ
+    s0, _ = collect(data.make_dataset("synthetic", "train", training=True, seed=0, **kw))
+    s0b, _ = collect(data.make_dataset("synthetic", "train", training=True, seed=0, **kw))
+    s1, _ = collect(data.make_dataset("synthetic", "train", training=True, seed=1, **kw))
+    np.testing.assert_array_equal(s0, s0b)
+    assert not np.array_equal(s0, s1)  # the seed shuffles ...
+    np.testing.assert_allclose(np.sort(s0.ravel()), np.sort(s1.ravel()))  # ... the same examples
+
+
+# --------------------------------------------------------------------------- TFRecords
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfrecords")
+    images = root / "images"
+    bt.write_synthetic_class_folders(str(images), num_classes=NUM_CLASSES, per_class=PER_CLASS, size=(40, 50))
+    out = root / "shards"
+    written = bt.write_class_folder_tfrecords(str(images), str(out), num_shards=2, progress=False)
+    return {"images": str(images), "dir": str(out), "written": written, "root": root}
+
+
+def test_builder_writes_slim_shards(shards):
+    names = sorted(os.listdir(shards["dir"]))
+    assert names == ["labels.txt", "train-00000-of-00002", "train-00001-of-00002",
+                     "validation-00000-of-00002", "validation-00001-of-00002"]
+    with open(os.path.join(shards["dir"], "labels.txt")) as fh:
+        assert fh.read() == "0:class_0\n1:class_1\n2:class_2\n"
+    record = next(iter(tf.data.TFRecordDataset(shards["written"]["train"][0])))
+    example = tf.train.Example.FromString(record.numpy()).features.feature
+    assert example["image/format"].bytes_list.value[0] in (b"PNG", b"JPEG")
+    assert (example["image/height"].int64_list.value[0], example["image/width"].int64_list.value[0]) == (40, 50)
+    label = example["image/class/label"].int64_list.value[0]
+    assert example["image/class/text"].bytes_list.value[0] == f"class_{label}".encode()
+
+
+def test_tfrecord_round_trip(shards):
+    info = data.dataset_info("imagenet", shards["dir"], num_classes=NUM_CLASSES)
+    assert (info.num_classes, info.num_train, info.num_val) == (NUM_CLASSES, 12, 3)
+    kw = dict(batch_size=4, img_size=32, dataset_dir=shards["dir"], num_classes=NUM_CLASSES)
+    for split, per_class in (("train", 4), ("validation", 1)):
+        x, y = collect(data.make_dataset("imagenet", split, training=False, **kw))
+        assert x.shape == (NUM_CLASSES * per_class, 32, 32, 3) and x.dtype == np.float32
+        assert x.min() >= 0 and x.max() <= 1
+        np.testing.assert_array_equal(np.bincount(y, minlength=NUM_CLASSES), [per_class] * NUM_CLASSES)
+        predicted, error = class_of(x)
+        np.testing.assert_array_equal(predicted, y)  # labels agree with the folders' grey levels
+        assert error.max() < 0.03
+        x2, y2 = collect(data.make_dataset("imagenet", split, training=False, **kw))
+        np.testing.assert_array_equal(x, x2)  # evaluation preprocessing is deterministic
+        np.testing.assert_array_equal(y, y2)
+
+
+def test_tfrecord_training_pipeline(shards):
+    kw = dict(batch_size=5, img_size=24, dataset_dir=shards["dir"], num_classes=NUM_CLASSES, training=True,
+              repeat=True, drop_remainder=True)
+    first = [next(iter(data.make_dataset("imagenet", "train", seed=s, **kw))) for s in (0, 0, 1)]
+    x, y = (t.numpy() for t in first[0])
+    assert x.shape == (5, 24, 24, 3) and x.min() >= 0 and x.max() <= 1
+    np.testing.assert_array_equal(class_of(x)[0], y)
+    np.testing.assert_array_equal(x, first[1][0].numpy())  # same seed, same batch
+    assert not np.array_equal(x, first[2][0].numpy())
+    reps = data.representative_images("imagenet", img_size=16, count=20, dataset_dir=shards["dir"])
+    assert reps.shape == (20, 16, 16, 3) and reps.dtype == np.float32  # 12 train images, repeated
+
+
+def test_labels_offset(shards):
+    out = str(shards["root"] / "offset")
+    bt.write_class_folder_tfrecords(shards["images"], out, labels_offset=1, progress=False)
+    with open(os.path.join(out, "labels.txt")) as fh:
+        assert fh.read().splitlines() == ["1:class_0", "2:class_1", "3:class_2"]
+    x, y = collect(data.make_dataset("imagenet", "validation", batch_size=8, img_size=16, training=False,
+                                     dataset_dir=out, labels_offset=1, num_classes=NUM_CLASSES))
+    np.testing.assert_array_equal(class_of(x)[0], y)
+    with pytest.raises(UserError, match=r"label 3 .*--labels_offset"):
+        data.make_dataset("imagenet", "validation", batch_size=8, img_size=16, training=False, dataset_dir=out,
+                          num_classes=NUM_CLASSES)
+
+
+def test_builder_split_only_and_existing_output(shards, tmp_path):
+    out = str(tmp_path / "val_only")
+    written = bt.write_class_folder_tfrecords(shards["images"], out, split="validation", progress=False)
+    assert list(written) == ["validation"]
+    info = data.dataset_info("imagenet", out, num_classes=NUM_CLASSES)
+    assert (info.num_train, info.num_val) == (0, NUM_CLASSES * PER_CLASS)
+    with pytest.raises(UserError, match="no TFRecord shards matching train-"):
+        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True, dataset_dir=out)
+    with pytest.raises(UserError, match="--overwrite"):
+        bt.write_class_folder_tfrecords(shards["images"], out, split="validation", progress=False)
+    bt.write_class_folder_tfrecords(shards["images"], out, split="validation", num_shards=3, overwrite=True,
+                                    progress=False)
+    assert sorted(f for f in os.listdir(out) if f.startswith("validation")) == [
+        f"validation-0000{i}-of-00003" for i in range(3)]  # the old single shard is gone
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _example(label, image=None):
+    image = image if image is not None else tf.io.encode_png(np.zeros((6, 6, 3), np.uint8)).numpy()
+    return bt.make_example(image, "PNG", 6, 6, label, "c", "f.png")
+
+
+def _write_shard(path, records):
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for r in records:
+            writer.write(r)
+
+
+def test_error_missing_dir(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(UserError, match=r"nope.*--dataset DIR containing train-\*-of-\*"):
+        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True, dataset_dir=missing)
+    with pytest.raises(UserError, match="nope"):
+        data.dataset_info("imagenet", missing)
+    with pytest.raises(UserError, match="--dataset"):
+        data.dataset_info("imagenet", None)
+
+
+def test_error_no_shards(tmp_path):
+    with pytest.raises(UserError, match=r"validation-\*-of-\*.*" + str(tmp_path) + ".*build_tfrecords"):
+        data.make_dataset("imagenet", "validation", batch_size=2, img_size=8, training=False,
+                          dataset_dir=str(tmp_path))
+    with pytest.raises(UserError, match=str(tmp_path)):
+        data.dataset_info("imagenet", str(tmp_path))
+
+
+def test_error_garbage_shard(tmp_path):
+    _write_shard(tmp_path / "train-00000-of-00002", [_example(0)] * 3)
+    bad = tmp_path / "train-00001-of-00002"
+    bad.write_bytes(os.urandom(64) + b"not a tfrecord at all" * 10)
+    with pytest.raises(UserError, match="corrupt.*" + str(bad)):
+        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True, dataset_dir=str(tmp_path))
+    with pytest.raises(UserError, match="corrupt.*" + str(bad)):
+        data.dataset_info("imagenet", str(tmp_path))
+
+
+def test_error_corruption_inside_shard_surfaces_in_iterate(tmp_path):
+    path = tmp_path / "validation-00000-of-00001"
+    _write_shard(path, [_example(0)] * 20)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 8] = b"\xde\xad\xbe\xef" * 2  # first record stays intact
+    path.write_bytes(bytes(raw))
+    ds = data.make_dataset("imagenet", "validation", batch_size=4, img_size=8, training=False,
+                           dataset_dir=str(tmp_path), num_classes=2)  # the up-front check passes
+    with pytest.raises(UserError, match="corrupt.*" + str(path)):
+        for _ in data.iterate(ds, "validation data"):
+            pass
+
+
+def test_error_bad_label_and_image_inside_shard(tmp_path):
+    path = tmp_path / "validation-00000-of-00001"
+    _write_shard(path, [_example(0), _example(1), _example(7), _example(1)])
+    ds = data.make_dataset("imagenet", "validation", batch_size=1, img_size=8, training=False,
+                           dataset_dir=str(tmp_path), num_classes=2)
+    with pytest.raises(UserError, match=r"label 7 in validation data \(shard .*" + str(path)
+                       + r".*--labels_offset.*--num_classes"):
+        for _ in data.iterate(ds, "validation data"):
+            pass
+    path.unlink()
+    path = tmp_path / "validation-00000-of-00001"
+    _write_shard(path, [_example(0), _example(1, image=b"garbage, not an image")])
+    ds = data.make_dataset("imagenet", "validation", batch_size=1, img_size=8, training=False,
+                           dataset_dir=str(tmp_path), num_classes=2)
+    with pytest.raises(UserError, match="validation data: shard .*" + str(path) + ".*neither JPEG nor PNG"):
+        for _ in data.iterate(ds, "validation data"):
+            pass
+
+
+def test_error_bad_arguments():
+    with pytest.raises(UserError, match="unknown dataset name 'mnist'"):
+        data.dataset_info("mnist")
+    with pytest.raises(UserError, match="unknown split 'test'"):
+        data.make_dataset("digits", "test", batch_size=2, img_size=8, training=False)
+    with pytest.raises(UserError, match="--labels_offset"):
+        data.make_dataset("digits", "train", batch_size=2, img_size=8, training=False, labels_offset=1)
+    with pytest.raises(UserError, match="batch_size"):
+        data.make_dataset("digits", "train", batch_size=0, img_size=8, training=False)
+
+
+def test_builder_errors(tmp_path, capsys):
+    with pytest.raises(UserError, match="--input_dir .*nope.* does not exist"):
+        bt.write_class_folder_tfrecords(str(tmp_path / "nope"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "in" / "cat").mkdir(parents=True)
+    (tmp_path / "in" / "cat" / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="no .jpg/.jpeg/.png images"):
+        bt.write_class_folder_tfrecords(str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
+    (tmp_path / "in" / "cat" / "fake.jpg").write_bytes(b"not really a jpeg")
+    with pytest.raises(UserError, match="fake.jpg is not a readable JPEG or PNG"):
+        bt.write_class_folder_tfrecords(str(tmp_path / "in"), str(tmp_path / "out"), progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        bt.main(["--input_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --input_dir") and "\n" not in err
+
+
+def test_training_flips_horizontally_only(tmp_path):
+    h, w = 40, 48
+    yy, xx = np.mgrid[0:h, 0:w]
+    pixels = (150 * yy / h + 100 * xx / w).astype(np.uint8)  # brighter downwards and to the right
+    png = tf.io.encode_png(np.repeat(pixels[..., None], 3, axis=-1)).numpy()
+    _write_shard(tmp_path / "train-00000-of-00001", [bt.make_example(png, "PNG", h, w, 0, "c", "g.png")] * 4)
+    ds = data.make_dataset("imagenet", "train", batch_size=32, img_size=16, training=True, repeat=True,
+                           dataset_dir=str(tmp_path), num_classes=1)
+    x = next(iter(ds))[0].numpy()[..., 0]
+    down = x[:, -4:, :].mean(axis=(1, 2)) - x[:, :4, :].mean(axis=(1, 2))
+    right = x[:, :, -4:].mean(axis=(1, 2)) - x[:, :, :4].mean(axis=(1, 2))
+    assert np.all(down > 0)  # never flipped upside down
+    assert np.sum(right > 0) >= 4 and np.sum(right < 0) >= 4  # mirrored about half of the time
+    assert len({np.round(r, 3).tobytes() for r in x}) > 8  # random crops differ
+
+
+def test_build_tfrecords_cli(shards, tmp_path):
+    import subprocess
+
+    script = os.path.join(ROOT, "tools", "build_tfrecords.py")
+    env = dict(os.environ, PYTHONPATH="")  # the script must find adj_quant on its own
+    out = tmp_path / "cli"
+    done = subprocess.run([sys.executable, script, "--input_dir", shards["images"], "--output_dir", str(out),
+                           "--validation_fraction", "0.4", "--num_shards", "1", "--quiet"],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(out)) == ["labels.txt", "train-00000-of-00001", "validation-00000-of-00001"]
+    info = data.dataset_info("imagenet", str(out), num_classes=NUM_CLASSES)
+    assert (info.num_train, info.num_val) == (9, 6)  # 2 of the 5 images per class in validation
+    bad = subprocess.run([sys.executable, script, "--input_dir", str(tmp_path / "nope"), "--output_dir",
+                          str(out)], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
