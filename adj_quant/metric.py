@@ -1,0 +1,489 @@
+"""MicroNet-style cost of a (mixed-precision) EfficientNet-B0: params, multiplies, adds, score.
+
+Two counting styles, written once with TensorFlow ops so that the same code prints the
+report and gives the differentiable metric term of the training loss:
+
+``micronet``
+    The official challenge rules (``micronet_scoring.md``). Multiplies of a conv / FC
+    cost ``max(w_co, a_ci) / 32`` per multiply (per output channel weight bits, per input
+    channel activation bits); adds of fake-quantized layers are float32 accumulations and
+    cost 32/32; pooling, SE scale, sigmoid, swish and residual adds are counted; the
+    quantizers' scales and offsets are 32-bit parameters. A fully float network may use
+    the 16-bit "freebie" (params and multiplies at 16 bits).
+
+``adjq``
+    The original submission's own counting: ``2 * MACs * max(mean(w), mean(a)) / 32``
+    per weight layer, the stem at 8 bits, swish at 3 ops per element, nothing else;
+    params at ``weights * mean(w) / 32 + biases * bias_bits / 32``.
+
+Everything is computed in float64 (exact integer counts for the float model); a float32
+bits tensor is cast, so gradients flow back to it. Wherever a max of weight and
+activation bits is taken, :func:`surrogate_max` supplies the gradient
+``(1 - gamma) * dL/dw, gamma * dL/da``.
+
+The building blocks are public so they can be checked on tiny inputs:
+:func:`micronet_layer_counts`, :func:`micronet_element_counts`, :func:`adjq_layer_counts`,
+:func:`adjq_element_counts` and :func:`count_specs` (any list of :class:`LayerSpec` and
+:class:`ElementOp`). A layer whose scope is ``"Conv"`` is treated as the stem: its input is
+the 8-bit image, which has no quantizer of ours (micronet) and which ``adjq`` charges at a
+flat 8 bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from adj_quant.errors import UserError
+from slim_nets.efficientnet_b0 import ArchConfig, layer_scopes, swish_scopes
+
+P_REF, O_REF = 6.9e6, 1170e6
+
+FLOAT_BITS = 32
+IMAGE_BITS = 8
+STEM_SCOPE = "Conv"
+HEAD_POOL_SCOPE = "Logits/AvgPool"
+STYLES = ("micronet", "adjq")
+LAYER_KINDS = ("conv", "dws", "fc")
+ELEMENT_KINDS = ("swish", "sigmoid", "gap", "se_scale", "residual_add")
+
+_DTYPE = tf.float64
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One conv / depthwise / FC layer (scope relative to ``efficientnet_b0``)."""
+
+    scope: str
+    kind: str  # "conv" | "dws" | "fc"
+    kernel: int
+    cin: int
+    cout: int
+    stride: int
+    in_hw: int  # input spatial size (side); 1 for SE convs and FC
+    out_hw: int  # output spatial size (side), SAME padding: ceil(in / stride)
+    has_bias: bool  # True for every layer of the folded model
+
+    @property
+    def weights_per_out_channel(self) -> int:
+        """Weight elements behind one output channel (depthwise: one channel's kernel)."""
+        if self.kind == "dws":
+            return self.kernel * self.kernel
+        return self.kernel * self.kernel * self.cin
+
+    @property
+    def weight_channels(self) -> int:
+        """Channels of the per-channel weight quantizer (``cout``; depthwise ``C``)."""
+        return self.cin if self.kind == "dws" else self.cout
+
+    @property
+    def macs(self) -> int:
+        positions = self.out_hw * self.out_hw
+        return positions * self.weights_per_out_channel * self.cout
+
+
+@dataclasses.dataclass(frozen=True)
+class ElementOp:
+    """A non-conv op of the MicroNet table. ``hw`` is the spatial side: ``hw*hw*channels`` elements."""
+
+    kind: str  # "swish" | "sigmoid" | "gap" | "se_scale" | "residual_add"
+    scope: str  # swish: the swish scope (key of BitAssignment.swish); else e.g. "expanded_conv_3/se"
+    hw: int
+    channels: int
+
+
+def _same_out(size: int, stride: int) -> int:
+    return -(-size // stride)
+
+
+def network_layers(arch: ArchConfig, img_size: int) -> list[LayerSpec]:
+    """Every weight layer of EfficientNet-B0, in execution order (same order as ``layer_scopes``)."""
+    layers = []
+    hw = _same_out(img_size, 2)
+    layers.append(LayerSpec(STEM_SCOPE, "conv", 3, 3, arch.stem_filters, 2, img_size, hw, True))
+    for b in arch.blocks():
+        if b.has_expand:
+            layers.append(LayerSpec(f"{b.scope}/expand", "conv", 1, b.filters_in, b.expanded, 1,
+                                    hw, hw, True))
+        out = _same_out(hw, b.stride)
+        layers.append(LayerSpec(f"{b.scope}/dws", "dws", b.kernel, b.expanded, b.expanded, b.stride,
+                                hw, out, True))
+        layers.append(LayerSpec(f"{b.scope}/se_1", "conv", 1, b.expanded, b.se_filters, 1, 1, 1, True))
+        layers.append(LayerSpec(f"{b.scope}/se_2", "conv", 1, b.se_filters, b.expanded, 1, 1, 1, True))
+        layers.append(LayerSpec(f"{b.scope}/project", "conv", 1, b.expanded, b.filters_out, 1,
+                                out, out, True))
+        hw = out
+    last = arch.blocks()[-1].filters_out
+    layers.append(LayerSpec("Conv_1", "conv", 1, last, arch.head_filters, 1, hw, hw, True))
+    layers.append(LayerSpec("Logits", "fc", 1, arch.head_filters, arch.num_classes, 1, 1, 1, True))
+    assert [layer.scope for layer in layers] == layer_scopes(arch)
+    return layers
+
+
+def element_ops(arch: ArchConfig, img_size: int) -> list[ElementOp]:
+    """Swish, SE (pool, sigmoid, scale), residual adds and the head pool, in execution order."""
+    ops = []
+    hw = _same_out(img_size, 2)
+    ops.append(ElementOp("swish", STEM_SCOPE, hw, arch.stem_filters))
+    for b in arch.blocks():
+        if b.has_expand:
+            ops.append(ElementOp("swish", f"{b.scope}/expand", hw, b.expanded))
+        out = _same_out(hw, b.stride)
+        ops.append(ElementOp("swish", f"{b.scope}/dws", out, b.expanded))
+        ops.append(ElementOp("gap", f"{b.scope}/se", out, b.expanded))
+        ops.append(ElementOp("swish", f"{b.scope}/se_1", 1, b.se_filters))
+        ops.append(ElementOp("sigmoid", f"{b.scope}/se", 1, b.expanded))
+        ops.append(ElementOp("se_scale", f"{b.scope}/se", out, b.expanded))
+        if b.has_residual:
+            ops.append(ElementOp("residual_add", f"{b.scope}/residual", out, b.filters_out))
+        hw = out
+    ops.append(ElementOp("swish", "Conv_1", hw, arch.head_filters))
+    ops.append(ElementOp("gap", HEAD_POOL_SCOPE, hw, arch.head_filters))
+    assert [o.scope for o in ops if o.kind == "swish"] == swish_scopes(arch)
+    return ops
+
+
+# --------------------------------------------------------------------------- bits
+
+
+def _static(value) -> np.ndarray | None:
+    """The numeric value of ``value`` if it is known now (numbers, arrays, eager tensors)."""
+    if isinstance(value, (bool, int, float, np.ndarray, np.number, list, tuple)):
+        return np.asarray(value, dtype=np.float64)
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        if tf.executing_eagerly() and hasattr(value, "numpy"):
+            return np.asarray(value.numpy(), dtype=np.float64)
+        static = tf.get_static_value(value) if isinstance(value, tf.Tensor) else None
+        return None if static is None else np.asarray(static, dtype=np.float64)
+    return None
+
+
+def _is_all(value, bits: float) -> bool:
+    v = _static(value)
+    return v is not None and v.size > 0 and bool(np.all(v == bits))
+
+
+def _check_uniform_bits(name: str, value, allowed_extra: tuple[int, ...]) -> None:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        if 2 <= value <= 8 or value == FLOAT_BITS or value in allowed_extra:
+            return
+    elif not isinstance(value, (float, np.floating)):
+        return  # tensors: the caller's business
+    elif value == int(value) and (2 <= value <= 8 or value == FLOAT_BITS or value in allowed_extra):
+        return
+    extra = "".join(f", {e}" for e in allowed_extra)
+    raise UserError(f"{name}={value!r}: bits must be an integer in [2, 8]{extra} "
+                    f"(or 32 for the float model)")
+
+
+@dataclasses.dataclass
+class BitAssignment:
+    """Bit-widths of every quantized tensor of the network, keyed by slim scope.
+
+    ``weight[scope]``: bits per OUTPUT channel (``[cout]``; depthwise ``[C]``) or a scalar.
+    ``act[scope]``: bits of the layer's INPUT activation per input channel (``[cin]``) or a
+    scalar; ``act["Conv"]`` is 8, the 8-bit image. ``swish[scope]``: bits of the swish input
+    at a swish site (scalar or ``[C]``). ``bias_bits``: bits of all biases. 32 anywhere
+    means "not quantized" (float). Values may be numbers, numpy arrays or tf tensors.
+    """
+
+    weight: dict[str, Any]
+    act: dict[str, Any]
+    swish: dict[str, Any]
+    bias_bits: Any
+
+    @classmethod
+    def uniform(cls, arch: ArchConfig, weight_bits, act_bits, swish_bits=8,
+                bias_bits=8) -> "BitAssignment":
+        """The same bits everywhere.
+
+        ``swish_bits``: 8 (or any of 2..8) fixed, 0 "trainable, starting from ``act_bits``"
+        (counted at ``act_bits``), -1 float. ``bias_bits`` 0 means float biases. Weight and
+        activation bits of 32/32 give the float model (swish and biases float too).
+        """
+        _check_uniform_bits("weight_bits", weight_bits, ())
+        _check_uniform_bits("act_bits", act_bits, ())
+        _check_uniform_bits("swish_bits", swish_bits, (-1, 0))
+        _check_uniform_bits("bias_bits", bias_bits, (0,))
+        scopes = layer_scopes(arch)
+        if weight_bits == FLOAT_BITS and act_bits == FLOAT_BITS:
+            swish, bias = FLOAT_BITS, FLOAT_BITS
+        else:
+            swish = {-1: FLOAT_BITS, 0: act_bits}.get(swish_bits, swish_bits)
+            bias = FLOAT_BITS if bias_bits == 0 else bias_bits
+        act = {scope: act_bits for scope in scopes}
+        act[STEM_SCOPE] = IMAGE_BITS
+        return cls(weight={scope: weight_bits for scope in scopes}, act=act,
+                   swish={scope: swish for scope in swish_scopes(arch)}, bias_bits=bias)
+
+    def is_float(self) -> bool:
+        """True when every entry is 32 (the stem's image input excepted).
+
+        Symbolic tensors (inside ``tf.function``) are unknown and make this False.
+        """
+        values = list(self.weight.values()) + list(self.swish.values()) + [self.bias_bits]
+        values += [v for scope, v in self.act.items() if scope != STEM_SCOPE]
+        return all(_is_all(v, FLOAT_BITS) for v in values)
+
+
+def _bits(value, n: int, what: str) -> tf.Tensor:
+    """``value`` as a float64 tensor of shape ``[]`` or ``[n]``."""
+    t = value if isinstance(value, tf.Tensor) else tf.convert_to_tensor(value)
+    if t.dtype != _DTYPE:
+        t = tf.cast(t, _DTYPE)
+    shape = t.shape
+    if shape.rank is None or shape.rank > 1:
+        raise ValueError(f"{what}: bits must be a scalar or a vector of {n}, got shape {shape}")
+    if shape.rank == 1:
+        length = shape[0]
+        if length == 1 and n != 1:
+            return tf.reshape(t, [])
+        if length not in (n, None):
+            raise ValueError(f"{what}: {length} bits, expected {n} (one per channel) or a scalar")
+    return t
+
+
+def _channel_sum(t: tf.Tensor, n: int) -> tf.Tensor:
+    """Sum over ``n`` channels of a ``[]`` or ``[n]`` (or broadcast matrix) tensor."""
+    size = t.shape.num_elements()
+    if size is None:
+        return tf.reduce_sum(t) * tf.cast(n, _DTYPE) / tf.cast(tf.size(t), _DTYPE)
+    return tf.reduce_sum(t) * (n / size)
+
+
+def _quantized_channels(t: tf.Tensor, n: int) -> tf.Tensor:
+    """Number of channels with bits < 32 (they carry a per-channel scale and offset)."""
+    return _channel_sum(tf.cast(t < FLOAT_BITS, _DTYPE), n)
+
+
+def _reduce_to_shape(grad: tf.Tensor, shape: tf.Tensor) -> tf.Tensor:
+    _, axes = tf.raw_ops.BroadcastGradientArgs(s0=tf.shape(grad), s1=shape)
+    return tf.reshape(tf.reduce_sum(grad, axis=axes), shape)
+
+
+def surrogate_max(w_bits, a_bits, gamma) -> tf.Tensor:
+    """``max(w, a)`` (broadcasting) whose gradient is that of ``(1-gamma)*w + gamma*a``.
+
+    The incoming gradient ``g`` goes to ``w`` as ``g*(1-gamma)`` and to ``a`` as
+    ``g*gamma``, each summed over the axes along which that input was broadcast.
+    """
+    w = tf.convert_to_tensor(w_bits)
+    a = tf.convert_to_tensor(a_bits)
+    if w.dtype != a.dtype or not w.dtype.is_floating:
+        floats = [t.dtype for t in (w, a) if t.dtype.is_floating]
+        dtype = tf.float64 if tf.float64 in floats or len(set(floats)) > 1 else (
+            floats[0] if floats else tf.float32)
+        w, a = tf.cast(w, dtype), tf.cast(a, dtype)
+    g_act = tf.cast(gamma, w.dtype)
+
+    @tf.custom_gradient
+    def _max(w, a):
+        def grad(dy):
+            return (_reduce_to_shape(dy * (1.0 - g_act), tf.shape(w)),
+                    _reduce_to_shape(dy * g_act, tf.shape(a)))
+
+        return tf.maximum(w, a), grad
+
+    return _max(w, a)
+
+
+# --------------------------------------------------------------------------- per-layer counts
+
+
+def _check_spec(spec: LayerSpec) -> None:
+    if spec.kind not in LAYER_KINDS:
+        raise ValueError(f"{spec.scope}: unknown layer kind {spec.kind!r}")
+    if spec.kind == "dws" and spec.cin != spec.cout:
+        raise ValueError(f"{spec.scope}: a depthwise layer needs cin == cout")
+
+
+def _zero() -> tf.Tensor:
+    return tf.constant(0.0, _DTYPE)
+
+
+def micronet_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, act_quantizer=None,
+                          gamma: float = 0.7) -> dict[str, tf.Tensor]:
+    """Official counts of one conv / depthwise / FC layer: ``{params, multiplies, adds}``.
+
+    ``act_quantizer`` (default: not the stem) says whether the input activation has a
+    quantizer of ours whose scale/offset count as parameters.
+    """
+    _check_spec(spec)
+    if act_quantizer is None:
+        act_quantizer = spec.scope != STEM_SCOPE
+    n_w = spec.weight_channels
+    w = _bits(w_bits, n_w, f"{spec.scope} weight")
+    a = _bits(a_bits, spec.cin, f"{spec.scope} act")
+    bias = _bits(bias_bits, 1, "bias_bits")
+    positions = spec.out_hw * spec.out_hw
+    k2 = spec.kernel * spec.kernel
+    if spec.kind == "dws":
+        sum_max = _channel_sum(surrogate_max(w, a, gamma), spec.cin)
+        adds_per_out = k2 - 1 + int(spec.has_bias)
+    else:
+        pair = surrogate_max(tf.reshape(w, [1, -1]), tf.reshape(a, [-1, 1]), gamma)
+        sum_max = _channel_sum(pair, spec.cin * spec.cout)
+        adds_per_out = k2 * spec.cin - 1 + int(spec.has_bias)
+    multiplies = positions * k2 * sum_max / FLOAT_BITS
+    adds = tf.constant(float(positions * spec.cout * adds_per_out), _DTYPE)  # float32 accumulation
+    params = spec.weights_per_out_channel * _channel_sum(w, n_w) / FLOAT_BITS
+    params += 2.0 * _quantized_channels(w, n_w)
+    if act_quantizer:
+        params += 2.0 * _quantized_channels(a, spec.cin)
+    if spec.has_bias:
+        params += spec.cout * bias / FLOAT_BITS + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
+    return {"params": params, "multiplies": multiplies, "adds": adds}
+
+
+def micronet_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
+    """Official counts of a non-conv op. ``bits``: the swish-input bits (swish only)."""
+    elements = op.hw * op.hw * op.channels
+    c = op.channels
+    const = lambda x: tf.constant(float(x), _DTYPE)  # noqa: E731
+    if op.kind == "swish":
+        s = _bits(FLOAT_BITS if bits is None else bits, c, f"{op.scope} swish")
+        per_element = op.hw * op.hw * _channel_sum(s, c) / FLOAT_BITS
+        return {"params": 2.0 * _quantized_channels(s, c), "multiplies": 3.0 * per_element,
+                "adds": per_element}
+    if op.kind == "sigmoid":
+        return {"params": _zero(), "multiplies": const(2 * elements), "adds": const(elements)}
+    if op.kind == "gap":
+        return {"params": _zero(), "multiplies": const(c), "adds": const((op.hw * op.hw - 1) * c)}
+    if op.kind == "se_scale":
+        return {"params": _zero(), "multiplies": const(elements), "adds": _zero()}
+    if op.kind == "residual_add":
+        return {"params": _zero(), "multiplies": _zero(), "adds": const(elements)}
+    raise ValueError(f"{op.scope}: unknown element op kind {op.kind!r}")
+
+
+def adjq_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, stem=None,
+                      gamma: float = 0.7) -> dict[str, tf.Tensor]:
+    """The submission's counts of one layer; ``multiplies = adds = ops / 2``.
+
+    ``ops = 2 * MACs * max(mean(w), mean(a)) / 32`` (the stem, by default scope "Conv",
+    at a flat 8 bits); ``params = weights * mean(w) / 32 + biases * bias_bits / 32``.
+    """
+    _check_spec(spec)
+    if stem is None:
+        stem = spec.scope == STEM_SCOPE
+    w = _bits(w_bits, spec.weight_channels, f"{spec.scope} weight")
+    a = _bits(a_bits, spec.cin, f"{spec.scope} act")
+    bias = _bits(bias_bits, 1, "bias_bits")
+    mean_w = tf.reduce_mean(w)
+    if stem:
+        bits = tf.constant(float(IMAGE_BITS), _DTYPE)
+    else:
+        bits = surrogate_max(mean_w, tf.reduce_mean(a), gamma)
+    ops = 2.0 * spec.macs * bits / FLOAT_BITS
+    n_weights = spec.weights_per_out_channel * spec.cout
+    params = n_weights * mean_w / FLOAT_BITS
+    if spec.has_bias:
+        params += spec.cout * bias / FLOAT_BITS
+    return {"params": params, "multiplies": ops / 2.0, "adds": ops / 2.0}
+
+
+def adjq_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
+    """The submission's counts of a non-conv op: swish 3 ops per element, nothing else."""
+    if op.kind not in ELEMENT_KINDS:
+        raise ValueError(f"{op.scope}: unknown element op kind {op.kind!r}")
+    if op.kind != "swish":
+        return {"params": _zero(), "multiplies": _zero(), "adds": _zero()}
+    s = _bits(FLOAT_BITS if bits is None else bits, op.channels, f"{op.scope} swish")
+    ops = 3.0 * op.hw * op.hw * op.channels * tf.reduce_mean(s) / FLOAT_BITS
+    return {"params": _zero(), "multiplies": ops / 2.0, "adds": ops / 2.0}
+
+
+# --------------------------------------------------------------------------- totals
+
+
+@dataclasses.dataclass
+class Counts:
+    """Totals (float64 tensors); ``ops = multiplies + adds``; ``score = params/P_REF + ops/O_REF``."""
+
+    params: Any
+    multiplies: Any
+    adds: Any
+    ops: Any
+    score: Any
+    per_layer: list[dict] | None = None  # scope, kind, params, multiplies, adds
+
+    def as_floats(self) -> dict[str, float]:
+        return {key: float(getattr(self, key)) for key in
+                ("params", "multiplies", "adds", "ops", "score")}
+
+
+def _lookup(table: dict, scope: str, what: str):
+    try:
+        return table[scope]
+    except KeyError:
+        raise ValueError(f"BitAssignment has no {what} bits for scope {scope!r}") from None
+
+
+def _row_value(t):
+    return float(t.numpy()) if hasattr(t, "numpy") and tf.executing_eagerly() else t
+
+
+def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignment,
+                style: str = "micronet", per_layer: bool = False, freebie: bool = True,
+                gamma: float = 0.7) -> Counts:
+    """Count any list of layers and element ops with ``bits`` in the given style.
+
+    The 16-bit freebie (micronet only) halves params and multiplies, never adds, when
+    ``freebie`` and ``bits.is_float()``.
+    """
+    if style not in STYLES:
+        raise UserError(f"metric style {style!r}: use one of {', '.join(STYLES)}")
+    layer_fn = micronet_layer_counts if style == "micronet" else adjq_layer_counts
+    element_fn = micronet_element_counts if style == "micronet" else adjq_element_counts
+    rows = []
+    for spec in layers:
+        counts = layer_fn(spec, _lookup(bits.weight, spec.scope, "weight"),
+                          _lookup(bits.act, spec.scope, "act"), bits.bias_bits, gamma=gamma)
+        rows.append((spec.scope, spec.kind, counts))
+    for op in ops:
+        swish = _lookup(bits.swish, op.scope, "swish") if op.kind == "swish" else None
+        rows.append((op.scope, op.kind, element_fn(op, swish)))
+    half = 0.5 if (style == "micronet" and freebie and bits.is_float()) else 1.0
+    params = tf.add_n([c["params"] for _, _, c in rows] or [_zero()]) * half
+    multiplies = tf.add_n([c["multiplies"] for _, _, c in rows] or [_zero()]) * half
+    adds = tf.add_n([c["adds"] for _, _, c in rows] or [_zero()])
+    total_ops = multiplies + adds
+    score = params / P_REF + total_ops / O_REF
+    table = None
+    if per_layer:
+        table = [{"scope": scope, "kind": kind, "params": _row_value(c["params"] * half),
+                  "multiplies": _row_value(c["multiplies"] * half), "adds": _row_value(c["adds"])}
+                 for scope, kind, c in rows]
+    return Counts(params, multiplies, adds, total_ops, score, table)
+
+
+def count_micronet(arch: ArchConfig, img_size: int, bits: BitAssignment, per_layer: bool = False,
+                   freebie: bool = True, *, gamma: float = 0.7) -> Counts:
+    """Official MicroNet counts of the whole network."""
+    return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
+                       "micronet", per_layer, freebie, gamma)
+
+
+def count_adjq(arch: ArchConfig, img_size: int, bits: BitAssignment, per_layer: bool = False,
+               *, gamma: float = 0.7) -> Counts:
+    """The submission's own counts of the whole network (``multiplies = adds = ops / 2``)."""
+    return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
+                       "adjq", per_layer, False, gamma)
+
+
+def metric_value(arch: ArchConfig, img_size: int, bits: BitAssignment, style: str = "adjq",
+                 gamma: float = 0.7) -> tf.Tensor:
+    """Differentiable ``params / P_REF + ops / O_REF`` (float32 scalar) for the loss."""
+    if style == "micronet":
+        counts = count_micronet(arch, img_size, bits, gamma=gamma)
+    elif style == "adjq":
+        counts = count_adjq(arch, img_size, bits, gamma=gamma)
+    else:
+        raise UserError(f"--metric_style {style!r}: use one of {', '.join(STYLES)}")
+    return tf.cast(counts.score, tf.float32)

@@ -1,0 +1,185 @@
+"""Score a (quantized) EfficientNet-B0 with the MicroNet metric.
+
+    python -m adj_quant.score --weight_bits 32 --act_bits 32        # the float model
+    python -m adj_quant.score --weight_bits 4 --act_bits 4
+    python -m adj_quant.score --quant_info quant_info.json --json
+
+Prints the official MicroNet counts (params, multiplies, adds, ops, score_micronet) and the
+Adjustable Quantization submission's own counting (score_adjq). ``--json`` prints exactly
+one JSON object: params, multiplies, adds, ops (official counts), score_micronet, score_adjq.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from adj_quant.errors import UserError, cli_main
+
+_DEFAULT_BITS = 8
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (through cli_main)
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m adj_quant.score",
+                description="MicroNet score of EfficientNet-B0 at given bit-widths: the official "
+                            "counting (score_micronet) and the submission's own (score_adjq).")
+    p.add_argument("--img_size", type=int, default=224,
+                   help="input image side in pixels (default 224)")
+    p.add_argument("--num_classes", type=int, default=1000,
+                   help="classes of the Logits layer (default 1000)")
+    p.add_argument("--width_multiplier", type=float, default=1.0,
+                   help="EfficientNet width multiplier (default 1.0 = B0)")
+    p.add_argument("--depth_multiplier", type=float, default=1.0,
+                   help="EfficientNet depth multiplier (default 1.0 = B0)")
+    p.add_argument("--weight_bits", type=int, default=None,
+                   help="bits of every weight, 2..8, or 32 together with --act_bits 32 for the "
+                        "float model (default 8)")
+    p.add_argument("--act_bits", type=int, default=None,
+                   help="bits of every layer-input activation, 2..8, or 32 together with "
+                        "--weight_bits 32 for the float model (default 8)")
+    p.add_argument("--swish_bits", type=int, default=None,
+                   help="bits of the swish inputs: 2..8, 0 = trainable (counted at --act_bits), "
+                        "-1 = not quantized (default 8; ignored for the float model)")
+    p.add_argument("--bias_bits", type=int, default=None,
+                   help="bits of the folded biases, 2..8, or 0 for float biases "
+                        "(default 8; ignored for the float model)")
+    p.add_argument("--quant_info", default=None, metavar="PATH",
+                   help="per-channel bits from a quant_info.json written by training "
+                        "(instead of the --*_bits flags)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: params, multiplies, adds, ops (official counts), "
+                        "score_micronet, score_adjq")
+    p.add_argument("--per_layer", action="store_true",
+                   help="also print the official counts of every layer and element op")
+    p.add_argument("--no_freebie", action="store_true",
+                   help="do not count an all-float model at 16 bits (the MicroNet 16-bit freebie)")
+    return p
+
+
+def _validate(args) -> None:
+    if args.img_size <= 0:
+        raise UserError(f"--img_size {args.img_size}: give a positive image size, e.g. 224")
+    if args.num_classes <= 0:
+        raise UserError(f"--num_classes {args.num_classes}: give a positive number of classes, "
+                        f"e.g. 1000")
+    for flag in ("width_multiplier", "depth_multiplier"):
+        value = getattr(args, flag)
+        if not value > 0:
+            raise UserError(f"--{flag} {value}: give a positive multiplier, e.g. 1.0")
+    if args.json and args.per_layer:
+        raise UserError("--json and --per_layer both given: --json prints only the totals; "
+                        "drop one of them")
+    bit_flags = [f"--{f}" for f in ("weight_bits", "act_bits", "swish_bits", "bias_bits")
+                 if getattr(args, f) is not None]
+    if args.quant_info is not None:
+        if bit_flags:
+            raise UserError(f"--quant_info and {bit_flags[0]} both given: use either a "
+                            f"quant_info.json or uniform --*_bits flags, not both")
+        if not os.path.isfile(args.quant_info):
+            raise UserError(f"--quant_info {args.quant_info}: no such file — pass the "
+                            f"quant_info.json written by training")
+        return
+    w = _DEFAULT_BITS if args.weight_bits is None else args.weight_bits
+    a = _DEFAULT_BITS if args.act_bits is None else args.act_bits
+    args.weight_bits, args.act_bits = w, a
+    if w == 32 and a == 32:
+        return
+    for flag, value in (("--weight_bits", w), ("--act_bits", a)):
+        if value == 32:
+            other = "--act_bits" if flag == "--weight_bits" else "--weight_bits"
+            raise UserError(f"{flag} 32 with {other} {a if other == '--act_bits' else w}: "
+                            f"32 means float and needs --weight_bits 32 --act_bits 32; "
+                            f"quantized bits must be in [2, 8]")
+        if not 2 <= value <= 8:
+            raise UserError(f"{flag} {value}: bits must be in [2, 8] (or --weight_bits 32 "
+                            f"--act_bits 32 for the float model)")
+    if args.swish_bits is not None and not (2 <= args.swish_bits <= 8 or args.swish_bits in (0, -1)):
+        raise UserError(f"--swish_bits {args.swish_bits}: use 2..8, 0 (trainable, counted at "
+                        f"--act_bits) or -1 (not quantized)")
+    if args.bias_bits is not None and not (2 <= args.bias_bits <= 8 or args.bias_bits == 0):
+        raise UserError(f"--bias_bits {args.bias_bits}: use 2..8, or 0 for float biases")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the C++ start-up chatter TensorFlow writes to fd 2 while it is imported."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.2f}"
+
+
+@cli_main
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _validate(args)
+    with _quiet_stderr():
+        import tensorflow as tf  # noqa: F401  (imported here, quietly)
+        from adj_quant import metric
+        from adj_quant.quant_info import load_quant_info
+        from slim_nets.efficientnet_b0 import ArchConfig
+        tf.constant(0.0)  # device start-up chatter happens on the first op
+    arch = ArchConfig(args.num_classes, args.width_multiplier, args.depth_multiplier)
+    if args.quant_info is not None:
+        bits = load_quant_info(args.quant_info, arch)
+        what = f"bits from {args.quant_info}"
+    else:
+        swish = _DEFAULT_BITS if args.swish_bits is None else args.swish_bits
+        bias = _DEFAULT_BITS if args.bias_bits is None else args.bias_bits
+        bits = metric.BitAssignment.uniform(arch, args.weight_bits, args.act_bits, swish, bias)
+        if bits.is_float():
+            what = "float model (weights and activations 32 bits)"
+        else:
+            what = (f"weights {args.weight_bits} bits, activations {args.act_bits} bits, "
+                    f"swish {'float' if swish == -1 else (args.act_bits if swish == 0 else swish)}"
+                    f", biases {'float' if bias == 0 else bias}")
+    official = metric.count_micronet(arch, args.img_size, bits, per_layer=args.per_layer,
+                                     freebie=not args.no_freebie)
+    own = metric.count_adjq(arch, args.img_size, bits)
+    mn, aq = official.as_floats(), own.as_floats()
+    if args.json:
+        print(json.dumps({"params": mn["params"], "multiplies": mn["multiplies"],
+                          "adds": mn["adds"], "ops": mn["ops"], "score_micronet": mn["score"],
+                          "score_adjq": aq["score"]}))
+        return 0
+    freebie = (not args.no_freebie) and bits.is_float()
+    print(f"EfficientNet-B0 (width {args.width_multiplier:g}, depth {args.depth_multiplier:g}), "
+          f"{args.img_size}x{args.img_size}, {args.num_classes} classes: {what}")
+    print(f"{'':<12}{'micronet (official)':>24}{'adjq (submission)':>24}")
+    for key in ("params", "multiplies", "adds", "ops"):
+        print(f"{key:<12}{_fmt(mn[key]):>24}{_fmt(aq[key]):>24}")
+    print(f"score_micronet = {mn['score']:.6f}   official MicroNet counting"
+          f"{' (16-bit freebie: params and multiplies at 16 bits)' if freebie else ''}; "
+          f"P_ref {metric.P_REF:g}, O_ref {metric.O_REF:g}")
+    print(f"score_adjq     = {aq['score']:.6f}   the submission's own counting (adds at the "
+          f"multiply width; no pooling, SE scale/sigmoid or residual adds)")
+    if args.per_layer:
+        print()
+        print("official counts per layer / element op:")
+        print(f"{'scope':<28}{'kind':<14}{'params':>16}{'multiplies':>18}{'adds':>18}")
+        for row in official.per_layer:
+            print(f"{row['scope']:<28}{row['kind']:<14}{_fmt(row['params']):>16}"
+                  f"{_fmt(row['multiplies']):>18}{_fmt(row['adds']):>18}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""MicroNet / adjq counting, quant_info.json and the score CLI.
+
+Expected numbers are worked out by hand in the comments, never recomputed with the code
+under test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adj_quant import metric as M
+from adj_quant import quant_info as QI
+from adj_quant.errors import UserError
+from slim_nets.efficientnet_b0 import ArchConfig, layer_scopes, swish_scopes
+
+REPO = Path(__file__).resolve().parents[1]
+B0 = ArchConfig()
+
+
+def _floats(counts: dict) -> dict:
+    return {k: float(v) for k, v in counts.items()}
+
+
+def _bits(weight=None, act=None, swish=None, bias=8):
+    return M.BitAssignment(weight=weight or {}, act=act or {}, swish=swish or {}, bias_bits=bias)
+
+
+# --------------------------------------------------------------------------- single layers
+
+CONV = M.LayerSpec("c", "conv", kernel=3, cin=2, cout=3, stride=1, in_hw=4, out_hw=4, has_bias=True)
+
+
+def test_conv_micronet_by_hand():
+    got = _floats(M.micronet_layer_counts(CONV, [2, 4, 8], [4, 6], 8))
+    # max(w_co, a_ci): a=4 -> 4,4,8 (16); a=6 -> 6,6,8 (20); sum 36.
+    # multiplies = 4*4 positions * 9 * 36 / 32 = 162
+    assert got["multiplies"] == pytest.approx(162.0)
+    # adds at 32 bits: (9*2 - 1) + 1 bias = 18 per output element, 16*3 elements = 864
+    assert got["adds"] == pytest.approx(864.0)
+    # params: 9*2*(2+4+8)/32 = 7.875; bias 3*8/32 = 0.75;
+    # scale+offset: weights 2*3, input act 2*2, bias tensor 2 -> 12. Total 20.625
+    assert got["params"] == pytest.approx(20.625)
+
+
+def test_conv_adjq_by_hand():
+    got = _floats(M.adjq_layer_counts(CONV, [2, 4, 8], [4, 6], 8))
+    # MACs = 16*9*2*3 = 864; max(mean w 14/3, mean a 5) = 5; ops = 2*864*5/32 = 270
+    assert got["multiplies"] == pytest.approx(135.0)
+    assert got["adds"] == pytest.approx(135.0)
+    # params: 54 weights * (14/3)/32 = 7.875, + 3*8/32 = 0.75, no quantizer overhead
+    assert got["params"] == pytest.approx(8.625)
+
+
+def test_depthwise_by_hand():
+    dws = M.LayerSpec("d", "dws", kernel=3, cin=4, cout=4, stride=2, in_hw=8, out_hw=4,
+                      has_bias=True)
+    w, a = [2, 3, 4, 5], [8, 2, 2, 6]
+    got = _floats(M.micronet_layer_counts(dws, w, a, 8))
+    # per-channel max 8,3,4,6 = 21; multiplies = 16*9*21/32 = 94.5
+    assert got["multiplies"] == pytest.approx(94.5)
+    # adds: (9 - 1 + 1) per output element, 16*4 elements = 576
+    assert got["adds"] == pytest.approx(576.0)
+    # params: 9*14/32 = 3.9375 + 4*8/32 = 1 + overhead 2*4 + 2*4 + 2 = 18 -> 22.9375
+    assert got["params"] == pytest.approx(22.9375)
+    adjq = _floats(M.adjq_layer_counts(dws, w, a, 8))
+    # MACs 16*9*4 = 576; max(3.5, 4.5) = 4.5; ops = 2*576*4.5/32 = 162
+    assert adjq["multiplies"] + adjq["adds"] == pytest.approx(162.0)
+    assert adjq["params"] == pytest.approx(4.9375)  # 36*3.5/32 + 1
+
+
+def test_fc_by_hand_with_float_bias():
+    fc = M.LayerSpec("f", "fc", kernel=1, cin=4, cout=2, stride=1, in_hw=1, out_hw=1, has_bias=True)
+    got = _floats(M.micronet_layer_counts(fc, [4, 8], 6, 32))
+    # every input: max(4,6)+max(8,6) = 14, times 4 inputs = 56 -> 56/32 = 1.75
+    assert got["multiplies"] == pytest.approx(1.75)
+    assert got["adds"] == pytest.approx(8.0)  # (4 - 1 + 1) * 2
+    # 4*(4+8)/32 = 1.5; float bias 2*32/32 = 2; overhead: weights 2*2 + act 2*4 (bias float: 0)
+    assert got["params"] == pytest.approx(15.5)
+    adjq = _floats(M.adjq_layer_counts(fc, [4, 8], 6, 32))
+    assert adjq["multiplies"] + adjq["adds"] == pytest.approx(3.0)  # 2*8*max(6,6)/32
+    assert adjq["params"] == pytest.approx(3.5)  # 8*6/32 + 2
+
+
+def test_stem_has_no_image_quantizer_and_adjq_counts_it_at_8_bits():
+    stem = M.LayerSpec("Conv", "conv", kernel=3, cin=3, cout=2, stride=2, in_hw=4, out_hw=2,
+                       has_bias=True)
+    got = _floats(M.micronet_layer_counts(stem, 4, 8, 8))
+    # multiplies = 4 positions * 9 * (3*2*max(4,8)) / 32 = 54; adds = 4*2*27 = 216
+    assert got["multiplies"] == pytest.approx(54.0)
+    assert got["adds"] == pytest.approx(216.0)
+    # 27*2*4/32 = 6.75 + 2*8/32 = 0.5 + weights 2*2 + bias 2 (no image quantizer) = 13.25
+    assert got["params"] == pytest.approx(13.25)
+    adjq = _floats(M.adjq_layer_counts(stem, 2, 8, 8))
+    # flat 8 bits: 2 * (4*9*3*2 = 216) * 8/32 = 108; params 54*2/32 + 0.5
+    assert adjq["multiplies"] + adjq["adds"] == pytest.approx(108.0)
+    assert adjq["params"] == pytest.approx(3.875)
+    # flat means flat: even 32-bit weights are charged at 8 bits
+    adjq32 = _floats(M.adjq_layer_counts(stem, 32, 8, 8))
+    assert adjq32["multiplies"] + adjq32["adds"] == pytest.approx(108.0)
+
+
+def test_se_block_by_hand():
+    layers = [M.LayerSpec("b/se_1", "conv", 1, 4, 2, 1, 1, 1, True),
+              M.LayerSpec("b/se_2", "conv", 1, 2, 4, 1, 1, 1, True)]
+    ops = [M.ElementOp("gap", "b/se", hw=2, channels=4),
+           M.ElementOp("swish", "b/se_1", hw=1, channels=2),
+           M.ElementOp("sigmoid", "b/se", hw=1, channels=4),
+           M.ElementOp("se_scale", "b/se", hw=2, channels=4)]
+    bits = _bits(weight={"b/se_1": 8, "b/se_2": 8}, act={"b/se_1": 8, "b/se_2": 8},
+                 swish={"b/se_1": 4}, bias=8)
+    got = M.count_specs(layers, ops, bits, "micronet", per_layer=True).as_floats()
+    # gap: 4 mults, (4-1)*4 = 12 adds | se_1: 4*2*8/32 = 2 mults, 8 adds |
+    # swish: 3*2*4/32 = 0.75 mults, 0.25 adds | se_2: 2 mults, 8 adds |
+    # sigmoid: 2*4 = 8 mults, 4 adds | scale: 2*2*4 = 16 mults
+    assert got["multiplies"] == pytest.approx(4 + 2 + 0.75 + 2 + 8 + 16)
+    assert got["adds"] == pytest.approx(12 + 8 + 0.25 + 8 + 4)
+    # se_1: 8*8/32 + 2*8/32 + overhead (2*2 + 2*4 + 2) = 16.5; swish overhead 2*2 = 4;
+    # se_2: 2 + 1 + (2*4 + 2*2 + 2) = 17
+    assert got["params"] == pytest.approx(37.5)
+    assert got["ops"] == pytest.approx(32.75 + 32.25)
+    assert got["score"] == pytest.approx(37.5 / 6.9e6 + 65.0 / 1170e6)
+    adjq = M.count_specs(layers, ops, bits, "adjq").as_floats()
+    # se_1 2*8*8/32 = 4, swish 3*2*4/32 = 0.75, se_2 4; pool/sigmoid/scale free
+    assert adjq["ops"] == pytest.approx(8.75)
+    assert adjq["params"] == pytest.approx(5.5)  # 2 + 0.5 + 2 + 1
+
+
+def test_residual_add_by_hand():
+    op = M.ElementOp("residual_add", "b/residual", hw=3, channels=5)
+    got = M.count_specs([], [op], _bits(), "micronet").as_floats()
+    assert (got["multiplies"], got["adds"], got["params"]) == (0.0, 45.0, 0.0)
+    assert M.count_specs([], [op], _bits(), "adjq").as_floats()["ops"] == 0.0
+
+
+def test_bad_per_channel_length_is_rejected():
+    with pytest.raises(ValueError, match="c weight: 2 bits, expected 3"):
+        M.micronet_layer_counts(CONV, [4, 4], 4, 8)
+
+
+# --------------------------------------------------------------------------- whole network
+
+
+@pytest.fixture(scope="module")
+def float_counts():
+    bits = M.BitAssignment.uniform(B0, 32, 32)
+    return (M.count_micronet(B0, 224, bits, per_layer=True, freebie=False),
+            M.count_micronet(B0, 224, bits))
+
+
+def test_float_b0_counts(float_counts):
+    full, freebie = float_counts
+    # Keras' EfficientNetB0 has 5,288,548 trainable params; 21,008 of its BN channels carry
+    # gamma+beta (2 each). Folding BN leaves one bias per channel: 5,288,548 - 21,008.
+    assert float(full.params) == 5_267_540
+    conv_macs = sum(r["multiplies"] for r in full.per_layer if r["kind"] in ("conv", "dws", "fc"))
+    assert 385e6 <= conv_macs <= 395e6  # the known ~0.39 GFLOPs (MACs) of B0
+    assert conv_macs == 385_814_752
+    # + swish 3*6,157,916 + pools 10,240 + sigmoid 2*8,960 + SE scale 2,306,528
+    assert float(full.multiplies) == 406_623_188
+    # conv adds = MACs (bias included) + swish 6,157,916 + pools 2,359,008 + sigmoid 8,960
+    # + residual 210,112
+    assert float(full.adds) == 394_550_748
+    rows = full.per_layer
+    assert sum(r["params"] for r in rows) == pytest.approx(float(full.params))
+    assert sum(r["adds"] for r in rows) == pytest.approx(float(full.adds))
+    # the freebie halves params and multiplies, never adds
+    assert float(freebie.params) == 2_633_770
+    assert float(freebie.multiplies) == 203_311_594
+    assert float(freebie.adds) == 394_550_748
+
+
+def test_any_quantization_forfeits_the_freebie():
+    bits = M.BitAssignment.uniform(B0, 32, 32)
+    assert bits.is_float()
+    bits.weight["Logits"] = 8
+    assert not bits.is_float()
+    with_flag = M.count_micronet(B0, 224, bits, freebie=True).as_floats()
+    without = M.count_micronet(B0, 224, bits, freebie=False).as_floats()
+    assert with_flag == without
+
+
+def test_uniform_8bit_params_by_hand():
+    counts = M.count_micronet(B0, 224, M.BitAssignment.uniform(B0, 8, 8)).as_floats()
+    # (5,236,192 weights + 31,348 biases) * 8/32 = 1,316,885, plus scale+offset:
+    # 2 * (31,348 weight channels + 30,348 input-act channels + 19,580 swish channels)
+    # + 2 * 82 bias tensors = 162,716
+    assert counts["params"] == pytest.approx(1_479_601)
+    adjq = M.count_adjq(B0, 224, M.BitAssignment.uniform(B0, 8, 8)).as_floats()
+    assert adjq["params"] == pytest.approx(1_316_885)
+
+
+def test_uniform_flags():
+    b = M.BitAssignment.uniform(B0, 4, 6, swish_bits=0, bias_bits=0)
+    assert b.act["Conv"] == 8 and b.act["Conv_1"] == 6
+    assert set(b.swish.values()) == {6} and b.bias_bits == 32
+    assert set(M.BitAssignment.uniform(B0, 4, 4, swish_bits=-1).swish.values()) == {32}
+    with pytest.raises(UserError, match="weight_bits=9"):
+        M.BitAssignment.uniform(B0, 9, 4)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def test_surrogate_max_forward_and_gradient_split():
+    w = tf.constant([[2.0, 5.0, 8.0]])  # [1, cout]
+    a = tf.constant([[4.0], [6.0]])  # [cin, 1]
+    upstream = tf.constant([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    with tf.GradientTape() as tape:
+        tape.watch([w, a])
+        out = M.surrogate_max(w, a, 0.7)
+        loss = tf.reduce_sum(out * upstream)
+    np.testing.assert_allclose(out.numpy(), [[4, 5, 8], [6, 6, 8]])
+    dw, da = tape.gradient(loss, [w, a])
+    assert dw.shape == (1, 3) and da.shape == (2, 1)
+    np.testing.assert_allclose(dw.numpy(), [[0.3 * 5, 0.3 * 7, 0.3 * 9]], rtol=1e-6)  # column sums
+    np.testing.assert_allclose(da.numpy(), [[0.7 * 6], [0.7 * 15]], rtol=1e-6)  # row sums
+    # scalars: the split does not depend on which one is larger
+    x, y = tf.constant(3.0), tf.constant(7.0)
+    with tf.GradientTape() as tape:
+        tape.watch([x, y])
+        z = M.surrogate_max(x, y, 0.25)
+    assert float(z) == 7.0
+    assert [float(g) for g in tape.gradient(z, [x, y])] == pytest.approx([0.75, 0.25])
+
+
+@pytest.mark.parametrize("style", ["adjq", "micronet"])
+def test_metric_value_gradient_reaches_per_channel_bits(style):
+    bits = M.BitAssignment.uniform(B0, 4, 4)
+    scope = "expanded_conv_3/project"  # 1x1 conv 144 -> 40 at 28x28
+    w = tf.Variable(tf.fill([40], 4.0))
+    a = tf.Variable(tf.fill([144], 4.0))
+    s = tf.Variable(tf.fill([144], 6.0))
+    bits.weight[scope], bits.act[scope], bits.swish["expanded_conv_3/dws"] = w, a, s
+    with tf.GradientTape() as tape:
+        value = M.metric_value(B0, 224, bits, style=style, gamma=0.7)
+    gw, ga, gs = tape.gradient(value, [w, a, s])
+    assert value.dtype == tf.float32
+    if style == "adjq":
+        # params 144/32 per weight channel; ops 2*784*144*40 * 0.3 / 40 / 32
+        expected_w = 4.5 / 6.9e6 + 2116.8 / 1170e6
+        expected_a = 2 * 784 * 144 * 40 * 0.7 / 144 / 32 / 1170e6
+        expected_s = 3 * 784 / 32 / 1170e6  # swish at 28x28: mean over 144 channels
+    else:
+        # params 144/32; multiplies 784*144*0.3/32 per weight channel
+        expected_w = 4.5 / 6.9e6 + 1058.4 / 1170e6
+        expected_a = 784 * 40 * 0.7 / 32 / 1170e6
+        expected_s = 4 * 784 / 32 / 1170e6  # 3 multiplies + 1 add per element
+    np.testing.assert_allclose(gw.numpy(), expected_w, rtol=1e-4)
+    np.testing.assert_allclose(ga.numpy(), expected_a, rtol=1e-4)
+    np.testing.assert_allclose(gs.numpy(), expected_s, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- quant_info
+
+
+def _random_bits(arch, seed=0):
+    rng = np.random.default_rng(seed)
+    layers = M.network_layers(arch, 224)
+    weight = {l.scope: rng.integers(2, 9, l.weight_channels) for l in layers}
+    act = {l.scope: rng.integers(2, 9, l.cin) for l in layers}
+    act["Conv"] = 8
+    swish = {op.scope: (rng.integers(2, 9, op.channels) if i % 2 else 6)
+             for i, op in enumerate(o for o in M.element_ops(arch, 224) if o.kind == "swish")}
+    return M.BitAssignment(weight, act, swish, bias_bits=5)
+
+
+def test_quant_info_round_trip():
+    bits = _random_bits(B0)
+    data = json.loads(json.dumps(QI.to_quant_info(bits, B0, {"top1": 0.75})))
+    assert data["Conv"]["act"] == 8 and len(data["Conv"]["weight"]) == 32
+    assert data["expanded_conv"]["expand"] is None
+    assert len(data["expanded_conv_3"]["dws"]["weight"]) == 144
+    assert len(data["Logits"]["weight"]) == 1000 and len(data["Logits"]["act"]) == 1280
+    assert data["bias_bits"] == 5 and data["swish_inputs"]["Conv"] == 6
+    assert set(data["summary"]) >= {"avg_weight_bits", "avg_act_bits", "params", "ops",
+                                    "score_adjq", "score_micronet", "top1", "top5"}
+    assert data["summary"]["top1"] == 0.75
+    back = QI.from_quant_info(data, B0)
+    for scope in layer_scopes(B0):
+        np.testing.assert_array_equal(np.asarray(back.weight[scope]), bits.weight[scope])
+        np.testing.assert_array_equal(np.asarray(back.act[scope]), bits.act[scope])
+    for scope in swish_scopes(B0):
+        np.testing.assert_array_equal(np.asarray(back.swish[scope]), bits.swish[scope])
+    assert back.bias_bits == 5
+    assert M.count_micronet(B0, 224, back).as_floats() == M.count_micronet(B0, 224, bits).as_floats()
+    float_info = QI.to_quant_info(M.BitAssignment.uniform(B0, 32, 32), B0, {})
+    assert float_info["bias_bits"] is None
+    assert QI.from_quant_info(float_info, B0).is_float()
+
+
+def test_average_bits():
+    assert QI.average_bits(M.BitAssignment.uniform(B0, 4, 6), B0) == (4.0, 6.0)
+    bits = M.BitAssignment.uniform(B0, 8, 8)
+    bits.weight["Logits"] = 2  # 1,280,000 of the 5,236,192 weights
+    bits.act["Conv_1"] = 2  # 320 of the 30,348 input-activation channels
+    w_avg, a_avg = QI.average_bits(bits, B0)
+    assert w_avg == pytest.approx((8 * 3_956_192 + 2 * 1_280_000) / 5_236_192)
+    assert a_avg == pytest.approx((8 * 30_028 + 2 * 320) / 30_348)
+
+
+def _mutate(path, value):
+    def apply(data):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        if value is KeyError:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return apply
+
+
+@pytest.mark.parametrize("mutation, message", [
+    (_mutate(["expanded_conv_3", "dws", "weight"], [4] * 240),
+     "expanded_conv_3/dws weight has 240 bits, the model needs 144 — was it written for another"),
+    (_mutate(["expanded_conv_5", "project", "act"], [4] * 239 + [9]),
+     "expanded_conv_5/project act has bits 9 at channel 239"),
+    (_mutate(["Conv_1", "weight"], [1] * 1280), "Conv_1 weight has bits 1 at channel 0"),
+    (_mutate(["Logits", "act"], [32] + [4] * 1279), "Logits act mixes 32"),
+    (_mutate(["expanded_conv_7"], KeyError), "missing key 'expanded_conv_7'"),
+    (_mutate(["expanded_conv_2", "se_2"], KeyError), "missing key 'se_2' in 'expanded_conv_2'"),
+    (_mutate(["expanded_conv", "expand"], {"weight": [4] * 32, "act": [4] * 32}),
+     "expanded_conv/expand is given but this block has no expand conv"),
+    (_mutate(["expanded_conv_1", "expand"], None), "expanded_conv_1/expand is null"),
+    (_mutate(["Conv", "act"], 4), "Conv act is 4"),
+    (_mutate(["swish_inputs", "expanded_conv_4/dws"], KeyError),
+     "missing key 'expanded_conv_4/dws' in 'swish_inputs'"),
+    (_mutate(["swish_inputs", "Conv"], [4] * 31), "Conv swish input has 31 bits, the model needs 32"),
+    (_mutate(["bias_bits"], 12), "bias_bits is 12"),
+    (_mutate(["expanded_conv_16"], {}), "unexpected key 'expanded_conv_16'"),
+])
+def test_quant_info_mismatch_errors(mutation, message):
+    data = json.loads(json.dumps(QI.to_quant_info(M.BitAssignment.uniform(B0, 4, 4), B0, {})))
+    mutation(data)
+    with pytest.raises(UserError) as err:
+        QI.from_quant_info(data, B0, source="qi.json")
+    assert str(err.value).startswith("qi.json: ")
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_quant_info_first_mismatch_and_num_classes():
+    data = QI.to_quant_info(M.BitAssignment.uniform(B0, 4, 4), B0, {})
+    data["expanded_conv_9"]["dws"]["weight"] = [4]
+    data["expanded_conv_2"]["se_1"]["act"] = [4]
+    with pytest.raises(UserError, match="expanded_conv_2/se_1 act has 1 bits"):
+        QI.from_quant_info(data, B0)
+    good = QI.to_quant_info(M.BitAssignment.uniform(B0, 4, 4), B0, {})
+    with pytest.raises(UserError, match="Logits weight has 1000 bits, the model needs 10 .* "
+                                        "another --num_classes"):
+        QI.from_quant_info(good, ArchConfig(num_classes=10))
+
+
+def test_load_quant_info_file_errors(tmp_path):
+    with pytest.raises(UserError, match="nope.json: no such file"):
+        QI.load_quant_info(tmp_path / "nope.json", B0)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="bad.json: not valid JSON"):
+        QI.load_quant_info(bad, B0)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("ADJQ_TRACEBACK", None)
+    return subprocess.Popen([sys.executable, "-m", "adj_quant.score", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """The CLI runs that import TensorFlow, started together to share the wait."""
+    qi = tmp_path_factory.mktemp("qi") / "quant_info.json"
+    QI.save_quant_info(qi, M.BitAssignment.uniform(B0, 4, 4), B0, {})
+    procs = {"float": _cli("--weight_bits", "32", "--act_bits", "32", "--json"),
+             "int8": _cli("--weight_bits", "8", "--act_bits", "8", "--json"),
+             "classes": _cli("--quant_info", str(qi), "--num_classes", "10")}
+    return {name: (p.communicate(timeout=120), p.returncode) for name, p in procs.items()}
+
+
+def test_cli_json_float_vs_8bit(cli_runs):
+    results = {}
+    for name in ("float", "int8"):
+        (out, err), rc = cli_runs[name]
+        assert rc == 0, err
+        results[name] = json.loads(out)
+        assert set(results[name]) == {"params", "multiplies", "adds", "ops", "score_micronet",
+                                      "score_adjq"}
+    fp, q8 = results["float"], results["int8"]
+    assert fp["params"] == 2_633_770 and fp["multiplies"] == 203_311_594  # 16-bit freebie
+    assert fp["adds"] == 394_550_748 and fp["ops"] == 597_862_342
+    assert q8["params"] == pytest.approx(1_479_601)
+    assert q8["score_micronet"] < fp["score_micronet"]
+    assert q8["score_adjq"] < fp["score_adjq"]
+    assert q8["score_adjq"] < q8["score_micronet"]
+
+
+def test_cli_quant_info_mismatch(cli_runs):
+    (out, err), rc = cli_runs["classes"]
+    assert rc == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "Logits weight has 1000 bits, the model needs 10" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weight_bits", "9", "--act_bits", "4"], "--weight_bits 9: bits must be in [2, 8]"),
+    (["--weight_bits", "4", "--act_bits", "1"], "--act_bits 1"),
+    (["--weight_bits", "32", "--act_bits", "8"], "32 means float"),
+    (["--quant_info", "qi.json", "--weight_bits", "4"], "--quant_info and --weight_bits"),
+    (["--quant_info", "missing_qi.json"], "missing_qi.json: no such file"),
+    (["--img_size", "0"], "--img_size 0"),
+    (["--num_classes", "-3"], "--num_classes -3"),
+    (["--json", "--per_layer"], "--json and --per_layer"),
+])
+def test_cli_bad_input(args, message):
+    proc = _cli(*args)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert message in err
+
+
+def test_cli_exit_code_and_help():
+    p = _cli("--swish_bits", "9")
+    p.communicate(timeout=60)
+    assert p.returncode == 2
+    p = _cli("--help")
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0
+    for flag in ("--img_size", "--num_classes", "--weight_bits", "--act_bits", "--swish_bits",
+                 "--bias_bits", "--quant_info", "--json", "--per_layer", "--no_freebie",
+                 "--width_multiplier", "--depth_multiplier"):
+        assert flag in out
