@@ -377,13 +377,10 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory):
-    """The CLI runs that import TensorFlow, started together to share the wait."""
-    qi = tmp_path_factory.mktemp("qi") / "quant_info.json"
-    QI.save_quant_info(qi, M.BitAssignment.uniform(B0, 4, 4), B0, {})
+def cli_runs():
+    """The two CLI runs that import TensorFlow, started together to share the wait."""
     procs = {"float": _cli("--weight_bits", "32", "--act_bits", "32", "--json"),
-             "int8": _cli("--weight_bits", "8", "--act_bits", "8", "--json"),
-             "classes": _cli("--quant_info", str(qi), "--num_classes", "10")}
+             "int8": _cli("--weight_bits", "8", "--act_bits", "8", "--json")}
     return {name: (p.communicate(timeout=120), p.returncode) for name, p in procs.items()}
 
 
@@ -404,10 +401,23 @@ def test_cli_json_float_vs_8bit(cli_runs):
     assert q8["score_adjq"] < q8["score_micronet"]
 
 
-def test_cli_quant_info_mismatch(cli_runs):
-    (out, err), rc = cli_runs["classes"]
-    assert rc == 2 and out == ""
-    assert err.strip().count("\n") == 0 and "Traceback" not in err
+def test_cli_quant_info_in_process(tmp_path, capsys, monkeypatch):
+    # in-process (TensorFlow is already loaded): a matching file, then a mismatched one
+    from adj_quant import score
+
+    monkeypatch.delenv("ADJQ_TRACEBACK", raising=False)
+    qi = tmp_path / "quant_info.json"
+    QI.save_quant_info(qi, M.BitAssignment.uniform(B0, 4, 4), B0, {})
+    assert score.main(["--quant_info", str(qi), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    # 4-bit weights, 8-bit biases: 5,236,192/8 + 31,348/4 = 654,524 + 7,837 = 662,361,
+    # + scale/offset overhead 162,716 (see test_uniform_8bit_params_by_hand)
+    assert got["params"] == pytest.approx(825_077)
+    with pytest.raises(SystemExit) as exit_info:
+        score.main(["--quant_info", str(qi), "--num_classes", "10"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert "Logits weight has 1000 bits, the model needs 10" in err
 
 
