@@ -185,7 +185,7 @@ class ConvLayer(tf.Module):
             name = "depthwise_weights"
         elif kind == "fc":
             shape = [cin, cout]
-            limit = math.sqrt(1.0 / cout)
+            limit = math.sqrt(1.0 / cin)  # independent of the class count
             init = rng.uniform(shape, -limit, limit)
             name = "weights"
         else:
@@ -296,13 +296,17 @@ class EfficientNetB0(tf.Module):
 
     def __init__(self, num_classes: int = 1000, width_multiplier: float = 1.0,
                  depth_multiplier: float = 1.0, dropout_rate: float = 0.2,
-                 drop_connect_rate: float = 0.2, seed: int = 0):
+                 drop_connect_rate: float = 0.2, seed: int = 0,
+                 bn_momentum: float = BN_MOMENTUM):
         super().__init__(name=SCOPE)
         self.arch = ArchConfig(num_classes, width_multiplier, depth_multiplier)
         self.dropout_rate, self.drop_connect_rate = dropout_rate, drop_connect_rate
         self.rng = tf.random.Generator.from_seed(seed)
         init_rng = tf.random.Generator.from_seed(seed + 1)
         self.layers = build_layers(self.arch, init_rng)
+        for layer in self.layers.values():
+            if layer.bn is not None:
+                layer.bn.momentum = bn_momentum
 
     def __call__(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         return efficientnet_forward(

@@ -1,0 +1,244 @@
+"""Checkpoints: atomic writes, a best-checkpoint pointer, and models rebuilt from them.
+
+Every stage directory holds ``tf.train.Checkpoint`` files, a ``checkpoint`` state file
+(so ``tf.train.latest_checkpoint`` works), ``checkpoints.json`` (every checkpoint with its
+metrics, the latest and the best) and ``model_spec.json`` (what model the checkpoints
+hold: float or quantized, architecture, quantization settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import tensorflow as tf
+
+from adj_quant.errors import UserError
+from adj_quant.qmodel import QuantConfig, QuantizedEfficientNetB0
+from slim_nets import efficientnet_b0 as eb0
+
+STATE_FILE = "checkpoints.json"
+SPEC_FILE = "model_spec.json"
+
+
+def write_json_atomic(path: str, data) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- model specs
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    kind: str                      # "float" | "quant"
+    arch: eb0.ArchConfig
+    quant: QuantConfig | None = None
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "arch": dataclasses.asdict(self.arch),
+                "quant": dataclasses.asdict(self.quant) if self.quant else None}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelSpec":
+        quant = QuantConfig(**data["quant"]) if data.get("quant") else None
+        return cls(data["kind"], eb0.ArchConfig(**data["arch"]), quant)
+
+    def build(self, seed: int = 0, dropout_rate: float = 0.2, drop_connect_rate: float = 0.2,
+              bn_momentum: float = eb0.BN_MOMENTUM):
+        if self.kind == "float":
+            return eb0.EfficientNetB0(self.arch.num_classes, self.arch.width_multiplier,
+                                      self.arch.depth_multiplier, dropout_rate,
+                                      drop_connect_rate, seed=seed, bn_momentum=bn_momentum)
+        return QuantizedEfficientNetB0(self.arch, self.quant, dropout_rate=dropout_rate,
+                                       drop_connect_rate=drop_connect_rate, seed=seed)
+
+
+def save_spec(directory: str, spec: ModelSpec) -> None:
+    write_json_atomic(os.path.join(directory, SPEC_FILE), spec.to_json())
+
+
+def load_spec(ckpt_path: str) -> ModelSpec | None:
+    path = os.path.join(os.path.dirname(ckpt_path), SPEC_FILE)
+    if not os.path.exists(path):
+        return None
+    return ModelSpec.from_json(read_json(path))
+
+
+# --------------------------------------------------------------------------- run checkpoints
+
+
+class RunCheckpoints:
+    """The checkpoints of one stage directory."""
+
+    def __init__(self, directory: str, prefer: str = "top1"):
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+        self.state_path = os.path.join(directory, STATE_FILE)
+        self.state = (read_json(self.state_path) if os.path.exists(self.state_path)
+                      else {"checkpoints": [], "latest": None, "best": None, "finished": False})
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.state.get("finished"))
+
+    def path(self, name: str | None) -> str | None:
+        return None if name is None else os.path.join(self.directory, name)
+
+    def latest(self) -> str | None:
+        return self.path(self.state["latest"])
+
+    def best(self) -> str | None:
+        return self.path(self.state["best"])
+
+    def entries(self) -> list[dict]:
+        return list(self.state["checkpoints"])
+
+    def save(self, checkpoint: tf.train.Checkpoint, name: str, info: dict,
+             best_key=None) -> str:
+        """Write ``checkpoint`` as ``name`` atomically and update the pointers.
+
+        ``best_key(entry)`` ranks entries; the highest is the best (default: top-1).
+        """
+        tmp_prefix = os.path.join(self.directory, f".tmp-{name}")
+        for stale in glob.glob(tmp_prefix + ".*"):
+            os.remove(stale)
+        checkpoint.write(tmp_prefix)
+        final = os.path.join(self.directory, name)
+        # Data first, index last: a prefix with an .index file is always complete.
+        files = sorted(glob.glob(tmp_prefix + ".*"), key=lambda p: p.endswith(".index"))
+        for path in files:
+            os.replace(path, final + path[len(tmp_prefix):])
+        entry = dict(info, name=name)
+        self.state["checkpoints"] = [e for e in self.state["checkpoints"] if e["name"] != name]
+        self.state["checkpoints"].append(entry)
+        self.state["latest"] = name
+        key = best_key or (lambda e: e.get("top1", 0.0))
+        self.state["best"] = max(self.state["checkpoints"], key=key)["name"]
+        self._write_state()
+        return final
+
+    def set_best(self, name: str) -> None:
+        self.state["best"] = name
+        self._write_state()
+
+    def mark_finished(self, **extra) -> None:
+        self.state["finished"] = True
+        self.state.update(extra)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+        latest = self.state["latest"]
+        lines = [f'model_checkpoint_path: "{latest}"'] + [
+            f'all_model_checkpoint_paths: "{e["name"]}"' for e in self.state["checkpoints"]]
+        tmp = os.path.join(self.directory, "checkpoint.tmp")
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, os.path.join(self.directory, "checkpoint"))
+
+
+# --------------------------------------------------------------------------- restoring
+
+
+def resolve_checkpoint(path: str, what: str = "--ckpt_path") -> str:
+    """A checkpoint prefix from a prefix or a directory (its best, else its latest)."""
+    if os.path.isdir(path):
+        state = os.path.join(path, STATE_FILE)
+        if os.path.exists(state):
+            data = read_json(state)
+            name = data.get("best") or data.get("latest")
+            if name:
+                return os.path.join(path, name)
+        latest = tf.train.latest_checkpoint(path)
+        if latest:
+            return latest
+        raise UserError(f"{what} {path}: no checkpoint in this directory; pass a checkpoint "
+                        "prefix or a run's stage directory")
+    if not glob.glob(path + ".index"):
+        raise UserError(f"{what} {path}: no such checkpoint (expected {path}.index)")
+    return path
+
+
+def _variable_shapes(ckpt_path: str) -> dict[str, list[int]]:
+    return {name: shape for name, shape in tf.train.list_variables(ckpt_path)}
+
+
+def restore_model(model: tf.Module, ckpt_path: str, what: str = "--ckpt_path",
+                  allow_missing: tuple[str, ...] = ("bits_scale",)) -> None:
+    """Restore ``model``'s variables from a checkpoint written with ``Checkpoint(model=...)``.
+
+    Shapes are checked first, so a checkpoint of another architecture or class count is
+    refused with the first mismatch named. Variables whose names end with one of
+    ``allow_missing`` may be absent (a fixed-bit checkpoint into a trainable-bit model).
+    """
+    try:
+        saved = _variable_shapes(ckpt_path)
+    except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as err:
+        raise UserError(f"{what} {ckpt_path}: cannot read checkpoint ({str(err).splitlines()[0]})")
+    wanted = checkpoint_keys(model)
+    for key, var in wanted.items():
+        if key not in saved:
+            if var.name.split(":")[0].endswith(allow_missing):
+                continue
+            raise UserError(f"{what} {ckpt_path} does not match the model: it has no "
+                            f"{var.name.split(':')[0]} (is it a float/quantized checkpoint of "
+                            "another stage, or another --swish_bits/--bias_bits?)")
+        if list(saved[key]) != list(var.shape):
+            raise UserError(f"{what} {ckpt_path} does not match the model: "
+                            f"{var.name.split(':')[0]} has shape {list(saved[key])} in the "
+                            f"checkpoint but {var.shape.as_list()} in the model (another "
+                            "--num_classes or width/depth?)")
+    tf.train.Checkpoint(model=model).read(ckpt_path).expect_partial()
+
+
+def checkpoint_keys(model: tf.Module) -> dict[str, tf.Variable]:
+    """Checkpoint key of every variable of ``model`` under ``Checkpoint(model=model)``."""
+    keys = {}
+    seen = set()
+
+    def walk(obj, path):
+        if isinstance(obj, tf.Variable):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                keys["/".join(path) + "/.ATTRIBUTES/VARIABLE_VALUE"] = obj
+            return
+        if isinstance(obj, tf.random.Generator):
+            walk(obj._state_var, path + ["_state_var"])  # noqa: SLF001 (its checkpoint name)
+            return
+        if isinstance(obj, dict):
+            items = obj.items()
+        elif isinstance(obj, (list, tuple)):
+            items = enumerate(obj)
+        elif isinstance(obj, tf.Module):
+            items = ((k, v) for k, v in vars(obj).items() if not k.startswith("_"))
+        else:
+            return
+        for key, value in items:
+            walk(value, path + [_escape(str(key))])
+
+    walk(model, ["model"])
+    return keys
+
+
+def _escape(name: str) -> str:
+    # Object-graph checkpoint keys escape "/" and "." in attribute names.
+    return name.replace(".", "..").replace("/", ".S")
+
+
+def model_spec_for(ckpt_path: str, fallback: ModelSpec | None, what: str) -> ModelSpec:
+    spec = load_spec(ckpt_path)
+    if spec is not None:
+        return spec
+    if fallback is None:
+        raise UserError(f"{what} {ckpt_path}: no {SPEC_FILE} beside it; pass the model flags")
+    return fallback

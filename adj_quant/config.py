@@ -1,0 +1,263 @@
+"""Flags and config files for ``train.py`` and ``eval.py``.
+
+Precedence, lowest first: built-in defaults, the config file's top level, the config
+file's table for the stage being run (``[pretrain]``, ``[qat8]``, ...), then the flags
+given on the command line. Flag names are those of the original Adjustable Quantization
+commands (spec section 6); ``--alpha``, ``--beta`` and ``--gamma`` are loss weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+from typing import Any
+
+from adj_quant.errors import UserError
+
+STAGES = ("pretrain", "calibrate", "qat8", "adjustable", "finetune")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "digits.toml")
+
+
+@dataclasses.dataclass
+class Options:
+    # --- data
+    dataset: str = "digits"
+    img_size: int = 224
+    num_classes: int | None = None
+    labels_offset: int = 0
+    batch_size: int = 25
+    seed: int = 0
+    max_val_images: int | None = None
+    # --- model
+    width_multiplier: float = 1.0
+    depth_multiplier: float = 1.0
+    dropout_rate: float = 0.2
+    drop_connect_rate: float = 0.2
+    bn_momentum: float = 0.99
+    # --- quantization
+    weight_bits: int = 8
+    act_bits: int = 8
+    swish_bits: int = 8
+    bias_bits: int = 8
+    bits_trainable: bool = False
+    range: int = 5
+    calib_images: int = 10000
+    eval_initial_thresholds: bool = False
+    # --- loss
+    alpha: float = 7.0
+    beta: float = 85.0
+    gamma: float = 0.7
+    metric: float = 0.18
+    metric_style: str = "adjq"
+    metric_img_size: int | None = None
+    # --- optimisation
+    lr: float = 3e-6
+    lr_bits: float = 1e-3
+    lr_fixed: bool = False
+    lr_decay: float = 1e-4
+    reinit: int = 800
+    max_epoch: float = 2.0
+    iter_train: bool = False
+    iter_train_freq: int = 2
+    warm_up_epoch: float = 0.0
+    finetune: bool = False
+    swa_delay: float | None = None
+    swa_freq: float = 0.2
+    jit_compile: bool = False
+    # --- files
+    ckpt_path: str | None = None
+    teacher_ckpt: str | None = None
+    run_dir: str | None = None
+    stage: str | None = None
+    config: str | None = None
+    progress: bool = True
+
+
+HELP = {
+    "dataset": "'digits' (embedded default), 'synthetic', or a directory of slim ImageNet "
+               "TFRecord shards (train-*-of-*, validation-*-of-*)",
+    "img_size": "input image size (square)",
+    "num_classes": "number of classes (default: the dataset's)",
+    "labels_offset": "subtracted from TFRecord labels (1 for the slim 1001-class convention)",
+    "batch_size": "images per training batch",
+    "seed": "random seed for initialisation, shuffling, augmentation and dropout",
+    "max_val_images": "validate on at most this many images (default: the whole split)",
+    "width_multiplier": "EfficientNet width multiplier",
+    "depth_multiplier": "EfficientNet depth multiplier",
+    "dropout_rate": "dropout before the logits",
+    "drop_connect_rate": "maximum drop-connect rate of the residual branches",
+    "bn_momentum": "momentum of the batch-norm moving averages (float pretraining)",
+    "weight_bits": "initial weight bits b0 (2..8)",
+    "act_bits": "initial activation bits b0 (2..8)",
+    "swish_bits": "swish inputs: 8 = fixed 8 bits, 0 = trainable bits from --act_bits, -1 = float",
+    "bias_bits": "bias bits (2..8); 0 keeps biases float",
+    "bits_trainable": "learn per-channel bit-widths (bits_scale)",
+    "range": "range preset 1..7: clip intervals of range_scale and range_shift",
+    "calib_images": "training images used to calibrate activation ranges",
+    "eval_initial_thresholds": "also validate the quantized model with the initial thresholds",
+    "alpha": "loss weight of the cross-entropy",
+    "beta": "loss weight of the metric term",
+    "gamma": "share of the metric gradient that goes to activation bits (1-gamma to weights)",
+    "metric": "target score: the metric term pushes down above it and up below it",
+    "metric_style": "counting used in the loss: adjq (the submission's) or micronet (official)",
+    "metric_img_size": "image size at which the metric is counted (default: --img_size)",
+    "lr": "Adam learning rate of weights, biases, range_scale and range_shift",
+    "lr_bits": "Adam learning rate of bits_scale",
+    "lr_fixed": "keep the learning rates constant",
+    "lr_decay": "exponential decay per step of the learning rate",
+    "reinit": "re-initialise the Adam slots and restart the cosine every N steps",
+    "max_epoch": "epochs to train; fractional values stop after whole mini-epochs (0.3 = 3)",
+    "iter_train": "iterative training: train bits only in mini-epochs k % iter_train_freq == 0",
+    "iter_train_freq": "period (in mini-epochs) of the bit phases of --iter_train",
+    "warm_up_epoch": "epochs before bits start training",
+    "finetune": "freeze the bits (train everything except bits_scale)",
+    "swa_delay": "start stochastic weight averaging after this many epochs (unset: no SWA)",
+    "swa_freq": "SWA snapshot period in epochs (multiples of 0.1)",
+    "jit_compile": "compile the training step with XLA",
+    "ckpt_path": "initialise from this checkpoint (a prefix, or a directory: its best one)",
+    "teacher_ckpt": "float teacher checkpoint for distillation (default: the run's pretrain)",
+    "run_dir": "run directory holding every stage's output (default: runs/<dataset>)",
+    "stage": "run one stage: " + ", ".join(STAGES) + " (default: the whole recipe)",
+    "config": "TOML config file (default for the digits recipe: configs/digits.toml)",
+    "progress": "show progress bars",
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+
+
+def _type_of(field: dataclasses.Field):
+    text = str(field.type)
+    if "bool" in text:
+        return bool
+    if "int" in text and "float" not in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser(prog: str, description: str, extra: dict[str, dict] | None = None,
+                 fields: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                     argument_default=argparse.SUPPRESS)
+    for name in fields or FIELDS:
+        kind = _type_of(FIELDS[name])
+        default = FIELDS[name].default
+        if kind is bool:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
+                                help=f"{HELP[name]} (default: {default})")
+        else:
+            kwargs = {"choices": STAGES} if name == "stage" else {}
+            if name == "metric_style":
+                kwargs = {"choices": ("adjq", "micronet")}
+            parser.add_argument(f"--{name}", type=kind, metavar=name.upper(),
+                                help=f"{HELP[name]} (default: {default})", **kwargs)
+    for flag, kwargs in (extra or {}).items():
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def _check_keys(table: dict, where: str) -> None:
+    for key, value in table.items():
+        if key in STAGES and isinstance(value, dict):
+            continue
+        if key not in FIELDS or key in ("config", "stage"):
+            raise UserError(f"unknown config key {key!r} in {where}; known keys: "
+                            "see `python train.py --help`")
+
+
+def load_config(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found; pass --config FILE.toml") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+    _check_keys(data, path)
+    for stage in STAGES:
+        if stage in data:
+            _check_keys(data[stage], f"{path} [{stage}]")
+            for key, value in data[stage].items():
+                if isinstance(value, dict):
+                    raise UserError(f"{path} [{stage}]: nested stage table {key!r} is not allowed")
+    return data
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    kind = _type_of(FIELDS[name])
+    if value is None:
+        return None
+    if kind is bool and not isinstance(value, bool):
+        raise UserError(f"{where}: {name} must be true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{where}: {name} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: {name} must be a number, got {value!r}")
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise UserError(f"{where}: {name} must be a string, got {value!r}")
+    return value
+
+
+def resolve(cli: dict[str, Any], stage: str | None) -> Options:
+    """Options for ``stage`` from defaults, the config file and the command line."""
+    config_path = cli.get("config")
+    if config_path is None and cli.get("dataset", "digits") == "digits":
+        config_path = DEFAULT_CONFIG
+    values: dict[str, Any] = {}
+    if config_path:
+        data = load_config(config_path)
+        for key, value in data.items():
+            if not (key in STAGES and isinstance(value, dict)):
+                values[key] = _coerce(key, value, config_path)
+        if stage and isinstance(data.get(stage), dict):
+            for key, value in data[stage].items():
+                values[key] = _coerce(key, value, f"{config_path} [{stage}]")
+    values.update(cli)
+    values["config"] = config_path
+    options = Options(**values)
+    validate(options)
+    return options
+
+
+def validate(o: Options) -> None:
+    def positive(name):
+        if getattr(o, name) is not None and getattr(o, name) <= 0:
+            raise UserError(f"--{name} {getattr(o, name)} must be positive")
+
+    for name in ("img_size", "batch_size", "calib_images", "reinit", "iter_train_freq",
+                 "max_epoch", "swa_freq", "metric_img_size", "num_classes", "max_val_images"):
+        positive(name)
+    if o.width_multiplier <= 0 or o.depth_multiplier <= 0:
+        raise UserError("--width_multiplier and --depth_multiplier must be positive")
+    if round(o.max_epoch * 10, 6) != round(o.max_epoch * 10):
+        raise UserError(f"--max_epoch {o.max_epoch} must be a multiple of 0.1 (one mini-epoch)")
+    if round(o.swa_freq * 10) < 1:
+        raise UserError(f"--swa_freq {o.swa_freq} must be at least 0.1 (one mini-epoch)")
+    if o.metric_style not in ("adjq", "micronet"):
+        raise UserError(f"--metric_style {o.metric_style!r}: use adjq or micronet")
+
+
+def options_to_json(o: Options) -> dict:
+    return dataclasses.asdict(o)
+
+
+def save_resolved(o: Options, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(options_to_json(o), f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

@@ -1,0 +1,73 @@
+"""Accuracy and scores of a model, shared by training (validation) and ``eval.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from adj_quant import data as data_lib
+from adj_quant import metric as metric_lib
+from adj_quant.quant_info import average_bits
+from adj_quant.training import topk_correct
+
+
+def make_eval_step(model):
+    @tf.function
+    def step(images, labels):
+        logits = model(images, training=False)
+        return topk_correct(logits, labels, 1), topk_correct(logits, labels, 5)
+
+    return step
+
+
+def accuracy(model, dataset, *, what: str = "validation data", progress: bool = True,
+             max_images: int | None = None, step=None) -> dict[str, float]:
+    """Top-1 / top-5 (fractions) of ``model`` over ``dataset``."""
+    step = step or make_eval_step(model)
+    top1 = top5 = seen = 0
+    bar = tqdm(desc="validate", unit="img", disable=not progress, leave=False)
+    for images, labels in data_lib.iterate(dataset, what):
+        if max_images is not None:
+            images, labels = images[: max_images - seen], labels[: max_images - seen]
+        c1, c5 = step(images, labels)
+        top1, top5 = top1 + int(c1), top5 + int(c5)
+        seen += int(labels.shape[0])
+        bar.update(int(labels.shape[0]))
+        if max_images is not None and seen >= max_images:
+            break
+    bar.close()
+    if seen == 0:
+        return {"top1": float("nan"), "top5": float("nan"), "images": 0}
+    return {"top1": top1 / seen, "top5": top5 / seen, "images": seen}
+
+
+def bits_of(model):
+    """The model's current bits; the float model is 32 bits everywhere."""
+    if hasattr(model, "bit_assignment"):
+        return model.bit_assignment()
+    return metric_lib.BitAssignment.uniform(model.arch, 32, 32)
+
+
+def scores(bits, arch, img_size: int) -> dict[str, float]:
+    """Official counts (params, ops, score_micronet), score_adjq and average bits."""
+    official = metric_lib.count_micronet(arch, img_size, bits)
+    own = metric_lib.count_adjq(arch, img_size, bits)
+    avg_w, avg_a = average_bits(bits, arch)
+    return {"params": float(official.params), "ops": float(official.ops),
+            "multiplies": float(official.multiplies), "adds": float(official.adds),
+            "score_micronet": float(official.score), "score_adjq": float(own.score),
+            "avg_weight_bits": avg_w, "avg_act_bits": avg_a}
+
+
+def bits_histograms(model) -> dict[str, np.ndarray]:
+    """Per-channel bits of all weight and all activation quantizers (for TensorBoard)."""
+    if not hasattr(model, "quantizers"):
+        return {}
+    weights, acts = [], []
+    for name, quant in model.quantizers().items():
+        if name.endswith("/weights"):
+            weights.append(quant.bits().numpy())
+        elif name.endswith(("/input", "/swish_input")):
+            acts.append(quant.bits().numpy())
+    return {"bits/weights": np.concatenate(weights), "bits/activations": np.concatenate(acts)}

@@ -1,0 +1,272 @@
+"""The five stages of the recipe (specification section 5), each in ``<run_dir>/<stage>/``.
+
+1. ``pretrain``   float EfficientNet-B0 with batch norm, cross-entropy;
+2. ``calibrate``  initial thresholds of the BN-folded float model (``initial_thresholds.json``);
+3. ``qat8``       fixed 8-bit quantization-aware training, ranges learned, KD from the float model;
+4. ``adjustable`` trainable bits and ranges with the metric term (``--bits_trainable --iter_train``);
+5. ``finetune``   bits frozen (``--finetune``) with SWA, from the best checkpoint near the target.
+
+Each stage reads the previous stage's output from the run directory unless ``--ckpt_path``
+says otherwise. A finished stage is not run again; an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from adj_quant import data as data_lib
+from adj_quant import evaluation
+from adj_quant.checkpoints import (ModelSpec, RunCheckpoints, model_spec_for, read_json,
+                                   resolve_checkpoint, restore_model, save_spec,
+                                   write_json_atomic)
+from adj_quant.config import STAGES, Options, resolve, save_resolved
+from adj_quant.errors import UserError
+from adj_quant.qmodel import QuantConfig, QuantizedEfficientNetB0
+from adj_quant.quant_info import save_quant_info
+from adj_quant.trainer import Trainer, data_args, num_classes, validation_data
+from slim_nets import efficientnet_b0 as eb0
+
+THRESHOLDS = "initial_thresholds.json"
+RESULT = "result.json"
+
+
+def default_run_dir(o: Options) -> str:
+    name = o.dataset if o.dataset in data_lib.DATASET_NAMES else os.path.basename(
+        os.path.normpath(o.dataset))
+    return os.path.join("runs", name)
+
+
+def arch_of(o: Options) -> eb0.ArchConfig:
+    return eb0.ArchConfig(num_classes(o), o.width_multiplier, o.depth_multiplier)
+
+
+def quant_config(o: Options, bits_trainable: bool | None = None) -> QuantConfig:
+    return QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits,
+                       o.bits_trainable if bits_trainable is None else bits_trainable, o.range)
+
+
+def near_target_key(target: float):
+    """Rank checkpoints: those at or below the target first, by top-1; then by lowest metric."""
+    def key(entry):
+        meets = entry["metric"] <= target
+        return (meets, entry["top1"] if meets else -entry["metric"])
+    return key
+
+
+class Stage:
+    """Shared plumbing of one stage run."""
+
+    def __init__(self, name: str, cli: dict):
+        self.name = name
+        self.o = resolve(cli, name)
+        if name == "finetune":
+            self.o = dataclasses.replace(self.o, finetune=True)
+        self.run_dir = self.o.run_dir or default_run_dir(self.o)
+        self.dir = os.path.join(self.run_dir, name)
+
+    def build(self, spec: ModelSpec):
+        return spec.build(seed=self.o.seed, dropout_rate=self.o.dropout_rate,
+                          drop_connect_rate=self.o.drop_connect_rate,
+                          bn_momentum=self.o.bn_momentum)
+
+    def previous(self, stage: str) -> str:
+        """Best checkpoint of an earlier stage of this run."""
+        directory = os.path.join(self.run_dir, stage)
+        if not os.path.isdir(directory):
+            raise UserError(f"[{self.name}] needs the output of stage {stage!r} in {directory}; "
+                            f"run `train.py --stage {stage} --run_dir {self.run_dir}` first or "
+                            "pass --ckpt_path")
+        return resolve_checkpoint(directory, f"stage {stage} output")
+
+    def load_float(self, path: str, what: str):
+        spec = model_spec_for(path, ModelSpec("float", arch_of(self.o)), what)
+        if spec.kind != "float":
+            raise UserError(f"{what} {path} holds a quantized model; pass a float checkpoint")
+        self._check_arch(spec, path, what)
+        model = self.build(spec)
+        restore_model(model, path, what, allow_missing=())
+        return model
+
+    def teacher(self):
+        path = (resolve_checkpoint(self.o.teacher_ckpt, "--teacher_ckpt") if self.o.teacher_ckpt
+                else self.previous("pretrain"))
+        return self.load_float(path, "--teacher_ckpt")
+
+    def _check_arch(self, spec: ModelSpec, path: str, what: str) -> None:
+        want = arch_of(self.o)
+        if spec.arch != want:
+            raise UserError(f"{what} {path} is a model with {spec.arch.num_classes} classes "
+                            f"(width {spec.arch.width_multiplier}, depth "
+                            f"{spec.arch.depth_multiplier}) but this run needs "
+                            f"{want.num_classes} classes (width {want.width_multiplier}, depth "
+                            f"{want.depth_multiplier})")
+
+    def quantized_from(self, path: str, what: str, qcfg: QuantConfig, thresholds: str | None):
+        """A quantized model initialised from a float or quantized checkpoint."""
+        spec = model_spec_for(path, None if thresholds is None else
+                              ModelSpec("float", arch_of(self.o)), what)
+        self._check_arch(spec, path, what)
+        if spec.kind == "float":
+            float_model = self.load_float(path, what)
+            model = QuantizedEfficientNetB0.from_float(float_model, qcfg, seed=self.o.seed)
+            model.load_thresholds(thresholds or self.thresholds_path())
+            return model
+        model = self.build(ModelSpec("quant", spec.arch, qcfg))
+        restore_model(model, path, what)
+        return model
+
+    def thresholds_path(self) -> str:
+        return os.path.join(self.run_dir, "calibrate", THRESHOLDS)
+
+    def already_finished(self) -> dict | None:
+        result = os.path.join(self.dir, RESULT)
+        if os.path.exists(result):
+            print(f"[{self.name}] already finished in {self.dir}; delete it or use another "
+                  "--run_dir to run it again")
+            return read_json(result)
+        return None
+
+    def start(self, spec: ModelSpec | None) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        save_resolved(self.o, os.path.join(self.dir, "config.json"))
+        if spec is not None:
+            save_spec(self.dir, spec)
+
+    def finish(self, result: dict) -> dict:
+        write_json_atomic(os.path.join(self.dir, RESULT), result)
+        return result
+
+    def train(self, model, teacher=None, best_key=None) -> dict:
+        trainer = Trainer(model, self.o, self.dir, teacher=teacher, best_key=best_key,
+                          stage=self.name)
+        trainer.restore_if_resuming()
+        outcome = trainer.run()
+        return {"best_checkpoint": outcome.best_path, **outcome.best}
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def pretrain(cli: dict) -> dict:
+    st = Stage("pretrain", cli)
+    if (done := st.already_finished()) is not None:
+        return done
+    arch = arch_of(st.o)
+    model = st.build(ModelSpec("float", arch))
+    if st.o.ckpt_path:
+        path = resolve_checkpoint(st.o.ckpt_path)
+        st.load_float(path, "--ckpt_path")  # validates it
+        restore_model(model, path, allow_missing=())
+    st.start(ModelSpec("float", arch))
+    return st.finish(st.train(model))
+
+
+def calibrate(cli: dict) -> dict:
+    st = Stage("calibrate", cli)
+    if (done := st.already_finished()) is not None:
+        return done
+    o = st.o
+    path = resolve_checkpoint(o.ckpt_path) if o.ckpt_path else st.previous("pretrain")
+    float_model = st.load_float(path, "--ckpt_path")
+    qmodel = QuantizedEfficientNetB0.from_float(float_model, quant_config(o, False), seed=o.seed)
+    name, dataset_dir, classes, offset = data_args(o)
+    batches = data_lib.make_dataset(name, "train", batch_size=100, img_size=o.img_size,
+                                    training=False, dataset_dir=dataset_dir,
+                                    labels_offset=offset, num_classes=classes)
+    st.start(None)
+    seen = qmodel.calibrate_activations(data_lib.iterate(batches, "calibration data"),
+                                        o.calib_images, progress=o.progress)
+    qmodel.save_thresholds(os.path.join(st.dir, THRESHOLDS))
+    val = validation_data(o, float_model.arch.num_classes)
+    result = {"float_checkpoint": path, "calibration_images": seen,
+              "float_top1": evaluation.accuracy(float_model, val, progress=o.progress,
+                                                max_images=o.max_val_images)["top1"]}
+    if o.eval_initial_thresholds:
+        result["initial_thresholds_top1"] = evaluation.accuracy(
+            qmodel, val, progress=o.progress, max_images=o.max_val_images)["top1"]
+    print(f"[calibrate] {seen} images -> {os.path.join(st.dir, THRESHOLDS)}; float top-1 "
+          f"{100 * result['float_top1']:.2f}%" + (
+              f", {o.weight_bits}/{o.act_bits}-bit with initial thresholds "
+              f"{100 * result['initial_thresholds_top1']:.2f}%"
+              if "initial_thresholds_top1" in result else ""))
+    return st.finish(result)
+
+
+def _quantized_stage(name: str, cli: dict, *, bits_trainable: bool | None, source: str,
+                     best_key=None) -> dict:
+    st = Stage(name, cli)
+    if (done := st.already_finished()) is not None:
+        return done
+    o = st.o
+    teacher = st.teacher()
+    if o.ckpt_path:
+        init = resolve_checkpoint(o.ckpt_path)
+    else:
+        init = st.previous(source) if source != "calibrate" else st.previous("pretrain")
+    qcfg = quant_config(o, bits_trainable)
+    if name == "finetune":  # keep the learned bits: the quantizer setup of the source run
+        spec = model_spec_for(init, None, "--ckpt_path")
+        if spec.kind == "quant":
+            qcfg = spec.quant
+    thresholds = st.thresholds_path() if source == "calibrate" or o.ckpt_path else None
+    model = st.quantized_from(init, "--ckpt_path", qcfg, thresholds)
+    st.start(ModelSpec("quant", model.arch, qcfg))
+    result = st.train(model, teacher, best_key(o) if best_key else None)
+    return st.finish(result)
+
+
+def qat8(cli: dict) -> dict:
+    return _quantized_stage("qat8", cli, bits_trainable=False, source="calibrate")
+
+
+def adjustable(cli: dict) -> dict:
+    return _quantized_stage("adjustable", cli, bits_trainable=None, source="qat8",
+                            best_key=lambda o: near_target_key(o.metric))
+
+
+def finetune(cli: dict) -> dict:
+    return _quantized_stage("finetune", cli, bits_trainable=None, source="adjustable")
+
+
+STAGE_FUNCTIONS = {"pretrain": pretrain, "calibrate": calibrate, "qat8": qat8,
+                   "adjustable": adjustable, "finetune": finetune}
+assert tuple(STAGE_FUNCTIONS) == STAGES
+
+
+def write_final_quant_info(cli: dict, finetune_result: dict) -> str:
+    """``quant_info.json`` of the final model, beside its checkpoint."""
+    st = Stage("finetune", cli)
+    path = finetune_result["best_checkpoint"]
+    spec = model_spec_for(path, None, "final checkpoint")
+    model = st.build(spec)
+    restore_model(model, path, "final checkpoint")
+    out = os.path.join(os.path.dirname(path), "quant_info.json")
+    summary = {k: finetune_result.get(k) for k in (
+        "avg_weight_bits", "avg_act_bits", "params", "ops", "score_adjq", "score_micronet",
+        "top1", "top5")}
+    save_quant_info(out, model.bit_assignment(), model.arch, summary)
+    return out
+
+
+def run_recipe(cli: dict) -> dict:
+    results = {stage: STAGE_FUNCTIONS[stage](cli) for stage in STAGES}
+    results["quant_info"] = write_final_quant_info(cli, results["finetune"])
+    return results
+
+
+def summary_table(results: dict) -> str:
+    fin = results["finetune"]
+    rows = [
+        ("float top-1", f"{100 * results['calibrate']['float_top1']:.2f}%"),
+        ("8-bit top-1 (qat8)", f"{100 * results['qat8']['top1']:.2f}%"),
+        ("adjustable top-1 (finetune+SWA)", f"{100 * fin['top1']:.2f}%"),
+        ("avg weight bits", f"{fin['avg_weight_bits']:.2f}"),
+        ("avg activation bits", f"{fin['avg_act_bits']:.2f}"),
+        ("score_micronet (official)", f"{fin['score_micronet']:.4f}"),
+        ("score_adjq (submission's counting)", f"{fin['score_adjq']:.4f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = ["", "Adjustable Quantization summary", "-" * (width + 12)]
+    lines += [f"{name:<{width}}  {value:>9}" for name, value in rows]
+    return "\n".join(lines)

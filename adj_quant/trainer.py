@@ -1,0 +1,265 @@
+"""The training loop: mini-epochs, two optimizers, validation, checkpoints, SWA, TensorBoard.
+
+One :class:`Trainer` runs one stage in its own directory. Re-running it on a directory
+with an unfinished run resumes from the latest checkpoint: same mini-epoch, same
+optimizer slots, same data order and dropout stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import tensorflow as tf
+from tqdm import tqdm
+
+from adj_quant import data as data_lib
+from adj_quant import evaluation
+from adj_quant import metric as metric_lib
+from adj_quant import training as rules
+from adj_quant.checkpoints import RunCheckpoints
+from adj_quant.config import Options
+from adj_quant.errors import UserError
+from adj_quant.plots import per_layer_bits_png
+from slim_nets.efficientnet_b0 import layer_scopes
+
+LOG_EVERY = 10
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or Inf."""
+
+
+@dataclasses.dataclass
+class StageResult:
+    best_path: str | None
+    best: dict
+    final: dict
+
+
+class Trainer:
+    """Train ``model`` for one stage.
+
+    ``teacher`` (a float model) turns on the adjustable loss (KD + alpha*CE + metric);
+    without it the loss is plain cross-entropy (float pretraining).
+    """
+
+    def __init__(self, model, options: Options, stage_dir: str, *, teacher=None,
+                 best_key=None, stage: str = "train"):
+        self.model, self.o, self.stage_dir, self.teacher = model, options, stage_dir, teacher
+        self.stage = stage
+        self.best_key = best_key
+        self.info = data_lib.dataset_info(*data_args(options))
+        self.steps_per_epoch = self.info.num_train // options.batch_size
+        if self.steps_per_epoch < rules.MINI_EPOCHS:
+            raise UserError(f"--batch_size {options.batch_size} leaves "
+                            f"{self.steps_per_epoch} steps per epoch for "
+                            f"{self.info.num_train} training images; an epoch needs at least "
+                            f"{rules.MINI_EPOCHS} (one per mini-epoch): lower --batch_size")
+        self.metric_img_size = options.metric_img_size or options.img_size
+        bits_vars = model.bits_variables() if hasattr(model, "bits_variables") else []
+        bits_ids = {id(v) for v in bits_vars}
+        self.weight_vars = [v for v in model.trainable_variables if id(v) not in bits_ids]
+        self.bits_vars = bits_vars
+        self.opt = rules.Adam(self.weight_vars, "adam")
+        self.bits_opt = rules.Adam(self.bits_vars, "adam_bits")
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.mini_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.swa = rules.WeightAverager(model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, adam=self.opt, adam_bits=self.bits_opt, global_step=self.global_step,
+            mini_epoch=self.mini_epoch, swa=self.swa)
+        self.ckpts = RunCheckpoints(stage_dir)
+        self.flags = rules.ScheduleFlags(
+            bits_trainable=bool(bits_vars), finetune=options.finetune,
+            warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
+            iter_train_freq=options.iter_train_freq)
+        self._train_step = {}
+        self._eval_step = evaluation.make_eval_step(model)
+        self.writer = tf.summary.create_file_writer(stage_dir)
+        self.val_data = validation_data(options, self.info.num_classes)
+
+    # ------------------------------------------------------------------ steps
+
+    def _loss(self, images, labels, training):
+        logits = self.model(images, training=training)
+        if self.teacher is None:
+            ce = rules.cross_entropy(logits, labels)
+            return {"loss": ce, "cross_entropy": ce}
+        f_logits = self.teacher(images, training=False)
+        metric = metric_lib.metric_value(self.model.arch, self.metric_img_size,
+                                         self.model.bit_assignment(), self.o.metric_style,
+                                         self.o.gamma)
+        return rules.adjustable_loss(logits, labels, f_logits, metric, alpha=self.o.alpha,
+                                     beta=self.o.beta, target=self.o.metric)
+
+    def train_step(self, train_bits: bool):
+        if train_bits not in self._train_step:
+            variables = self.weight_vars + (self.bits_vars if train_bits else [])
+
+            def step(images, labels, lr, lr_bits):
+                with tf.GradientTape() as tape:
+                    parts = self._loss(images, labels, training=True)
+                grads = tape.gradient(parts["loss"], variables)
+                n = len(self.weight_vars)
+                self.opt.apply(grads[:n], self.weight_vars, lr)
+                if train_bits:
+                    self.bits_opt.apply(grads[n:], self.bits_vars, lr_bits)
+                return parts
+
+            self._train_step[train_bits] = tf.function(step, jit_compile=self.o.jit_compile)
+        return self._train_step[train_bits]
+
+    # ------------------------------------------------------------------ data
+
+    def _epoch_batches(self, epoch: int, skip: int):
+        name, dataset_dir = data_args(self.o)[:2]
+        ds = data_lib.make_dataset(
+            name, "train", batch_size=self.o.batch_size, img_size=self.o.img_size,
+            training=True, seed=self.o.seed * 100003 + epoch, dataset_dir=dataset_dir,
+            labels_offset=self.o.labels_offset, num_classes=self.info.num_classes,
+            drop_remainder=True)
+        return data_lib.iterate(ds.skip(skip), "training data")
+
+    # ------------------------------------------------------------------ run
+
+    def restore_if_resuming(self) -> bool:
+        latest = self.ckpts.latest()
+        if latest is None or self.ckpts.finished:
+            return False
+        self.checkpoint.read(latest).assert_consumed()
+        print(f"[{self.stage}] resuming from {latest} (mini-epoch {int(self.mini_epoch)})")
+        return True
+
+    def run(self) -> StageResult:
+        o = self.o
+        total = rules.total_mini_epochs(o.max_epoch)
+        bounds = rules.mini_epoch_bounds(self.steps_per_epoch)
+        self._write_hparams()
+        start = int(self.mini_epoch.numpy())
+        batches = None
+        last = {}
+        for i in range(start, total):
+            epoch, k = divmod(i, rules.MINI_EPOCHS)
+            if batches is None or k == 0:
+                batches = self._epoch_batches(epoch, bounds[k])
+            train_bits = rules.train_bits_in(epoch, k, self.flags)
+            self._train_mini_epoch(i, total, batches, bounds[k + 1] - bounds[k], train_bits)
+            self.mini_epoch.assign(i + 1)
+            last = self.validate()
+            if rules.swa_snapshot_due(epoch, k, o.swa_delay, o.swa_freq):
+                self.swa.snapshot()
+            name = f"me{i + 1:04d}_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
+            self.ckpts.save(self.checkpoint, name, dict(last, mini_epoch=i + 1),
+                            best_key=self.best_key)
+            self._summaries(last, i + 1)
+            print(f"[{self.stage}] mini-epoch {i + 1}/{total}: top-1 {100 * last['top1']:.2f}%  "
+                  f"metric {last['metric']:.4f}  bits w/a {last['avg_weight_bits']:.2f}/"
+                  f"{last['avg_act_bits']:.2f}{'  (bits trained)' if train_bits else ''}")
+        if not last and self.ckpts.latest():
+            last = next(e for e in self.ckpts.entries() if e["name"] == self.ckpts.state["latest"])
+        if o.swa_delay is not None and not self.ckpts.finished and self.swa.assign_average():
+            last = self.validate()
+            name = f"swa_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
+            self.ckpts.save(self.checkpoint, name, dict(last, swa=int(self.swa.count)),
+                            best_key=self.best_key)
+            self.ckpts.set_best(name)
+            self._summaries(last, total + 1)
+            print(f"[{self.stage}] SWA of {int(self.swa.count)} snapshots: top-1 "
+                  f"{100 * last['top1']:.2f}%  metric {last['metric']:.4f}")
+        self.ckpts.mark_finished()
+        self.writer.flush()
+        best_name = self.ckpts.state["best"]
+        best = next((e for e in self.ckpts.entries() if e["name"] == best_name), {})
+        return StageResult(self.ckpts.best(), best, last)
+
+    def _train_mini_epoch(self, index, total, batches, steps, train_bits):
+        o = self.o
+        step_fn = self.train_step(train_bits)
+        bar = tqdm(total=steps, desc=f"{self.stage} {index + 1}/{total}", unit="step",
+                   disable=not o.progress, leave=False)
+        for _ in range(steps):
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            step = int(self.global_step.numpy())
+            if rules.reinit_due(step, o.reinit, o.lr_fixed):
+                self.opt.reset()
+                self.bits_opt.reset()
+            sched = dict(lr_fixed=o.lr_fixed, lr_decay=o.lr_decay, reinit=o.reinit)
+            lr = rules.learning_rate(step, o.lr, **sched)
+            lr_bits = rules.learning_rate(step, o.lr_bits, **sched)
+            parts = step_fn(images, labels, tf.constant(lr, tf.float32),
+                            tf.constant(lr_bits, tf.float32))
+            loss = float(parts["loss"].numpy())
+            if not rules.is_finite(loss):
+                latest = self.ckpts.latest() or "none (nothing was saved yet)"
+                raise TrainingDiverged(
+                    f"[{self.stage}] the loss became {loss} at step {step}; training stopped. "
+                    f"The last good checkpoint is {latest}; lower --lr / --lr_bits and rerun")
+            self.global_step.assign_add(1)
+            if step % LOG_EVERY == 0:
+                with self.writer.as_default(step=step):
+                    for key, value in parts.items():
+                        tf.summary.scalar(f"loss/{key}", value)
+                    tf.summary.scalar("lr/weights", lr)
+                    tf.summary.scalar("lr/bits", lr_bits)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+        bar.close()
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> dict:
+        acc = evaluation.accuracy(self.model, self.val_data, progress=self.o.progress,
+                                  max_images=self.o.max_val_images, step=self._eval_step)
+        result = {"top1": acc["top1"], "top5": acc["top5"]}
+        bits = evaluation.bits_of(self.model)
+        result.update(evaluation.scores(bits, self.model.arch, self.metric_img_size))
+        result["metric"] = result["score_micronet" if self.o.metric_style == "micronet"
+                                  else "score_adjq"]
+        return result
+
+    # ------------------------------------------------------------------ summaries
+
+    def _summaries(self, result: dict, mini_epoch: int) -> None:
+        with self.writer.as_default(step=mini_epoch):
+            for key in ("top1", "top5", "score_adjq", "score_micronet", "params", "ops",
+                        "avg_weight_bits", "avg_act_bits", "metric"):
+                tf.summary.scalar(f"val/{key}", result[key])
+            for name, values in evaluation.bits_histograms(self.model).items():
+                tf.summary.histogram(name, values)
+            if hasattr(self.model, "bit_assignment"):
+                png = per_layer_bits_png(self.model.bit_assignment(), layer_scopes(self.model.arch),
+                                         f"{self.stage}, mini-epoch {mini_epoch}")
+                tf.summary.image("bits/per_layer", tf.image.decode_png(png)[None], step=mini_epoch)
+        self.writer.flush()
+
+    def _write_hparams(self) -> None:
+        from tensorboard.plugins.hparams import api as hp
+
+        values = {k: v for k, v in dataclasses.asdict(self.o).items()
+                  if isinstance(v, (bool, int, float, str)) and k not in ("progress",)}
+        values["stage"] = self.stage
+        with self.writer.as_default():
+            hp.hparams(values)
+
+
+def data_args(o: Options) -> tuple:
+    """``(name, dataset_dir, num_classes, labels_offset)`` from ``--dataset``."""
+    if o.dataset in data_lib.DATASET_NAMES:
+        return o.dataset, None, o.num_classes, o.labels_offset
+    return "imagenet", o.dataset, o.num_classes, o.labels_offset
+
+
+def validation_data(o: Options, classes: int) -> tf.data.Dataset:
+    name, dataset_dir = data_args(o)[:2]
+    return data_lib.make_dataset(name, "validation", batch_size=max(o.batch_size, 64),
+                                 img_size=o.img_size, training=False, dataset_dir=dataset_dir,
+                                 labels_offset=o.labels_offset, num_classes=classes)
+
+
+def num_classes(o: Options) -> int:
+    return data_lib.dataset_info(*data_args(o)).num_classes
+

@@ -1,0 +1,192 @@
+"""Training rules of Adjustable Quantization (specification sections 3 and 4).
+
+Each rule is a small function with its own test: the loss and its sign trick, the
+learning-rate curve with Adam re-initialisation, the mini-epoch schedule of which
+variables train, and stochastic weight averaging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+MINI_EPOCHS = 10  # an epoch is split into 10 mini-epochs
+KD_WEIGHT = 0.01
+KD_EPSILON = 1e-5
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def distillation_loss(q_logits: tf.Tensor, f_logits: tf.Tensor) -> tf.Tensor:
+    """``0.01 * mean_batch(sum_classes(sqrt((q - f)^2 + 1e-5)))``; no gradient to the teacher."""
+    diff = q_logits - tf.stop_gradient(f_logits)
+    return KD_WEIGHT * tf.reduce_mean(tf.reduce_sum(tf.sqrt(tf.square(diff) + KD_EPSILON), -1))
+
+
+def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+
+def metric_sign(metric: tf.Tensor, target: float) -> tf.Tensor:
+    """``+1`` if the metric is above the target (push it down), else ``-1`` (let it grow)."""
+    return tf.where(tf.stop_gradient(metric) > target, 1.0, -1.0)
+
+
+def adjustable_loss(q_logits, labels, f_logits, metric, *, alpha: float, beta: float,
+                    target: float) -> dict[str, tf.Tensor]:
+    """``kd + alpha * CE + sign * beta * metric`` and its parts."""
+    kd = distillation_loss(q_logits, f_logits)
+    ce = cross_entropy(q_logits, labels)
+    sign = metric_sign(metric, target)
+    total = kd + alpha * ce + sign * beta * metric
+    return {"loss": total, "kd": kd, "cross_entropy": ce, "metric": metric, "sign": sign}
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+def lr_factor(step, lr_decay: float, reinit: int):
+    """``exp(-step * lr_decay) * |cos(pi * decay_step / (4 * reinit))|``, decay_step = step % reinit."""
+    decay_step = step % reinit
+    return math.exp(-step * lr_decay) * abs(math.cos(math.pi * decay_step / (4 * reinit)))
+
+
+def learning_rate(step: int, base_lr: float, *, lr_fixed: bool, lr_decay: float,
+                  reinit: int) -> float:
+    """The learning rate at global ``step`` (spec section 4)."""
+    if lr_fixed:
+        return base_lr
+    return base_lr * lr_factor(step, lr_decay, reinit) + 1e-7
+
+
+def reinit_due(step: int, reinit: int, lr_fixed: bool) -> bool:
+    """Adam slots are re-initialised every ``reinit`` batches (not at step 0)."""
+    return not lr_fixed and step > 0 and step % reinit == 0
+
+
+class Adam(tf.Module):
+    """Adam over a fixed list of variables, with slots that can be re-initialised."""
+
+    def __init__(self, variables: list[tf.Variable], name: str, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-7):
+        super().__init__(name=name)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}/iterations")
+        self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name=f"{name}/m/{i}")
+                  for i, v in enumerate(variables)]
+        self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name=f"{name}/v/{i}")
+                  for i, v in enumerate(variables)]
+
+    def apply(self, grads: list[tf.Tensor | None], variables: list[tf.Variable], lr) -> None:
+        self.iterations.assign_add(1)
+        t = tf.cast(self.iterations, tf.float32)
+        correction = tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
+        for g, var, m, v in zip(grads, variables, self.m, self.v):
+            if g is None:
+                continue
+            m.assign(self.beta_1 * m + (1.0 - self.beta_1) * g)
+            v.assign(self.beta_2 * v + (1.0 - self.beta_2) * tf.square(g))
+            var.assign_sub(lr * correction * m / (tf.sqrt(v) + self.epsilon))
+
+    def reset(self) -> None:
+        """Re-initialise the slots: Adam starts afresh, bias correction included."""
+        self.iterations.assign(0)
+        for slot in self.m + self.v:
+            slot.assign(tf.zeros_like(slot))
+
+
+# --------------------------------------------------------------------------- mini-epochs
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleFlags:
+    bits_trainable: bool = False
+    finetune: bool = False
+    warm_up_epoch: float = 0.0
+    iter_train: bool = False
+    iter_train_freq: int = 2
+
+
+def train_bits_in(epoch: int, k: int, flags: ScheduleFlags) -> bool:
+    """Whether ``bits_scale`` trains in mini-epoch ``k`` (0..9) of ``epoch`` (spec section 4).
+
+    The rules, in order: no trainable bits -> (nothing to train); --finetune -> no;
+    ``e + k/10 < warm_up_epoch`` -> no; --iter_train and ``k % iter_train_freq != 0`` -> no;
+    otherwise yes.
+    """
+    if not flags.bits_trainable or flags.finetune:
+        return False
+    if epoch + k / MINI_EPOCHS < flags.warm_up_epoch - 1e-9:
+        return False
+    if flags.iter_train and k % flags.iter_train_freq != 0:
+        return False
+    return True
+
+
+def total_mini_epochs(max_epoch: float) -> int:
+    """``--max_epoch`` in mini-epochs: 0.3 means three."""
+    return int(round(max_epoch * MINI_EPOCHS))
+
+
+def mini_epoch_bounds(steps_per_epoch: int) -> list[int]:
+    """Step boundaries of the 10 mini-epochs of an epoch (11 numbers, first 0, last all)."""
+    return [round(i * steps_per_epoch / MINI_EPOCHS) for i in range(MINI_EPOCHS + 1)]
+
+
+def schedule_table(max_epoch: float, flags: ScheduleFlags) -> list[tuple[int, int, bool]]:
+    """``(epoch, k, trains_bits)`` for every mini-epoch of the run."""
+    return [(i // MINI_EPOCHS, i % MINI_EPOCHS,
+             train_bits_in(i // MINI_EPOCHS, i % MINI_EPOCHS, flags))
+            for i in range(total_mini_epochs(max_epoch))]
+
+
+# --------------------------------------------------------------------------- SWA
+
+
+def swa_snapshot_due(epoch: int, k: int, swa_delay: float | None, swa_freq: float) -> bool:
+    """Snapshot after mini-epoch ``k`` of ``epoch``: ``e + k/10 >= delay``, ``k > 0``, ``k % int(10*freq) == 0``."""
+    if swa_delay is None:
+        return False
+    period = int(round(MINI_EPOCHS * swa_freq))
+    return epoch + k / MINI_EPOCHS >= swa_delay - 1e-9 and k > 0 and k % period == 0
+
+
+class WeightAverager(tf.Module):
+    """Running mean of snapshots of a list of variables (checkpointable)."""
+
+    def __init__(self, variables: list[tf.Variable]):
+        super().__init__(name="swa")
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="swa/count")
+        self.mean = [tf.Variable(tf.zeros_like(v), trainable=False, name=f"swa/mean/{i}")
+                     for i, v in enumerate(variables)]
+        self._variables = variables
+
+    def snapshot(self) -> None:
+        self.count.assign_add(1)
+        n = tf.cast(self.count, tf.float32)
+        for mean, var in zip(self.mean, self._variables):
+            mean.assign_add((var - mean) / n)
+
+    def assign_average(self) -> bool:
+        """Give the variables the averaged values; ``False`` when there was no snapshot."""
+        if int(self.count.numpy()) == 0:
+            return False
+        for mean, var in zip(self.mean, self._variables):
+            var.assign(mean)
+        return True
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def topk_correct(logits: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor:
+    k = min(k, int(logits.shape[-1]))
+    return tf.reduce_sum(tf.cast(tf.math.in_top_k(tf.cast(labels, tf.int32), logits, k), tf.int32))
+
+
+def is_finite(value) -> bool:
+    return bool(np.all(np.isfinite(np.asarray(value))))
