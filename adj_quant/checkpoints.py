@@ -80,8 +80,9 @@ def load_spec(ckpt_path: str) -> ModelSpec | None:
 class RunCheckpoints:
     """The checkpoints of one stage directory."""
 
-    def __init__(self, directory: str, prefer: str = "top1"):
+    def __init__(self, directory: str, keep: int = 3):
         self.directory = directory
+        self.keep = keep
         os.makedirs(directory, exist_ok=True)
         self.state_path = os.path.join(directory, STATE_FILE)
         self.state = (read_json(self.state_path) if os.path.exists(self.state_path)
@@ -124,8 +125,21 @@ class RunCheckpoints:
         self.state["latest"] = name
         key = best_key or (lambda e: e.get("top1", 0.0))
         self.state["best"] = max(self.state["checkpoints"], key=key)["name"]
+        self._prune()
         self._write_state()
         return final
+
+    def _prune(self) -> None:
+        """Keep the best checkpoint and the ``keep`` most recent ones; delete the rest."""
+        if self.keep <= 0:
+            return
+        entries = self.state["checkpoints"]
+        kept = {e["name"] for e in entries[-self.keep:]} | {self.state["best"]}
+        for entry in entries:
+            if entry["name"] not in kept:
+                for path in glob.glob(os.path.join(self.directory, entry["name"]) + ".*"):
+                    os.remove(path)
+        self.state["checkpoints"] = [e for e in entries if e["name"] in kept]
 
     def set_best(self, name: str) -> None:
         self.state["best"] = name

@@ -69,6 +69,7 @@ class Options:
     swa_delay: float | None = None
     swa_freq: float = 0.2
     jit_compile: bool = False
+    keep_checkpoints: int = 3
     # --- files
     ckpt_path: str | None = None
     teacher_ckpt: str | None = None
@@ -118,6 +119,7 @@ HELP = {
     "finetune": "freeze the bits (train everything except bits_scale)",
     "swa_delay": "start stochastic weight averaging after this many epochs (unset: no SWA)",
     "swa_freq": "SWA snapshot period in epochs (multiples of 0.1)",
+    "keep_checkpoints": "keep the best and this many most recent checkpoints (0: keep all)",
     "jit_compile": "compile the training step with XLA",
     "ckpt_path": "initialise from this checkpoint (a prefix, or a directory: its best one)",
     "teacher_ckpt": "float teacher checkpoint for distillation (default: the run's pretrain)",

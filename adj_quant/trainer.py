@@ -69,7 +69,7 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             model=model, adam=self.opt, adam_bits=self.bits_opt, global_step=self.global_step,
             mini_epoch=self.mini_epoch, swa=self.swa)
-        self.ckpts = RunCheckpoints(stage_dir)
+        self.ckpts = RunCheckpoints(stage_dir, keep=options.keep_checkpoints)
         self.flags = rules.ScheduleFlags(
             bits_trainable=bool(bits_vars), finetune=options.finetune,
             warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
