@@ -148,7 +148,7 @@ class Trainer:
             self.mini_epoch.assign(i + 1)
             last = self.validate()
             if rules.swa_snapshot_due(epoch, k, o.swa_delay, o.swa_freq):
-                self.swa.snapshot()
+                self.swa.snapshot(self.model.trainable_variables)
             name = f"me{i + 1:04d}_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
             self.ckpts.save(self.checkpoint, name, dict(last, mini_epoch=i + 1),
                             best_key=self.best_key)
@@ -158,7 +158,7 @@ class Trainer:
                   f"{last['avg_act_bits']:.2f}{'  (bits trained)' if train_bits else ''}")
         if not last and self.ckpts.latest():
             last = next(e for e in self.ckpts.entries() if e["name"] == self.ckpts.state["latest"])
-        if o.swa_delay is not None and not self.ckpts.finished and self.swa.assign_average():
+        if o.swa_delay is not None and not self.ckpts.finished and self.swa.assign_average(self.model.trainable_variables):
             last = self.validate()
             name = f"swa_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
             self.ckpts.save(self.checkpoint, name, dict(last, swa=int(self.swa.count)),

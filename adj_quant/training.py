@@ -156,26 +156,29 @@ def swa_snapshot_due(epoch: int, k: int, swa_delay: float | None, swa_freq: floa
 
 
 class WeightAverager(tf.Module):
-    """Running mean of snapshots of a list of variables (checkpointable)."""
+    """Running mean of snapshots of a list of variables (checkpointable).
+
+    It holds only the means, not the variables themselves, so that a checkpoint keeps
+    finding the model's variables under the model.
+    """
 
     def __init__(self, variables: list[tf.Variable]):
         super().__init__(name="swa")
         self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="swa/count")
         self.mean = [tf.Variable(tf.zeros_like(v), trainable=False, name=f"swa/mean/{i}")
                      for i, v in enumerate(variables)]
-        self._variables = variables
 
-    def snapshot(self) -> None:
+    def snapshot(self, variables: list[tf.Variable]) -> None:
         self.count.assign_add(1)
         n = tf.cast(self.count, tf.float32)
-        for mean, var in zip(self.mean, self._variables):
+        for mean, var in zip(self.mean, variables, strict=True):
             mean.assign_add((var - mean) / n)
 
-    def assign_average(self) -> bool:
+    def assign_average(self, variables: list[tf.Variable]) -> bool:
         """Give the variables the averaged values; ``False`` when there was no snapshot."""
         if int(self.count.numpy()) == 0:
             return False
-        for mean, var in zip(self.mean, self._variables):
+        for mean, var in zip(self.mean, variables, strict=True):
             var.assign(mean)
         return True
 

@@ -97,12 +97,12 @@ def test_swa_snapshot_rule_and_average():
     for vv, ww in snapshots:
         v.assign(vv)
         w.assign(ww)
-        swa.snapshot()
+        swa.snapshot([v, w])
     v.assign([100.0, 100.0])
-    assert swa.assign_average()
+    assert swa.assign_average([v, w])
     np.testing.assert_allclose(v.numpy(), [2.0, 2.0], rtol=1e-6)
     assert float(w) == pytest.approx(2.0)
-    assert not rules.WeightAverager([tf.Variable(1.0)]).assign_average()
+    assert not rules.WeightAverager([tf.Variable(1.0)]).assign_average([tf.Variable(2.0)])
 
 
 def test_adam_matches_keras_and_resets():
