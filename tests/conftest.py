@@ -1,0 +1,28 @@
+"""Shared fixtures: one tiny but really trained digits run, used by several test files."""
+
+import pytest
+
+import train as train_cli
+
+# A small EfficientNet (width 0.25, depth 0.25) at 32x32 on the real digits data.
+TINY = ["--img_size", "32", "--batch_size", "64", "--width_multiplier", "0.25",
+        "--depth_multiplier", "0.25", "--calib_images", "256", "--max_val_images", "360",
+        "--metric_img_size", "224", "--no-progress"]
+
+
+def train_stage(run_dir, stage, *extra):
+    train_cli.main(["--stage", stage, "--run_dir", str(run_dir), *TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """All five stages; pretraining is long enough for a real accuracy (~80-90%)."""
+    run = tmp_path_factory.mktemp("digits_run")
+    train_stage(run, "pretrain", "--max_epoch", "3", "--lr", "3e-3", "--lr_fixed",
+                "--bn_momentum", "0.9")
+    train_stage(run, "calibrate", "--eval_initial_thresholds")
+    train_stage(run, "qat8", "--max_epoch", "0.2", "--lr", "1e-4", "--lr_fixed")
+    train_stage(run, "adjustable", "--max_epoch", "0.2", "--lr_bits", "0.05", "--metric", "0.05",
+                "--warm_up_epoch", "0", "--iter_train_freq", "1")
+    train_stage(run, "finetune", "--max_epoch", "0.3", "--swa_delay", "0.1", "--swa_freq", "0.2")
+    return run
