@@ -13,7 +13,7 @@ from adj_quant.training import topk_correct
 
 
 def make_eval_step(model):
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def step(images, labels):
         logits = model(images, training=False)
         return topk_correct(logits, labels, 1), topk_correct(logits, labels, 5)

@@ -68,6 +68,67 @@ def _channel_shape(rank: int, axis: int) -> list[int]:
     return shape
 
 
+def _sum_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """Sum ``t`` over the axes along which ``like`` (a scalar or same-rank tensor) broadcasts."""
+    if like.shape.rank == 0:
+        return tf.reduce_sum(t)
+    axes = [i for i, d in enumerate(like.shape) if d == 1]
+    return tf.reduce_sum(t, axes, keepdims=True) if axes else t
+
+
+def _forward_math(x, scale, zero, levels):
+    r = tf.round(x * scale)
+    c = tf.minimum(tf.maximum(r, zero), zero + levels)
+    return c / scale, tf.equal(r, c)
+
+
+def _backward_math(g, x, out, inside, scale, zero):
+    g_in = tf.where(inside, g, tf.zeros_like(g))
+    d_scale = _sum_to(g_in * x - g * out, scale) / scale
+    d_zero = _sum_to(g - g_in, zero) / scale
+    return g_in, d_scale, d_zero
+
+
+# Inside a tf.function (training, evaluation) the elementwise forward and the backward are
+# each compiled by XLA into one fused kernel, while the convolutions stay on the regular
+# kernels: one compilation per tensor shape. Eagerly (tests, calibration bookkeeping) the
+# same math runs op by op. ``use_fused_kernels(False)`` turns the XLA kernels off (e.g.
+# for graphs handed to the TFLite converter).
+_forward_xla = tf.function(_forward_math, jit_compile=True)
+_backward_xla = tf.function(_backward_math, jit_compile=True)
+_FUSED = {"on": True}
+
+
+def use_fused_kernels(enabled: bool) -> None:
+    _FUSED["on"] = bool(enabled)
+
+
+def _fused() -> bool:
+    return _FUSED["on"] and tf.inside_function()
+
+
+@tf.custom_gradient
+def _fake_quant_core(x, scale, zero, levels):
+    """``(clip(round(x s) - z, 0, n) + z) / s``, computed as ``clip(round(x s), z, z + n) / s``.
+
+    The two are equal: ``round(x s)``, ``z`` and ``n`` are integer-valued floats. The
+    gradient is the spec's estimator written out by hand: with ``m`` = "inside", i.e.
+    ``z <= round(x s) <= z + n``, ``d out/dx = m``, ``d out/ds = (m x - out) / s``,
+    ``d out/dz = (1 - m) / s`` and no gradient to the clip bound ``n`` (``levels``).
+    ``zero`` has ``scale``'s shape or ``scale`` is a scalar, so the per-channel sums can
+    be divided by ``scale``.
+    """
+    fused = _fused()
+    out, inside = (_forward_xla if fused else _forward_math)(x, scale, zero, levels)
+
+    def grad(g):
+        backward = _backward_xla if fused else _backward_math
+        g_in, d_scale, d_zero = backward(g, x, out, inside, scale, zero)
+        return g_in, d_scale, d_zero, tf.zeros_like(levels)
+
+    return out, grad
+
+
 def fake_quantize(x: tf.Tensor, low: tf.Tensor, width: tf.Tensor, bits: tf.Tensor,
                   axis: int = -1) -> tf.Tensor:
     """Quantize-dequantize ``x`` with per-channel minimum ``low``, width and bits.
@@ -86,8 +147,7 @@ def fake_quantize(x: tf.Tensor, low: tf.Tensor, width: tf.Tensor, bits: tf.Tenso
     levels = tf.pow(tf.constant(2.0, x.dtype), bits) - 1.0
     scale = levels / (width + EPSILON)
     zero = round_ste(low * scale)
-    q = clip_ste(round_ste(x * scale) - zero, 0.0, levels) + zero
-    return q / scale
+    return _fake_quant_core(x, scale, zero, tf.stop_gradient(levels))
 
 
 def quantize(x, minimum, maximum, bits, axis: int = -1) -> tf.Tensor:

@@ -153,3 +153,27 @@ def test_bad_input_is_a_user_error():
         q.range_preset(9)
     with pytest.raises(UserError, match="outside"):
         q.AdjustableQuantizer("t", 1, init_bits=1)
+
+
+def test_fused_xla_kernels_equal_the_op_by_op_math():
+    """Inside tf.function the quantizer runs XLA-fused kernels; they must match eager."""
+    quant = q.AdjustableQuantizer("t", 5, init_bits=3, bits_trainable=True)
+    rng = np.random.default_rng(7)
+    quant.set_range(-rng.uniform(0.5, 1.5, 5), rng.uniform(0.5, 1.5, 5))
+    quant.range_scale.assign(rng.uniform(0.7, 1.2, 5))
+    quant.bits_scale.assign(rng.uniform(0.8, 2.0, 5))
+    x = tf.constant(rng.normal(0, 1, (4, 3, 3, 5)), tf.float32)
+    g = tf.constant(rng.normal(0, 1, (4, 3, 3, 5)), tf.float32)
+
+    def run(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = quant(x)
+            loss = tf.reduce_sum(out * g)
+        return [out] + tape.gradient(loss, [x, quant.range_scale, quant.range_shift,
+                                            quant.bits_scale])
+
+    eager = run(x)
+    graph = tf.function(run)(x)
+    for a, b in zip(eager, graph):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)

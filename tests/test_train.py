@@ -44,8 +44,9 @@ def test_every_stage_writes_its_outputs(run_dir):
     state = read_json(run_dir / "pretrain" / "checkpoints.json")
     assert [e["mini_epoch"] for e in state["checkpoints"]][-3:] == [28, 29, 30]
     assert state["best"] in [e["name"] for e in state["checkpoints"]]
-    assert state["checkpoints"][0]["name"].startswith("me0001_metric")
-    assert "_top1-" in state["checkpoints"][0]["name"]
+    assert state["checkpoints"][-1]["name"].startswith("me0030_metric")
+    assert "_top1-" in state["checkpoints"][-1]["name"]
+    assert len(glob.glob(str(run_dir / "pretrain" / "me*.index"))) <= 4  # best + 3 latest
     assert tf.train.latest_checkpoint(str(run_dir / "pretrain")).endswith(state["latest"])
     calib = read_json(run_dir / "calibrate" / "result.json")
     assert 0 <= calib["initial_thresholds_top1"] <= 1 and calib["calibration_images"] == 256
