@@ -64,6 +64,7 @@ class Stage:
             self.o = dataclasses.replace(self.o, finetune=True)
         self.run_dir = self.o.run_dir or default_run_dir(self.o)
         self.dir = os.path.join(self.run_dir, name)
+        self.arch = arch_of(self.o)  # checks the dataset before anything else happens
 
     def build(self, spec: ModelSpec):
         return spec.build(seed=self.o.seed, dropout_rate=self.o.dropout_rate,
@@ -80,7 +81,7 @@ class Stage:
         return resolve_checkpoint(directory, f"stage {stage} output")
 
     def load_float(self, path: str, what: str):
-        spec = model_spec_for(path, ModelSpec("float", arch_of(self.o)), what)
+        spec = model_spec_for(path, ModelSpec("float", self.arch), what)
         if spec.kind != "float":
             raise UserError(f"{what} {path} holds a quantized model; pass a float checkpoint")
         self._check_arch(spec, path, what)
@@ -94,7 +95,7 @@ class Stage:
         return self.load_float(path, "--teacher_ckpt")
 
     def _check_arch(self, spec: ModelSpec, path: str, what: str) -> None:
-        want = arch_of(self.o)
+        want = self.arch
         if spec.arch != want:
             raise UserError(f"{what} {path} is a model with {spec.arch.num_classes} classes "
                             f"(width {spec.arch.width_multiplier}, depth "
@@ -105,7 +106,7 @@ class Stage:
     def quantized_from(self, path: str, what: str, qcfg: QuantConfig, thresholds: str | None):
         """A quantized model initialised from a float or quantized checkpoint."""
         spec = model_spec_for(path, None if thresholds is None else
-                              ModelSpec("float", arch_of(self.o)), what)
+                              ModelSpec("float", self.arch), what)
         self._check_arch(spec, path, what)
         if spec.kind == "float":
             float_model = self.load_float(path, what)
@@ -152,7 +153,7 @@ def pretrain(cli: dict) -> dict:
     st = Stage("pretrain", cli)
     if (done := st.already_finished()) is not None:
         return done
-    arch = arch_of(st.o)
+    arch = st.arch
     model = st.build(ModelSpec("float", arch))
     if st.o.ckpt_path:
         path = resolve_checkpoint(st.o.ckpt_path)
