@@ -252,6 +252,9 @@ def validate(o: Options) -> None:
         raise UserError(f"--swa_freq {o.swa_freq} must be at least 0.1 (one mini-epoch)")
     if o.metric_style not in ("adjq", "micronet"):
         raise UserError(f"--metric_style {o.metric_style!r}: use adjq or micronet")
+    from adj_quant.qmodel import QuantConfig
+
+    QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits, o.bits_trainable, o.range)
 
 
 def options_to_json(o: Options) -> dict:

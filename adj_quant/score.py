@@ -108,21 +108,6 @@ def _validate(args) -> None:
         raise UserError(f"--bias_bits {args.bias_bits}: use 2..8, or 0 for float biases")
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the C++ start-up chatter TensorFlow writes to fd 2 while it is imported."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _fmt(x: float) -> str:
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.2f}"
 
@@ -131,12 +116,9 @@ def _fmt(x: float) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
-    with _quiet_stderr():
-        import tensorflow as tf  # noqa: F401  (imported here, quietly)
-        from adj_quant import metric
-        from adj_quant.quant_info import load_quant_info
-        from slim_nets.efficientnet_b0 import ArchConfig
-        tf.constant(0.0)  # device start-up chatter happens on the first op
+    from adj_quant import metric
+    from adj_quant.quant_info import load_quant_info
+    from slim_nets.efficientnet_b0 import ArchConfig
     arch = ArchConfig(args.num_classes, args.width_multiplier, args.depth_multiplier)
     if args.quant_info is not None:
         bits = load_quant_info(args.quant_info, arch)
