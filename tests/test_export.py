@@ -271,3 +271,21 @@ def test_bad_input(digits_run, exported, tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], err
+
+
+def test_int8_file_is_at_most_0_3x_float_for_full_width_b0():
+    """The size goal on the real architecture: full-width EfficientNet-B0, 10 classes.
+
+    File size does not depend on the weights' values, so random weights will do; the tiny
+    test network above carries proportionally more per-channel scales and zero points.
+    """
+    from adj_quant.checkpoints import ModelSpec
+    from adj_quant.export import convert, export_net, inference_module
+    from slim_nets.efficientnet_b0 import EfficientNetB0
+
+    model = EfficientNetB0(num_classes=10)
+    module = inference_module(export_net(model, ModelSpec("float", model.arch), "float"), 32)
+    representative = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
+    float_bytes = convert(module, "float")
+    int8_bytes = convert(module, "int8", representative)
+    assert len(int8_bytes) <= 0.3 * len(float_bytes), (len(int8_bytes), len(float_bytes))
