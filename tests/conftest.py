@@ -16,12 +16,12 @@ def train_stage(run_dir, stage, *extra):
 
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
-    """All five stages; pretraining is long enough for a real accuracy (~80-90%)."""
+    """All five stages; pretraining is long enough for a real accuracy (~93%)."""
     run = tmp_path_factory.mktemp("digits_run")
-    train_stage(run, "pretrain", "--max_epoch", "3", "--lr", "3e-3", "--lr_fixed",
+    train_stage(run, "pretrain", "--max_epoch", "6", "--lr", "3e-3", "--lr_fixed",
                 "--bn_momentum", "0.9")
     train_stage(run, "calibrate", "--eval_initial_thresholds")
-    train_stage(run, "qat8", "--max_epoch", "0.2", "--lr", "1e-4", "--lr_fixed")
+    train_stage(run, "qat8", "--max_epoch", "0.3", "--lr", "1e-4", "--lr_fixed")
     train_stage(run, "adjustable", "--max_epoch", "0.2", "--lr_bits", "0.05", "--metric", "0.05",
                 "--warm_up_epoch", "0", "--iter_train_freq", "1")
     train_stage(run, "finetune", "--max_epoch", "0.3", "--swa_delay", "0.1", "--swa_freq", "0.2")
