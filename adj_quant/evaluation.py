@@ -22,11 +22,15 @@ def make_eval_step(model):
 
 
 def accuracy(model, dataset, *, what: str = "validation data", progress: bool = True,
-             max_images: int | None = None, step=None) -> dict[str, float]:
-    """Top-1 / top-5 (fractions) of ``model`` over ``dataset``."""
+             max_images: int | None = None, step=None, desc: str = "validate") -> dict[str, float]:
+    """Top-1 / top-5 (fractions) of ``model`` over ``dataset``.
+
+    ``step(images, labels) -> (top1_hits, top5_hits)`` counts one batch; by default it runs
+    ``model`` in a ``tf.function`` (other runners, e.g. the TFLite interpreter, pass theirs).
+    """
     step = step or make_eval_step(model)
     top1 = top5 = seen = 0
-    bar = tqdm(desc="validate", unit="img", disable=not progress, leave=False)
+    bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False, total=max_images)
     for images, labels in data_lib.iterate(dataset, what):
         if max_images is not None:
             images, labels = images[: max_images - seen], labels[: max_images - seen]

@@ -531,17 +531,12 @@ class TFLiteRunner:
 def interpreter_accuracy(model_path: str, dataset, *, batch: int = 1, progress: bool = True,
                          max_images: int | None = None, what: str = "validation data") -> dict:
     """Top-1/top-5 of a .tflite file over ``dataset`` (batches of ``(images, labels)``)."""
-    from tqdm import tqdm
-
-    from adj_quant import data as data_lib
+    from adj_quant.evaluation import accuracy
 
     runner = TFLiteRunner(model_path, batch)
-    top1 = top5 = seen = 0
-    bar = tqdm(desc="tflite", unit="img", disable=not progress, leave=False, total=max_images)
-    for images, labels in data_lib.iterate(dataset, what):
+
+    def step(images, labels):
         images, labels = images.numpy(), labels.numpy()
-        if max_images is not None:
-            images, labels = images[: max_images - seen], labels[: max_images - seen]
         if images.shape[1:] != (runner.img_size, runner.img_size, 3):
             raise UserError(f"{what}: images of shape {list(images.shape[1:])} but the model "
                             f"takes {runner.img_size}x{runner.img_size}x3; pass --img_size "
@@ -549,19 +544,16 @@ def interpreter_accuracy(model_path: str, dataset, *, batch: int = 1, progress: 
         if labels.size and labels.max() >= runner.num_classes:
             raise UserError(f"{what}: label {labels.max()} but the model has "
                             f"{runner.num_classes} classes; pass the matching --dataset")
+        top1 = top5 = 0
         for start in range(0, len(images), batch):
             logits = runner(images[start:start + batch])
             part = labels[start:start + batch]
             top1 += topk_hits(logits, part, 1)
             top5 += topk_hits(logits, part, 5)
-        seen += len(labels)
-        bar.update(len(labels))
-        if max_images is not None and seen >= max_images:
-            break
-    bar.close()
-    if seen == 0:
-        return {"top1": float("nan"), "top5": float("nan"), "images": 0}
-    return {"top1": top1 / seen, "top5": top5 / seen, "images": seen}
+        return top1, top5
+
+    return accuracy(None, dataset, what=what, progress=progress, max_images=max_images,
+                    step=step, desc="tflite")
 
 
 def evaluate_tflite(cli: dict) -> dict:

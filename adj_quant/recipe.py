@@ -17,7 +17,7 @@ import os
 
 from adj_quant import data as data_lib
 from adj_quant import evaluation
-from adj_quant.checkpoints import (ModelSpec, RunCheckpoints, model_spec_for, read_json,
+from adj_quant.checkpoints import (ModelSpec, model_spec_for, read_json,
                                    resolve_checkpoint, restore_model, save_spec,
                                    write_json_atomic)
 from adj_quant.config import STAGES, Options, resolve, save_resolved

@@ -12,7 +12,6 @@ one JSON object: params, multiplies, adds, ops (official counts), score_micronet
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys

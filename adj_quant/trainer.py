@@ -8,7 +8,6 @@ optimizer slots, same data order and dropout stream.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import tensorflow as tf
 from tqdm import tqdm

@@ -149,7 +149,7 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     assert killed_at < 5, "the run finished before it could be killed"
     resumed = _run([*args, "--run_dir", str(run)])
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from" in resumed.stdout and f"(mini-epoch {killed_at})" in resumed.stdout
+    assert "resuming from" in resumed.stdout and f"(mini-epoch {killed_at})" in resumed.stdout
     final = read_json(state_file)
     assert final["checkpoints"][-1]["mini_epoch"] == 5
     a, _ = _load(tmp_path / "ref" / "pretrain", "latest")
