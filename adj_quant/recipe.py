@@ -80,12 +80,15 @@ class Stage:
                             "pass --ckpt_path")
         return resolve_checkpoint(directory, f"stage {stage} output")
 
-    def load_float(self, path: str, what: str):
+    def float_spec(self, path: str, what: str) -> ModelSpec:
         spec = model_spec_for(path, ModelSpec("float", self.arch), what)
         if spec.kind != "float":
             raise UserError(f"{what} {path} holds a quantized model; pass a float checkpoint")
         self._check_arch(spec, path, what)
-        model = self.build(spec)
+        return spec
+
+    def load_float(self, path: str, what: str):
+        model = self.build(self.float_spec(path, what))
         restore_model(model, path, what, allow_missing=())
         return model
 
@@ -157,7 +160,7 @@ def pretrain(cli: dict) -> dict:
     model = st.build(ModelSpec("float", arch))
     if st.o.ckpt_path:
         path = resolve_checkpoint(st.o.ckpt_path)
-        st.load_float(path, "--ckpt_path")  # validates it
+        st.float_spec(path, "--ckpt_path")
         restore_model(model, path, allow_missing=())
     st.start(ModelSpec("float", arch))
     return st.finish(st.train(model))
