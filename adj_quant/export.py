@@ -425,6 +425,8 @@ def export(cli: dict) -> dict:
     module = inference_module(net, o.img_size)
     started = time.time()
     levels = None
+    activation_ranges = "learned (per tensor: the union of the channels' ranges)" if (
+        quantization == "adjustable") else None
     if fmt == "saved_model":
         write_saved_model_atomic(module, output)
     else:
@@ -436,11 +438,35 @@ def export(cli: dict) -> dict:
                 labels_offset=offset)
         tflite = convert(module, quantization, representative)
         if quantization == "adjustable":
+            left_float = float_linear_ops(tflite)
+            if left_float:
+                # The converter sometimes keeps a conv float behind a FakeQuant range; then
+                # calibrated activation ranges give a fully integer model (weights still
+                # hold their learned levels).
+                activation_ranges = (f"calibrated on {count} images: with the learned "
+                                     f"ranges the converter left {left_float} layer(s) float")
+                net.act_ranges = {}
+                tflite = convert(inference_module(net, o.img_size), quantization,
+                                 representative)
             tflite, levels = snap_to_learned_levels(tflite, model, net)
         write_file_atomic(output, tflite)
     return {"output": output, "size_bytes": tree_size(output), "checkpoint": ckpt,
             "model_kind": spec.kind, "format": fmt, "quantization": quantization,
-            "seconds": time.time() - started, "options": o, "levels": levels}
+            "seconds": time.time() - started, "options": o, "levels": levels,
+            "activation_ranges": activation_ranges}
+
+
+def float_linear_ops(tflite: bytes) -> int:
+    """Conv / depthwise / FC ops of a .tflite file whose weights are not int8."""
+    from tensorflow.lite.python import schema_util
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite))
+    graph = fb.subgraphs[0]
+    return sum(1 for op in graph.operators
+               if schema_util.get_builtin_code_from_operator_code(
+                   fb.operatorCodes[op.opcodeIndex]) in _LINEAR_OPS
+               and graph.tensors[op.inputs[1]].type != _INT8)
 
 
 # --------------------------------------------------------------------------- interpreter
@@ -622,6 +648,8 @@ def main(argv=None) -> dict:
     result = export(cli)
     print(f"wrote {result['output']} ({result['size_bytes']:,} bytes, {result['quantization']} "
           f"{result['format']} of the {result['model_kind']} checkpoint {result['checkpoint']})")
+    if result.get("activation_ranges"):
+        print(f"activation ranges: {result['activation_ranges']}")
     if evaluate:
         o = result["options"]  # the checkpoint's data, wherever the file went
         accuracy = evaluate_tflite({
