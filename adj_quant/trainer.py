@@ -157,7 +157,8 @@ class Trainer:
                   f"{last['avg_act_bits']:.2f}{'  (bits trained)' if train_bits else ''}")
         if not last and self.ckpts.latest():
             last = next(e for e in self.ckpts.entries() if e["name"] == self.ckpts.state["latest"])
-        if o.swa_delay is not None and not self.ckpts.finished and self.swa.assign_average(self.model.trainable_variables):
+        swa_due = o.swa_delay is not None and not self.ckpts.finished
+        if swa_due and self.swa.assign_average(self.model.trainable_variables):
             last = self.validate()
             name = f"swa_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
             self.ckpts.save(self.checkpoint, name, dict(last, swa=int(self.swa.count)),
