@@ -82,9 +82,8 @@ def evaluate_checkpoint(cli: dict) -> dict:
     from adj_quant.checkpoints import ModelSpec, model_spec_for, resolve_checkpoint, restore_model
     from adj_quant.qmodel import QuantizedEfficientNetB0
     from adj_quant.quant_info import save_quant_info
-    from adj_quant.recipe import arch_of, quant_config
-    from adj_quant.trainer import data_args, validation_data
-    from adj_quant import data as data_lib
+    from adj_quant.recipe import arch_of, calibrate_activations, quant_config
+    from adj_quant.trainer import validation_data
     from slim_nets.efficientnet_b0 import layer_scopes
 
     as_float = cli.pop("float_model", False)
@@ -103,12 +102,7 @@ def evaluate_checkpoint(cli: dict) -> dict:
         if thresholds:
             qmodel.load_thresholds(thresholds)
         else:
-            name, dataset_dir, classes, offset = data_args(o)
-            batches = data_lib.make_dataset(name, "train", batch_size=100, img_size=o.img_size,
-                                            training=False, dataset_dir=dataset_dir,
-                                            labels_offset=offset, num_classes=classes)
-            qmodel.calibrate_activations(data_lib.iterate(batches, "calibration data"),
-                                         o.calib_images, progress=o.progress)
+            calibrate_activations(qmodel, o)
         model = qmodel
     elif spec.kind == "quant" and as_float:
         raise UserError(f"--float: {ckpt} holds a quantized model; evaluate it without --float")

@@ -46,6 +46,16 @@ def quant_config(o: Options, bits_trainable: bool | None = None) -> QuantConfig:
                        o.bits_trainable if bits_trainable is None else bits_trainable, o.range)
 
 
+def calibrate_activations(qmodel: QuantizedEfficientNetB0, o: Options) -> int:
+    """Running per-channel activation ranges over ``--calib_images`` training images."""
+    name, dataset_dir, classes, offset = data_args(o)
+    batches = data_lib.make_dataset(name, "train", batch_size=100, img_size=o.img_size,
+                                    training=False, dataset_dir=dataset_dir,
+                                    labels_offset=offset, num_classes=classes)
+    return qmodel.calibrate_activations(data_lib.iterate(batches, "calibration data"),
+                                        o.calib_images, progress=o.progress)
+
+
 def near_target_key(target: float):
     """Rank checkpoints: those at or below the target first, by top-1; then by lowest metric."""
     def key(entry):
@@ -174,13 +184,9 @@ def calibrate(cli: dict) -> dict:
     path = resolve_checkpoint(o.ckpt_path) if o.ckpt_path else st.previous("pretrain")
     float_model = st.load_float(path, "--ckpt_path")
     qmodel = QuantizedEfficientNetB0.from_float(float_model, quant_config(o, False), seed=o.seed)
-    name, dataset_dir, classes, offset = data_args(o)
-    batches = data_lib.make_dataset(name, "train", batch_size=100, img_size=o.img_size,
-                                    training=False, dataset_dir=dataset_dir,
-                                    labels_offset=offset, num_classes=classes)
+    data_lib.dataset_info(*data_args(o))  # bad data is reported before anything is written
     st.start(None)
-    seen = qmodel.calibrate_activations(data_lib.iterate(batches, "calibration data"),
-                                        o.calib_images, progress=o.progress)
+    seen = calibrate_activations(qmodel, o)
     qmodel.save_thresholds(os.path.join(st.dir, THRESHOLDS))
     val = validation_data(o, float_model.arch.num_classes)
     result = {"float_checkpoint": path, "calibration_images": seen,
