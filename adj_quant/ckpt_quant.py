@@ -14,6 +14,11 @@ checkpoints and name-based TF1/slim checkpoints), quantizes the trainable float 
 copies everything else unchanged and writes the result with ``tf.raw_ops.SaveV2`` under the
 same keys, dtypes and shapes, into a temporary sibling directory that is then renamed.
 
+``uint8`` follows TensorFlow's classic ``quantize_weights`` graph transform
+(``tensorflow/tools/graph_transforms/quantize_weights.cc``): only float tensors with at least
+``minimum_size`` elements (default :data:`UINT8_MIN_SIZE` = 1024) are stored in 8 bits; smaller
+ones (biases, batch-norm vectors, small depthwise kernels) stay float, bit for bit.
+
 TensorFlow is imported lazily so that argument errors are reported without its start-up cost.
 """
 
@@ -41,6 +46,11 @@ UINT8_MAX_SUFFIX = "/quant_max"
 _VARIABLE_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+# TF's quantize_weights transform: ``minimum_size`` (default 1024). A float tensor with fewer
+# elements is left float; ``uint8`` applies the same rule (``--min_size``).
+UINT8_MIN_SIZE = 1024
+_MIN_SIZE_FIX = f"pass a whole number of elements >= 0 (default {UINT8_MIN_SIZE})"
 
 
 def _tf():
@@ -213,6 +223,32 @@ def check_bits(algorithm, bits):
     raise UserError(f"unknown algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
 
 
+def check_min_size(algorithm, min_size=None):
+    """Validate ``min_size``, the fewest elements a variable needs to be stored in 8 bits.
+
+    ``None`` means "not given": :data:`UINT8_MIN_SIZE` (1024) for ``uint8``, ``None`` for the other
+    algorithms. A given value must be an integer >= 0, and only ``uint8`` takes one: ``bin`` and
+    ``fixed-point`` keep every value float and quantize every trainable float variable, so a size
+    threshold there is refused rather than silently ignored.
+    """
+    if min_size is None:
+        return UINT8_MIN_SIZE if algorithm == "uint8" else None
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)):
+        raise UserError(f"--min_size {min_size!r} is not an integer; {_MIN_SIZE_FIX}")
+    if min_size < 0:
+        raise UserError(f"--min_size {min_size} is negative; {_MIN_SIZE_FIX}")
+    if algorithm != "uint8":
+        raise UserError(
+            f"--min_size applies only to --algorithm uint8 ({algorithm} quantizes every trainable "
+            "float variable whatever its size); drop --min_size"
+        )
+    return int(min_size)
+
+
+def _num_elements(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
 # --------------------------------------------------------------------------------------
 # Which variables are trainable
 # --------------------------------------------------------------------------------------
@@ -222,6 +258,7 @@ OPTIMIZER = "optimizer"  # optimizer slots and moving-average shadows
 STATE = "state"  # moving statistics, counters, optimizer hyperparameters
 NON_FLOAT = "non-float"
 OTHER = "other"  # object graph, non-variable saveables, empty tensors
+BELOW_MIN_SIZE = "below-min-size"  # uint8: a variable to quantize with fewer than min_size elements
 
 # Path components (lower-cased, trailing _<n> removed) naming an optimizer or an EMA shadow.
 _OPTIMIZER_COMPONENTS = {
@@ -335,7 +372,7 @@ def classify_variables(reader, keys=None):
             out[key] = NON_FLOAT
         elif graph is not None and "/.ATTRIBUTES/" in key and not key.endswith(_VARIABLE_VALUE):
             out[key] = OTHER  # e.g. lookup-table contents
-        elif int(np.prod(shape, dtype=np.int64)) == 0:
+        elif _num_elements(shape) == 0:
             out[key] = OTHER
         else:
             kind = graph.classify(key, len(shape)) if graph is not None else None
@@ -457,6 +494,8 @@ class QuantizeResult:
     bits: int
     errors: dict = field(default_factory=dict)
     copied: dict = field(default_factory=dict)  # key -> category
+    min_size: int | None = None  # uint8 only
+    left_float: dict = field(default_factory=dict)  # float variables copied unchanged: key -> category
 
     @property
     def num_quantized(self):
@@ -466,19 +505,36 @@ class QuantizeResult:
     def num_copied(self):
         return len(self.copied)
 
+    @property
+    def num_below_min_size(self):
+        return sum(1 for kind in self.copied.values() if kind == BELOW_MIN_SIZE)
+
     def summary(self):
+        """Counts and errors; for ``uint8`` also ``min_size``, ``num_8bit`` (variables stored in
+        8 bits), ``num_left_float``, ``num_below_min_size`` and ``left_float`` (key -> why)."""
         errs = list(self.errors.values())
-        return {
+        out = {
             "output": self.output,
             "algorithm": self.algorithm,
             "bits": self.bits,
             "num_quantized": self.num_quantized,
             "num_copied": self.num_copied,
+        }
+        if self.algorithm == "uint8":
+            out.update({
+                "min_size": self.min_size,
+                "num_8bit": self.num_quantized,
+                "num_left_float": len(self.left_float),
+                "num_below_min_size": self.num_below_min_size,
+                "left_float": dict(sorted(self.left_float.items())),
+            })
+        out.update({
             "min_error": min(errs) if errs else 0.0,
             "max_error": max(errs) if errs else 0.0,
             "avg_error": float(np.mean(errs)) if errs else 0.0,
             "errors": dict(self.errors),
-        }
+        })
+        return out
 
 
 def default_output_dir(prefix, algorithm, bits):
@@ -495,14 +551,28 @@ def quantize_checkpoint(
     overwrite=False,
     include_optimizer_slots=False,
     progress=None,
+    *,
+    min_size=UINT8_MIN_SIZE,
 ):
     """Quantize the trainable float variables of checkpoint ``prefix``; copy the rest.
 
     ``progress`` wraps the list of keys (e.g. ``tqdm``). Returns a :class:`QuantizeResult`.
     For ``uint8`` each quantized ``key`` is stored as uint8 plus ``key/quant_min`` and
     ``key/quant_max`` float32 scalars; read it back with :func:`load_uint8_checkpoint`.
+
+    ``min_size`` (``uint8`` only): a variable is stored in 8 bits iff it is floating point (and
+    trainable, or an optimizer slot with ``include_optimizer_slots``) and has at least
+    ``min_size`` elements; smaller ones are copied unchanged, bit for bit. The rule and its
+    default come from TensorFlow's ``quantize_weights`` graph transform (``minimum_size=1024``),
+    which likewise leaves biases and batch-norm vectors in float. ``min_size=0`` stores every
+    such variable in 8 bits; ``None`` means the default. ``bin`` and ``fixed-point`` take no size
+    threshold: any ``min_size`` other than the default is refused for them (:func:`check_min_size`).
     """
     bits = check_bits(algorithm, bits)
+    is_int = isinstance(min_size, (int, np.integer)) and not isinstance(min_size, bool)
+    if algorithm != "uint8" and is_int and min_size == UINT8_MIN_SIZE:
+        min_size = None  # the default: no size threshold for bin / fixed-point
+    min_size = check_min_size(algorithm, min_size)
     prefix = resolve_checkpoint(prefix)
     reader = load_reader(prefix)
     dtypes = reader.get_variable_to_dtype_map()
@@ -517,20 +587,33 @@ def quantize_checkpoint(
             f"checkpoint {prefix} has no trainable float variables to quantize "
             f"({len(kinds)} variables{': ' + sample if sample else ''})"
         )
+    small = set()
+    if algorithm == "uint8":
+        shapes = reader.get_variable_to_shape_map()
+        small = {k for k in to_quantize if _num_elements(shapes[k]) < min_size}
+        if len(small) == len(to_quantize):
+            largest = max(to_quantize, key=lambda k: (_num_elements(shapes[k]), k))
+            n = _num_elements(shapes[largest])
+            raise UserError(
+                f"checkpoint {prefix} has no trainable float variable with at least {min_size} elements "
+                f"to store in 8 bits (largest: {largest}, {n} elements); pass --min_size {n} or less"
+            )
     if output_dir is None:
         output_dir = default_output_dir(prefix, algorithm, bits)
     protect = [os.path.dirname(os.path.abspath(prefix))]
     output_dir = check_output_dir(output_dir, overwrite, protect)
 
     tensors, out_dtypes = {}, dict(dtypes)
-    result = QuantizeResult(output="", algorithm=algorithm, bits=bits)
+    result = QuantizeResult(output="", algorithm=algorithm, bits=bits, min_size=min_size)
     keys = sorted(kinds)
     tf = _tf()
     for key in progress(keys) if progress else keys:
         value = reader.get_tensor(key)
-        if kinds[key] not in wanted:
+        if kinds[key] not in wanted or key in small:
             tensors[key] = value
-            result.copied[key] = kinds[key]
+            result.copied[key] = BELOW_MIN_SIZE if key in small else kinds[key]
+            if dtypes[key].name in _FLOAT_DTYPES:
+                result.left_float[key] = result.copied[key]
             continue
         value = np.asarray(value)
         try:

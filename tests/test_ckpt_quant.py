@@ -151,6 +151,9 @@ def _slim_values(big=False):
 
 
 QUANTIZED = {"conv1/weights", "conv1/BatchNorm/gamma", "conv1/BatchNorm/beta", "logits/weights", "logits/biases"}
+# uint8 with the default --min_size 1024: only conv1/weights (3*3*64*64) of _slim_values(big=True) is
+# that large; logits/weights (640), gamma, beta (64) and biases (10) stay float.
+UINT8_QUANTIZED = {"conv1/weights"}
 
 
 def _write_slim(directory, values, name="model.ckpt-100"):
@@ -262,12 +265,19 @@ def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
     assert main([prefix, "--algorithm", "uint8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["output"] == str(tmp_path / "run" / "uint8" / "model.ckpt-100") and out["bits"] == 8
+    assert set(out["errors"]) == {f"{SLIM}/{k}" for k in UINT8_QUANTIZED}
+    assert out["left_float"] == {
+        **{f"{SLIM}/{k}": "below-min-size" for k in QUANTIZED - UINT8_QUANTIZED},
+        f"{SLIM}/conv1/weights/Momentum": "optimizer",
+        f"{SLIM}/conv1/BatchNorm/moving_mean": "state",
+        f"{SLIM}/conv1/BatchNorm/moving_variance": "state",
+    }
 
     def data_bytes(p):
         return sum(os.path.getsize(f) for f in tf.io.gfile.glob(p + ".data-*"))
 
-    quant_bytes = sum(values[f"{SLIM}/{k}"].nbytes for k in QUANTIZED)
-    copied_bytes = sum(v.nbytes for k, v in values.items() if k[len(SLIM) + 1:] not in QUANTIZED)
+    quant_bytes = sum(values[f"{SLIM}/{k}"].nbytes for k in UINT8_QUANTIZED)
+    copied_bytes = sum(v.nbytes for k, v in values.items() if k[len(SLIM) + 1:] not in UINT8_QUANTIZED)
     ratio = quant_bytes / (data_bytes(out["output"]) - copied_bytes)
     assert 3.8 < ratio <= 4.0, ratio  # the quantized part is about a quarter of its float size
 
@@ -284,11 +294,171 @@ def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
     assert np.all(loaded[w_key][0, 0, 0, :] == 0.0)  # zeros stay exactly zero
     assert relative_error(w, loaded[w_key]) == pytest.approx(out["errors"][w_key])
     assert loaded["global_step"] == 1234
+    logits = f"{SLIM}/logits/weights"  # 640 elements < 1024: stored float, bit for bit
+    assert loaded[logits].dtype == np.float32 and loaded[logits].tobytes() == values[logits].tobytes()
 
     back = uint8_to_float_checkpoint(out["output"], tmp_path / "float")
     r2 = tf.train.load_checkpoint(back)
     assert r2.get_variable_to_dtype_map() == tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
     np.testing.assert_array_equal(r2.get_tensor(w_key), loaded[w_key])
+
+
+# ---------------------------------------------------------------------------------------
+# uint8 --min_size: TF quantize_weights' minimum_size rule
+# ---------------------------------------------------------------------------------------
+
+# Hand-built: "big" has exactly 1024 elements, "small" 1023, "tiny" 5; "ids" is int; "moving_mean"
+# is large but batch-norm state, which is never quantized (the size rule only narrows the set).
+BIG, SMALL, TINY, IDS, MEAN = "net/big/kernel", "net/small/kernel", "net/tiny/bias", "net/ids", "net/bn/moving_mean"
+
+
+def _min_size_values():
+    rng = np.random.default_rng(11)
+    # Levels j/256 - 0.5 for j = 0..255, four times: lo = -0.5, hi = 127/256, so s = 255/(hi-lo) = 256
+    # exactly and q = rha(256 x) - rha(-128) = j. Two values sit halfway between levels:
+    # 256 x = +10.5 -> 11 -> q 139 and 256 x = -10.5 -> -11 -> q 117 (half away from zero; half to
+    # even would give 138 and 118).
+    j = np.tile(np.arange(256), 4)
+    big = ((j - 128) / 256).astype(np.float32)
+    big[1], big[2] = 10.5 / 256, -10.5 / 256
+    q_big = j.astype(np.uint8)
+    q_big[1], q_big[2] = 139, 117
+    values = {
+        BIG: big.reshape(32, 32),
+        SMALL: rng.normal(0, 0.05, (33, 31)).astype(np.float32),
+        # lo=-1, hi=2, s=85: q = rha(85 x) + 85 = [0, 85, 111 (25.5 -> 26), 255, 170]
+        TINY: np.array([-1.0, 0.0, 0.3, 2.0, 1.0], np.float32),
+        IDS: np.arange(4096, dtype=np.int32).reshape(64, 64),
+        MEAN: rng.normal(0, 0.3, 2048).astype(np.float32),
+    }
+    expected_q = {BIG: q_big.reshape(32, 32), TINY: np.array([0, 85, 111, 255, 170], np.uint8)}
+    expected_range = {BIG: (-0.5, 127 / 256), TINY: (-1.0, 2.0)}
+    return values, expected_q, expected_range
+
+
+def _check_min_size_output(path, values, expected_q, expected_range, quantized):
+    """Quantized keys are uint8 with the hand-computed levels and range; all others bit-identical."""
+    import tensorflow as tf
+
+    reader = tf.train.load_checkpoint(path)
+    dtypes = reader.get_variable_to_dtype_map()
+    ranges = {k + s for k in quantized for s in ("/quant_min", "/quant_max")}
+    assert set(dtypes) == set(values) | ranges | {"_ADJQ_UINT8_FORMAT"}
+    for key, v in values.items():
+        got = reader.get_tensor(key)
+        if key in quantized:
+            assert dtypes[key] == tf.uint8, key
+            np.testing.assert_array_equal(got, expected_q[key])
+            lo, hi = expected_range[key]
+            assert reader.get_tensor(key + "/quant_min") == np.float32(lo)
+            assert reader.get_tensor(key + "/quant_max") == np.float32(hi)
+        else:
+            assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), key
+
+
+def test_uint8_min_size_default_1024(tmp_path, capsys):
+    from adj_quant.ckpt_quant import load_uint8_checkpoint
+    from adj_quant.tools.quantize_checkpoint import main
+
+    values, expected_q, expected_range = _min_size_values()
+    prefix = _write_slim(tmp_path / "run", values)
+    assert main([prefix, "--algorithm", "uint8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["min_size"] == 1024
+    assert (out["num_8bit"], out["num_quantized"], out["num_copied"]) == (1, 1, 4)
+    assert (out["num_left_float"], out["num_below_min_size"]) == (3, 2)
+    assert out["left_float"] == {MEAN: "state", SMALL: "below-min-size", TINY: "below-min-size"}
+    assert set(out["errors"]) == {BIG}
+    _check_min_size_output(out["output"], values, expected_q, expected_range, {BIG})
+
+    # the dequantized levels are (q - 128) / 256, exactly; the small ones come back as stored
+    loaded = load_uint8_checkpoint(out["output"])
+    np.testing.assert_array_equal(loaded[BIG], (expected_q[BIG].astype(np.float32) - 128) / 256)
+    assert loaded[SMALL].tobytes() == values[SMALL].tobytes() and loaded[IDS].dtype == np.int32
+
+
+def test_uint8_min_size_boundaries_library(tmp_path):
+    from adj_quant.ckpt_quant import quantize_checkpoint
+
+    values, expected_q, expected_range = _min_size_values()
+    prefix = _write_slim(tmp_path / "run", values)
+    # SMALL is random: its oracle is TF's MIN_FIRST formula, written out per element.
+    x = values[SMALL].ravel().astype(np.float64)
+    lo, hi = float(np.float32(min(x.min(), 0.0))), float(np.float32(max(x.max(), 0.0)))
+    s = 255.0 / (hi - lo)
+
+    def rha(v):
+        return int(np.copysign(np.floor(abs(v) + 0.5), v))
+
+    expected_q[SMALL] = np.array([min(max(rha(v * s) - rha(lo * s), 0), 255) for v in x], np.uint8).reshape(33, 31)
+    expected_range[SMALL] = (lo, hi)
+
+    for min_size, quantized in ((0, {BIG, SMALL, TINY}), (5, {BIG, SMALL, TINY}), (6, {BIG, SMALL}),
+                                (1023, {BIG, SMALL}), (1024, {BIG})):
+        res = quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / f"ms{min_size}", min_size=min_size)
+        assert set(res.errors) == quantized, min_size
+        assert res.min_size == min_size
+        assert set(res.left_float) == {MEAN} | ({SMALL, TINY} - quantized)
+        _check_min_size_output(res.output, values, expected_q, expected_range, quantized)
+
+    # the default is 1024, and "not given" (None) means the default too
+    for kwargs in ({}, {"min_size": None}):
+        res = quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / "default", overwrite=True, **kwargs)
+        assert set(res.errors) == {BIG} and res.min_size == 1024
+
+    # every quantizable variable too small: refused, nothing written
+    with pytest.raises(UserError, match=f"no trainable float variable with at least 1025 elements.*{BIG}, 1024"):
+        quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / "none", min_size=1025)
+    assert not (tmp_path / "none").exists()
+    for bad, needle in ((-1, "is negative"), (2.5, "not an integer"), ("8", "not an integer"),
+                        (True, "not an integer")):
+        with pytest.raises(UserError, match=needle):
+            quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / "bad", min_size=bad)
+    # bin / fixed-point take no size threshold: the default is accepted (all trainable floats are
+    # quantized, whatever their size), any other value refused
+    res = quantize_checkpoint(prefix, "bin", 8, output_dir=tmp_path / "bin")
+    assert set(res.errors) == {BIG, SMALL, TINY} and res.min_size is None
+    assert "min_size" not in res.summary() and "num_8bit" not in res.summary()
+    with pytest.raises(UserError, match="applies only to --algorithm uint8"):
+        quantize_checkpoint(prefix, "fixed-point", 8, output_dir=tmp_path / "fp", min_size=16)
+
+
+def test_uint8_min_size_cli_report(tmp_path):
+    values, _, _ = _min_size_values()
+    prefix = _write_slim(tmp_path, values)
+    ok = _run_tool(prefix, "--algorithm", "uint8")
+    assert ok.returncode == 0, ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[:4] == [
+        "Processed 5 variables: 1 quantized, 4 copied unchanged",
+        "Stored in 8 bits: 1 variable (float, at least --min_size 1024 elements)",
+        "Left float: 3 variables (2 below --min_size, 1 state)",
+        "Output: " + str(tmp_path / "uint8" / "model.ckpt-100"),
+    ]
+    assert [line.split(":")[0] for line in lines[4:]] == ["Min error", "Max error", "Avg error"]
+    ok = _run_tool(prefix, "--algorithm", "uint8", "--min-size", "6", "--output", tmp_path / "ms6")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[1:3] == [
+        "Stored in 8 bits: 2 variables (float, at least --min_size 6 elements)",
+        "Left float: 2 variables (1 below --min_size, 1 state)",
+    ]
+    too_big = _run_tool(prefix, "--algorithm", "uint8", "--min_size", "5000", "--output", tmp_path / "none")
+    _assert_one_line_error(too_big, "at least 5000 elements", "--min_size 1024 or less")
+
+
+def test_min_size_cli_errors_subprocess(tmp_path):
+    missing = tmp_path / "nope" / "model.ckpt-1"  # the flag is checked first, before the checkpoint
+    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "-1"),
+                           "--min_size -1 is negative", ">= 0")
+    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size=-5"), "--min_size -5 is negative")
+    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "1.5"),
+                           "--min_size '1.5' is not an integer", "default 1024")
+    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "abc"), "'abc' is not an integer")
+    _assert_one_line_error(_run_tool(missing, "--algorithm", "bin", "--bits", "8", "--min_size", "1024"),
+                           "--min_size applies only to --algorithm uint8", "bin")
+    _assert_one_line_error(_run_tool(missing, "--algorithm", "fixed-point", "--bits", "8", "--min_size", "0"),
+                           "--min_size applies only to --algorithm uint8", "fixed-point")
+    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "0"), "checkpoint not found")
 
 
 def test_tf2_object_checkpoint_round_trip(tmp_path, capsys):

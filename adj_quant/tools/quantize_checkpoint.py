@@ -6,16 +6,22 @@ Example::
 
 writes ``runs/resnet/bin_8bits/model.ckpt-100`` (plus a ``checkpoint`` state file) and prints the
 per-variable relative errors' minimum, maximum and unweighted average.
+
+``--algorithm uint8`` stores a float variable in 8 bits only if it has at least ``--min_size``
+elements (default 1024, the ``minimum_size`` of TensorFlow's ``quantize_weights`` transform);
+smaller ones stay float, bit for bit, and the report says how many of each there are.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from collections import Counter
 
-from adj_quant.ckpt_quant import ALGORITHMS  # numpy only; TensorFlow is imported lazily
-from adj_quant.errors import cli_main
+from adj_quant.ckpt_quant import ALGORITHMS, UINT8_MIN_SIZE  # numpy only; TensorFlow is imported lazily
+from adj_quant.errors import UserError, cli_main
 
 
 def build_parser():
@@ -23,7 +29,8 @@ def build_parser():
         prog="python -m adj_quant.tools.quantize_checkpoint",
         description=(
             "Quantize every trainable float variable of a checkpoint (TF2 object or TF1/slim "
-            "name-based), copy everything else unchanged, and save the result to "
+            "name-based; for uint8 only those with at least --min_size elements), copy everything else "
+            "unchanged, and save the result to "
             "<checkpoint dir>/bin_<B>bits/, <checkpoint dir>/fixed-point_<B>bits/ or "
             "<checkpoint dir>/uint8/."
         ),
@@ -49,6 +56,16 @@ def build_parser():
         help="bits per value: 1..16 for bin, 2..32 for fixed-point; uint8 needs none (or 8)",
     )
     p.add_argument(
+        "--min_size",
+        "--min-size",
+        dest="min_size",
+        metavar="N",
+        default=None,
+        help=f"uint8 only: store a float variable in 8 bits only if it has at least N elements "
+        f"(default {UINT8_MIN_SIZE}, like the minimum_size of TensorFlow's quantize_weights transform); "
+        "smaller ones (biases, batch-norm vectors) are copied unchanged; 0 stores every one in 8 bits",
+    )
+    p.add_argument(
         "--output",
         metavar="DIR",
         default=None,
@@ -67,10 +84,25 @@ def build_parser():
     p.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (output, algorithm, bits, counts, min/max/avg error, per-variable errors) "
-        "instead of text, and no progress bar",
+        help="print one JSON object (output, algorithm, bits, counts, min/max/avg error, per-variable errors; "
+        "for uint8 also min_size, num_8bit, num_left_float and left_float) instead of text, and no progress bar",
     )
     return p
+
+
+def parse_min_size(text):
+    """``--min_size`` text -> int (``None`` stays ``None``); a non-integer is one UserError line."""
+    if text is None:
+        return None
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):
+        raise UserError(
+            f"--min_size {text!r} is not an integer; pass a whole number of elements >= 0 (default {UINT8_MIN_SIZE})"
+        )
+    return int(text)
+
+
+def _plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 @cli_main
@@ -80,6 +112,7 @@ def main(argv=None):
 
     # Cheap checks first: bad flags are reported before TensorFlow is imported.
     bits = ckpt_quant.check_bits(args.algorithm, args.bits)
+    min_size = ckpt_quant.check_min_size(args.algorithm, parse_min_size(args.min_size))
     prefix = ckpt_quant.resolve_checkpoint(args.checkpoint)
 
     progress = None
@@ -97,6 +130,7 @@ def main(argv=None):
         overwrite=args.overwrite,
         include_optimizer_slots=args.include_optimizer_slots,
         progress=progress,
+        min_size=min_size,
     )
     summary = result.summary()
     if args.json:
@@ -106,6 +140,15 @@ def main(argv=None):
             f"Processed {summary['num_quantized'] + summary['num_copied']} variables: "
             f"{summary['num_quantized']} quantized, {summary['num_copied']} copied unchanged"
         )
+        if args.algorithm == "uint8":
+            print(
+                f"Stored in 8 bits: {_plural(summary['num_8bit'], 'variable')} "
+                f"(float, at least --min_size {summary['min_size']} elements)"
+            )
+            why = Counter(summary["left_float"].values())
+            label = {ckpt_quant.BELOW_MIN_SIZE: "below --min_size"}
+            detail = ", ".join(f"{n} {label.get(kind, kind)}" for kind, n in sorted(why.items()))
+            print(f"Left float: {_plural(summary['num_left_float'], 'variable')}" + (f" ({detail})" if detail else ""))
         print(f"Output: {summary['output']}")
         print(f"Min error: {summary['min_error']:.4f}%")
         print(f"Max error: {summary['max_error']:.4f}%")
