@@ -4,12 +4,25 @@ Every pipeline yields ``(images, labels)`` batches: images ``float32 [B, S, S, 3
 ``[0, 1]`` (the model does its own normalisation) and labels ``int32 [B]``.
 
 * ``digits``: the 1,797 8x8 digits bundled with scikit-learn, split once and for all
-  (independent of ``seed``) into a stratified 80 % train / 20 % validation set.
+  (independent of ``seed``) into a stratified 80 % train / 20 % validation set, resized
+  (bilinear) to the image size.
 * ``imagenet``: slim-format shards ``train-*-of-*`` / ``validation-*-of-*`` in a directory
   (``tools/build_tfrecords.py`` writes them from class folders) with EfficientNet
-  preprocessing.
+  preprocessing: a central crop keeping ``eval_crop`` of the shorter side, resized
+  (bicubic) to the image size.
 * ``synthetic``: uniform noise images with uniform labels; the content of each split is
-  fixed, ``seed`` only changes the shuffling order when ``training``.
+  fixed, ``seed`` only changes the shuffling order (and augmentation) when ``training``.
+
+Training augmentation (``augment``, see :data:`AUGMENTATIONS`; the default per dataset is
+:func:`default_augment`):
+
+* ``inception``: a random crop covering 8-100 % of the area with aspect 3/4..4/3 and a
+  random horizontal flip, resized to the image size (the EfficientNet ImageNet recipe).
+  TFRecord images are cropped at their own size (bicubic resize); digits and synthetic
+  images at the image size (bilinear resize back to it).
+* ``shift``: the evaluation image translated by up to ``max(1, img_size // 10)`` pixels in
+  each direction (zero padding, then a random crop back to the image size).
+* ``none``: the evaluation image (still shuffled).
 
 Bad input raises :class:`~adj_quant.errors.UserError`. TensorFlow errors that only show up
 while iterating (a corrupt record, an undecodable image, a label out of range) are turned
@@ -34,8 +47,10 @@ from adj_quant.errors import UserError
 
 __all__ = [
     "DATASET_NAMES",
+    "AUGMENTATIONS",
     "DatasetInfo",
     "dataset_info",
+    "default_augment",
     "iterate",
     "make_dataset",
     "representative_images",
@@ -46,6 +61,12 @@ log = logging.getLogger(__name__)
 
 DATASET_NAMES = ("digits", "imagenet", "synthetic")
 SPLITS = ("train", "validation")
+#: Training augmentations (``make_dataset(augment=...)``), see the module docstring.
+AUGMENTATIONS = ("inception", "shift", "none")
+_DEFAULT_AUGMENT = {"digits": "shift", "imagenet": "inception", "synthetic": "none"}
+#: Fraction of the shorter side kept by the evaluation centre crop of TFRecord images;
+#: 0.875 = 224 / (224 + 32), EfficientNet's crop at its native resolution.
+DEFAULT_EVAL_CROP = 0.875
 
 DIGITS_NUM_CLASSES = 10
 DIGITS_VALIDATION_FRACTION = 0.2
@@ -54,7 +75,6 @@ SYNTHETIC_NUM_CLASSES = 1000
 SYNTHETIC_SIZE = 256
 
 # EfficientNet preprocessing constants.
-CROP_PADDING = 32
 _AREA_RANGE = (0.08, 1.0)
 _ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 _MIN_OBJECT_COVERED = 0.1
@@ -111,6 +131,25 @@ def _check_split(split: str) -> None:
 def _check_positive(what: str, value: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
         raise UserError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _check_augment(augment: str | None) -> None:
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise UserError(f"unknown augment {augment!r}; use one of: {', '.join(AUGMENTATIONS)}")
+
+
+def _check_eval_crop(eval_crop: float) -> None:
+    ok = isinstance(eval_crop, (int, float, np.integer, np.floating)) and not isinstance(eval_crop, bool)
+    if not ok or not 0.0 < eval_crop <= 1.0:
+        raise UserError(f"eval_crop {eval_crop!r} must be a fraction in (0, 1]; 1.0 keeps the whole image")
+
+
+def default_augment(name: str) -> str:
+    """Training augmentation of dataset ``name`` when none is asked for: ``shift`` for
+    ``digits`` (an Inception crop of an 8x8 digit destroys it), ``inception`` for the
+    ``imagenet`` TFRecords and ``none`` for ``synthetic``."""
+    _check_name(name)
+    return _DEFAULT_AUGMENT[name]
 
 
 def _resolve_num_classes(name: str, num_classes: int | None, labels_offset: int) -> int:
@@ -176,12 +215,56 @@ def _digits_cacheable(split: str, img_size: int) -> bool:
     return n * img_size * img_size * 4 <= _DIGITS_CACHE_BYTES
 
 
-def _digits_shift(img_size: int) -> int:
-    """Largest random translation (pixels) used to augment digits: ~1/10 of the image."""
+def _shift_pixels(img_size: int) -> int:
+    """Largest random translation (pixels) of ``augment="shift"``: ~1/10 of the image."""
     return max(1, img_size // 10)
 
 
-def _digits_dataset(split, *, batch_size, img_size, training, seed, repeat, drop_remainder):
+def _shift(image, img_size, seed):
+    """``[S, S, C]`` image translated by up to :func:`_shift_pixels` in x and y (zero fill)."""
+    pad = _shift_pixels(img_size)
+    channels = image.shape[-1]
+    image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    return tf.image.stateless_random_crop(image, [img_size, img_size, channels], seed=seed)
+
+
+def _sample_crop(height, width, seed):
+    """Inception-style random window ``(y, x, h, w)``: 8-100 % of the area, aspect 3/4..4/3.
+
+    When no window is found within ``_MAX_ATTEMPTS`` the whole image is returned."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.stack([height, width, 3]),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=_MIN_OBJECT_COVERED,
+        aspect_ratio_range=_ASPECT_RANGE,
+        area_range=_AREA_RANGE,
+        max_attempts=_MAX_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return begin[0], begin[1], size[0], size[1]
+
+
+def _inception_float(image, img_size, seed):
+    """Inception crop + horizontal flip of a float ``[h, w, C]`` image, resized (bilinear)
+    to ``[S, S, C]`` in [0, 1]: the ``inception`` augmentation of digits and synthetic."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    shape = tf.shape(image)
+    y, x, h, w = _sample_crop(shape[0], shape[1], crop_seed)
+    image = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, shape[2]]))
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    image = tf.image.resize(image, [img_size, img_size], method="bilinear")
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def _augment_float(image, augment, img_size, seed):
+    """Apply ``augment`` ("inception" or "shift") to an evaluation image ``[S, S, C]``."""
+    if augment == "shift":
+        return _shift(image, img_size, seed)
+    return _inception_float(image, img_size, seed)
+
+
+def _digits_dataset(split, *, batch_size, img_size, training, seed, repeat, drop_remainder, augment):
     x8, labels = _digits_split()[split]
     cached = _digits_cacheable(split, img_size)
     images = _digits_resized(split, img_size) if cached else x8
@@ -190,23 +273,20 @@ def _digits_dataset(split, *, batch_size, img_size, training, seed, repeat, drop
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    pad = _digits_shift(img_size)
 
     def to_image(image):
         return image if cached else _resize_gray(image, img_size)
 
-    def augment(example, op_seed):
+    def augmented(example, op_seed):
         image, label = example
-        image = to_image(image)
-        image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])  # background is 0
-        image = tf.image.stateless_random_crop(image, [img_size, img_size, 1], seed=op_seed)
+        image = _augment_float(to_image(image), augment, img_size, op_seed)  # background is 0
         return tf.image.grayscale_to_rgb(image), label
 
     def plain(image, label):
         return tf.image.grayscale_to_rgb(to_image(image)), label
 
-    if training:
-        ds = tf.data.Dataset.zip(ds, _seed_stream(seed)).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    if training and augment != "none":
+        ds = tf.data.Dataset.zip(ds, _seed_stream(seed)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(plain, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
@@ -237,13 +317,21 @@ def _synthetic_example(split: str, img_size: int, num_classes: int):
 
 
 def _synthetic_dataset(split, *, batch_size, img_size, training, seed, repeat, drop_remainder,
-                       num_classes, synthetic_size):
+                       num_classes, synthetic_size, augment):
     ds = tf.data.Dataset.range(synthetic_size)
     if training:
         ds = ds.shuffle(synthetic_size, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(_synthetic_example(split, img_size, num_classes), num_parallel_calls=tf.data.AUTOTUNE)
+    make = _synthetic_example(split, img_size, num_classes)
+    if training and augment != "none":
+        def augmented(index, op_seed):
+            image, label = make(index)
+            return _augment_float(image, augment, img_size, op_seed), label
+
+        ds = tf.data.Dataset.zip(ds, _seed_stream(seed)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(make, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
@@ -454,30 +542,22 @@ def _locate_corruption(files: list[str], err: Exception, what: str) -> UserError
     )
 
 
-def _crop_window_eval(height, width, img_size):
-    """EfficientNet centre crop: side = img_size / (img_size + 32) * min(h, w)."""
-    scale = img_size / (img_size + CROP_PADDING)
-    side = tf.cast(scale * tf.cast(tf.minimum(height, width), tf.float32), tf.int32)
+def _crop_window_eval(height, width, eval_crop):
+    """Centre square crop: side = floor(eval_crop * min(h, w)), at least 1 pixel.
+
+    EfficientNet uses 224 / (224 + 32) = 0.875 at its native resolution."""
+    shorter = tf.cast(tf.minimum(height, width), tf.float64)
+    side = tf.cast(tf.floor(eval_crop * shorter + 1e-6), tf.int32)  # 0.7 * 40 is 28, not 27
     side = tf.maximum(side, 1)
     return (height - side + 1) // 2, (width - side + 1) // 2, side, side
 
 
-def _crop_window_train(height, width, img_size, seed):
+def _crop_window_train(height, width, eval_crop, seed):
     """Random crop covering 8-100 % of the area with aspect 3/4..4/3 (Inception style)."""
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.stack([height, width, 3]),
-        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=seed,
-        min_object_covered=_MIN_OBJECT_COVERED,
-        aspect_ratio_range=_ASPECT_RANGE,
-        area_range=_AREA_RANGE,
-        max_attempts=_MAX_ATTEMPTS,
-        use_image_if_no_bounding_boxes=True,
-    )
+    train_window = _sample_crop(height, width, seed)
     # When no crop was found the op returns the whole image: use the centre crop instead.
-    failed = tf.logical_and(tf.equal(size[0], height), tf.equal(size[1], width))
-    eval_window = _crop_window_eval(height, width, img_size)
-    train_window = (begin[0], begin[1], size[0], size[1])
+    failed = tf.logical_and(tf.equal(train_window[2], height), tf.equal(train_window[3], width))
+    eval_window = _crop_window_eval(height, width, eval_crop)
     return tuple(tf.where(failed, e, t) for e, t in zip(eval_window, train_window))
 
 
@@ -507,16 +587,24 @@ def _to_unit_float(image, img_size):
     return tf.clip_by_value(image / 255.0, 0.0, 1.0)
 
 
-def _preprocess_train(encoded, img_size, seed):
+def _preprocess_train(encoded, img_size, eval_crop, seed):
+    """The ``inception`` augmentation of TFRecord images (EfficientNet training)."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = _decode_cropped(encoded, lambda h, w: _crop_window_train(h, w, img_size, crop_seed))
+    image = _decode_cropped(encoded, lambda h, w: _crop_window_train(h, w, eval_crop, crop_seed))
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
     return _to_unit_float(image, img_size)
 
 
-def _preprocess_eval(encoded, img_size):
-    image = _decode_cropped(encoded, lambda h, w: _crop_window_eval(h, w, img_size))
+def _preprocess_eval(encoded, img_size, eval_crop):
+    image = _decode_cropped(encoded, lambda h, w: _crop_window_eval(h, w, eval_crop))
     return _to_unit_float(image, img_size)
+
+
+def _preprocess(encoded, img_size, eval_crop, augment, seed):
+    """Training preprocessing of one TFRecord image for ``augment`` != "none"."""
+    if augment == "inception":
+        return _preprocess_train(encoded, img_size, eval_crop, seed)
+    return _shift(_preprocess_eval(encoded, img_size, eval_crop), img_size, seed)
 
 
 def _parse_checked(record, filename, labels_offset, num_classes):
@@ -570,21 +658,21 @@ def _remember_shards(ds: tf.data.Dataset, files: list[str]) -> None:
 
 
 def _imagenet_dataset(split, *, batch_size, img_size, training, seed, dataset_dir, labels_offset,
-                      num_classes, repeat, drop_remainder):
+                      num_classes, repeat, drop_remainder, augment, eval_crop):
     files = shard_files(dataset_dir, split)
     _validate_shards(files, labels_offset, num_classes)
     ds = _read_records(files, training=training, seed=seed, repeat=repeat)
 
-    if training:
+    if training and augment != "none":
         def load(example, op_seed):
             encoded, label = _parse_checked(example[0], example[1], labels_offset, num_classes)
-            return _preprocess_train(encoded, img_size, op_seed), label
+            return _preprocess(encoded, img_size, eval_crop, augment, op_seed), label
 
         ds = tf.data.Dataset.zip(ds, _seed_stream(seed + 2))
     else:
         def load(record, filename):
             encoded, label = _parse_checked(record, filename, labels_offset, num_classes)
-            return _preprocess_eval(encoded, img_size), label
+            return _preprocess_eval(encoded, img_size, eval_crop), label
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
@@ -630,38 +718,56 @@ def dataset_info(name: str, dataset_dir: str | None = None, num_classes: int | N
 def make_dataset(name: str, split: str, *, batch_size: int, img_size: int, training: bool, seed: int = 0,
                  dataset_dir: str | None = None, labels_offset: int = 0, num_classes: int | None = None,
                  repeat: bool = False, drop_remainder: bool = False,
-                 synthetic_size: int = SYNTHETIC_SIZE) -> tf.data.Dataset:
+                 synthetic_size: int = SYNTHETIC_SIZE, augment: str | None = None,
+                 eval_crop: float = DEFAULT_EVAL_CROP) -> tf.data.Dataset:
     """Batches of ``(images float32 [B, S, S, 3] in [0, 1], labels int32 [B])``.
 
-    ``training`` turns on seeded shuffling and augmentation (digits: small random
-    translation; imagenet: random crop + horizontal flip). Iterate with :func:`iterate` to
-    get :class:`UserError` for data problems that show up while reading."""
+    ``training`` turns on seeded shuffling and the ``augment`` augmentation: ``inception``,
+    ``shift`` or ``none`` (see the module docstring); ``None`` picks the dataset's own,
+    :func:`default_augment` (digits: shift, imagenet: inception, synthetic: none). All three
+    apply to every dataset; ``augment`` is ignored when not ``training``.
+
+    ``eval_crop`` is the fraction of the shorter side of a TFRecord image kept by the
+    central square crop before resizing (evaluation, ``shift`` and ``none``; 1.0 keeps the
+    whole shorter side, i.e. no crop for square images). The default 0.875 is EfficientNet's
+    224 / (224 + 32); images much smaller than ImageNet's (e.g. 32x32 digits) want 1.0. It
+    has no effect on ``digits`` and ``synthetic``, whose images are never cropped.
+
+    Iterate with :func:`iterate` to get :class:`UserError` for data problems that show up
+    while reading."""
     _check_name(name)
     _check_split(split)
     _check_positive("batch_size", batch_size)
     _check_positive("img_size", img_size)
+    _check_augment(augment)
+    _check_eval_crop(eval_crop)
     classes = _resolve_num_classes(name, num_classes, labels_offset)
+    augment = augment or default_augment(name)
     common = dict(batch_size=int(batch_size), img_size=int(img_size), training=bool(training), seed=int(seed),
-                  repeat=repeat, drop_remainder=drop_remainder)
+                  repeat=repeat, drop_remainder=drop_remainder, augment=augment)
     if name == "digits":
         return _digits_dataset(split, **common)
     if name == "synthetic":
         _check_positive("synthetic_size", synthetic_size)
         return _synthetic_dataset(split, num_classes=classes, synthetic_size=int(synthetic_size), **common)
     return _imagenet_dataset(split, dataset_dir=dataset_dir, labels_offset=int(labels_offset),
-                             num_classes=classes, **common)
+                             num_classes=classes, eval_crop=float(eval_crop), **common)
 
 
 def representative_images(name: str, *, img_size: int, count: int = 100, seed: int = 0,
                           dataset_dir: str | None = None, labels_offset: int = 0,
-                          synthetic_size: int = SYNTHETIC_SIZE) -> np.ndarray:
+                          synthetic_size: int = SYNTHETIC_SIZE,
+                          eval_crop: float = DEFAULT_EVAL_CROP) -> np.ndarray:
     """``count`` training images with evaluation preprocessing: float32 [count, S, S, 3] in [0, 1].
 
     A seeded random sample of the train split (for calibration / TFLite conversion). If the
-    split holds fewer than ``count`` images, they are repeated to fill ``count``."""
+    split holds fewer than ``count`` images, they are repeated to fill ``count``.
+    ``eval_crop`` is the centre crop of TFRecord images as in :func:`make_dataset` (no
+    effect on ``digits`` and ``synthetic``)."""
     _check_name(name)
     _check_positive("img_size", img_size)
     _check_positive("count", count)
+    _check_eval_crop(eval_crop)
     if name == "digits":
         _resolve_num_classes(name, None, labels_offset)
         n = len(_digits_split()["train"][1])
@@ -680,7 +786,8 @@ def representative_images(name: str, *, img_size: int, count: int = 100, seed: i
     files = shard_files(dataset_dir, "train")
     _validate_shards(files, labels_offset, None)
     ds = _read_records(files, training=True, seed=seed, repeat=True)
-    ds = ds.map(lambda r, f: _preprocess_eval(_parse_checked(r, f, labels_offset, None)[0], img_size),
+    crop = float(eval_crop)
+    ds = ds.map(lambda r, f: _preprocess_eval(_parse_checked(r, f, labels_offset, None)[0], img_size, crop),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.take(count).batch(count)
     _remember_shards(ds, files)

@@ -366,3 +366,211 @@ def test_build_tfrecords_cli(shards, tmp_path):
     bad = subprocess.run([sys.executable, script, "--input_dir", str(tmp_path / "nope"), "--output_dir",
                           str(out)], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
+
+
+# --------------------------------------------------------------------------- augment / eval_crop
+
+
+def translation_of(image, source, pad):
+    """``(dy, dx)`` with ``|dy|, |dx| <= pad`` such that ``image`` is ``source`` moved by it
+    (zero fill), or None. ``image`` and ``source`` are ``[S, S, C]``."""
+    size = source.shape[0]
+    padded = np.pad(source, [(pad, pad), (pad, pad), (0, 0)])
+    for y in range(2 * pad + 1):
+        for x in range(2 * pad + 1):
+            if np.allclose(padded[y:y + size, x:x + size], image, atol=1e-6):
+                return pad - y, pad - x
+    return None
+
+
+def sorted_rows(images):
+    return np.sort(np.round(images.reshape(len(images), -1), 5), axis=0)
+
+
+def test_default_augment_and_choices():
+    assert data.AUGMENTATIONS == ("inception", "shift", "none")
+    assert [data.default_augment(n) for n in data.DATASET_NAMES] == ["shift", "inception", "none"]
+    with pytest.raises(UserError, match="unknown dataset name 'mnist'"):
+        data.default_augment("mnist")
+
+
+def _digits_train(augment, seed=0, batch_size=64, img_size=32):
+    ds = data.make_dataset("digits", "train", batch_size=batch_size, img_size=img_size, training=True,
+                           seed=seed, augment=augment)
+    x, y = next(iter(ds))
+    return x.numpy(), y.numpy()
+
+
+def test_digits_augment_none_is_the_eval_data_shuffled():
+    x, y = collect(data.make_dataset("digits", "train", batch_size=500, img_size=16, training=True, seed=3,
+                                     augment="none"))
+    x_eval, y_eval = collect(data.make_dataset("digits", "train", batch_size=500, img_size=16, training=False))
+    assert not np.array_equal(y, y_eval)  # shuffled ...
+    np.testing.assert_array_equal(np.sort(y), np.sort(y_eval))
+    np.testing.assert_array_equal(sorted_rows(x), sorted_rows(x_eval))  # ... but not augmented
+
+
+def test_digits_augment_shift_translates_and_is_the_default():
+    none, labels = _digits_train("none")
+    shifted, labels_shift = _digits_train("shift")
+    np.testing.assert_array_equal(labels, labels_shift)  # the shuffle does not depend on augment
+    np.testing.assert_array_equal(shifted, _digits_train(None)[0])  # digits' default
+    pad = max(1, 32 // 10)
+    moves = [translation_of(a, b, pad) for a, b in zip(shifted, none)]
+    assert None not in moves
+    assert sum(m != (0, 0) for m in moves) > len(moves) // 2
+
+
+def test_digits_augment_inception_crops_and_flips():
+    none, labels = _digits_train("none")
+    crop, labels_crop = _digits_train("inception")
+    np.testing.assert_array_equal(labels, labels_crop)
+    np.testing.assert_array_equal(crop, _digits_train("inception")[0])  # seeded
+    assert not np.array_equal(crop, _digits_train("inception", seed=1)[0])
+    assert crop.shape == none.shape and crop.min() >= 0 and crop.max() <= 1
+    np.testing.assert_array_equal(crop[..., 0], crop[..., 2])
+    pad = max(1, 32 // 10)
+    moves = [translation_of(a, b, pad) for a, b in zip(crop, none)]
+    assert sum(m is None for m in moves) > len(moves) // 2  # zoomed in / mirrored, not shifted
+    # Zooming in on a crop makes the strokes thicker: on average more ink per image.
+    assert crop.sum() > 1.1 * none.sum()
+
+
+@pytest.mark.parametrize("augment", ["shift", "inception"])
+def test_digits_uncached_augment_matches_cached(monkeypatch, augment):
+    cached = _digits_train(augment, batch_size=16, img_size=24)[0]
+    monkeypatch.setattr(data, "_DIGITS_CACHE_BYTES", 0)
+    fresh = _digits_train(augment, batch_size=16, img_size=24)[0]
+    np.testing.assert_allclose(cached, fresh, atol=1e-5)
+
+
+def test_synthetic_augment_choices():
+    kw = dict(batch_size=16, img_size=20, num_classes=5, synthetic_size=16, training=True, seed=2)
+    none, y = next(iter(data.make_dataset("synthetic", "train", augment="none", **kw)))
+    default, _ = next(iter(data.make_dataset("synthetic", "train", **kw)))
+    np.testing.assert_array_equal(none, default)  # synthetic's default: no augmentation
+    shifted, y_shift = next(iter(data.make_dataset("synthetic", "train", augment="shift", **kw)))
+    np.testing.assert_array_equal(y, y_shift)
+    assert all(translation_of(a, b, 2) is not None for a, b in zip(shifted.numpy(), none.numpy()))
+    crop, _ = next(iter(data.make_dataset("synthetic", "train", augment="inception", **kw)))
+    assert crop.shape == none.shape and not np.allclose(crop, none)
+    assert 0 <= crop.numpy().min() and crop.numpy().max() <= 1
+
+
+def test_eval_crop_has_no_effect_on_digits_and_synthetic():
+    for name in ("digits", "synthetic"):
+        kw = dict(batch_size=8, img_size=16, training=False, synthetic_size=8)
+        a = next(iter(data.make_dataset(name, "validation", **kw)))[0]
+        b = next(iter(data.make_dataset(name, "validation", eval_crop=0.5, **kw)))[0]
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(data.representative_images("digits", img_size=16, count=4),
+                                  data.representative_images("digits", img_size=16, count=4, eval_crop=0.3))
+
+
+@pytest.fixture(scope="module")
+def known_shards(tmp_path_factory):
+    """Shards of random RGB images whose label is their index: 6 square 20x20 PNGs in
+    ``square`` (train and validation), and 40x50 PNG + JPEG images in ``wide``."""
+    root = tmp_path_factory.mktemp("known")
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, shape, count in (("square", (20, 20), 6), ("wide", (40, 50), 4)):
+        images = rng.integers(0, 256, size=(count, *shape, 3), dtype=np.uint8)
+        records, decoded = [], []
+        for i, pixels in enumerate(images):
+            if name == "wide" and i % 2:
+                encoded, fmt = tf.io.encode_jpeg(pixels, quality=95).numpy(), "JPEG"
+            else:
+                encoded, fmt = tf.io.encode_png(pixels).numpy(), "PNG"
+            decoded.append(tf.io.decode_image(encoded, channels=3).numpy())  # what a reader sees
+            records.append(bt.make_example(encoded, fmt, shape[0], shape[1], i, f"c{i}", f"{i}.png"))
+        folder = root / name
+        folder.mkdir()
+        for split in data.SPLITS:
+            _write_shard(folder / f"{split}-00000-of-00001", records)
+        out[name] = (str(folder), np.stack(decoded))
+    return out
+
+
+def _shard_images(folder, img_size, count, **kw):
+    ds = data.make_dataset("imagenet", "validation", batch_size=count, img_size=img_size, dataset_dir=folder,
+                           num_classes=count, training=False, **kw)
+    x, y = collect(ds)
+    return x[np.argsort(y)], np.sort(y)
+
+
+def test_eval_crop_one_keeps_the_whole_image(known_shards):
+    folder, pixels = known_shards["square"]
+    x, y = _shard_images(folder, 20, 6, eval_crop=1.0)
+    np.testing.assert_array_equal(y, np.arange(6))
+    np.testing.assert_allclose(x, pixels / 255.0, atol=1e-5)  # same size: the image itself
+    x, _ = _shard_images(folder, 32, 6, eval_crop=1.0)  # another size: the image resized
+    expected = tf.clip_by_value(tf.image.resize(pixels, [32, 32], method="bicubic") / 255.0, 0, 1)
+    np.testing.assert_allclose(x, expected.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("eval_crop, side, offset", [(1.0, 40, (0, 5)), (0.5, 20, (10, 15)),
+                                                     (0.3, 12, (14, 19)), (0.7, 28, (6, 11))])
+def test_eval_crop_keeps_the_centre(known_shards, eval_crop, side, offset):
+    folder, pixels = known_shards["wide"]  # 40x50: the crop is a centred square of the shorter side
+    x, _ = _shard_images(folder, side, 4, eval_crop=eval_crop)  # crop size = image size: no resampling
+    y0, x0 = offset
+    expected = pixels[:, y0:y0 + side, x0:x0 + side] / 255.0
+    np.testing.assert_allclose(x[0::2], expected[0::2], atol=1e-5)  # PNG
+    np.testing.assert_allclose(x[1::2], expected[1::2], atol=3 / 255)  # JPEG, decoded inside the window
+
+
+def test_eval_crop_default_is_0875_at_any_size(known_shards):
+    """The default central crop keeps 7/8 of the shorter side (224/(224+32) at 224), also for
+    small images: 35 of 40 pixels, not 32/(32+32) = half."""
+    folder, pixels = known_shards["wide"]
+    x, _ = _shard_images(folder, 35, 4)
+    np.testing.assert_allclose(x[0::2], pixels[0::2, 3:38, 8:43] / 255.0, atol=1e-5)
+    reps = data.representative_images("imagenet", img_size=20, count=6, dataset_dir=folder, eval_crop=0.5)
+    centres = pixels[:, 10:30, 15:35] / 255.0
+    errors = np.abs(reps[:, None] - centres[None]).max(axis=(2, 3, 4))  # [rep, centre]
+    assert np.all(errors.min(axis=1) < 3 / 255)  # every one is the centre half of a train image
+
+
+def test_tfrecord_augment_choices(known_shards):
+    folder, pixels = known_shards["square"]
+    kw = dict(batch_size=6, img_size=20, dataset_dir=folder, num_classes=6, training=True, seed=4,
+              eval_crop=1.0)
+    source = pixels / 255.0
+
+    def train(augment):
+        x, y = collect(data.make_dataset("imagenet", "train", augment=augment, **kw))
+        return x, y
+
+    x, y = train("none")
+    np.testing.assert_allclose(x, source[y], atol=1e-5)  # the eval images, shuffled
+    assert not np.array_equal(y, np.arange(6))
+    x, y = train("shift")
+    moves = [translation_of(a, s, 2) for a, s in zip(x, source[y])]
+    assert None not in moves and any(m != (0, 0) for m in moves)
+    x, y = train("inception")
+    np.testing.assert_array_equal(x, train(None)[0])  # the TFRecords' default
+    moves = [translation_of(a, s, 2) for a, s in zip(x, source[y])]
+    assert sum(m is None for m in moves) >= len(moves) // 2  # mostly zoomed in / mirrored
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(augment="flip"), r"unknown augment 'flip'; use one of: inception, shift, none"),
+    (dict(augment=""), r"unknown augment ''"),
+    (dict(eval_crop=0.0), r"eval_crop 0.0 must be a fraction in \(0, 1\]"),
+    (dict(eval_crop=1.5), r"eval_crop 1.5 must be"),
+    (dict(eval_crop=-0.5), r"eval_crop -0.5 must be"),
+    (dict(eval_crop=float("nan")), r"eval_crop nan must be"),
+    (dict(eval_crop="0.5"), r"eval_crop '0.5' must be"),
+    (dict(eval_crop=True), r"eval_crop True must be"),
+])
+def test_error_bad_augment_and_eval_crop(kw, pattern):
+    for name in data.DATASET_NAMES:
+        with pytest.raises(UserError, match=pattern) as err:
+            data.make_dataset(name, "train", batch_size=2, img_size=8, training=True, dataset_dir="/nonexistent",
+                              **kw)
+        assert "\n" not in str(err.value)
+    if "eval_crop" in kw:
+        with pytest.raises(UserError, match=pattern) as err:
+            data.representative_images("digits", img_size=8, count=2, **kw)
+        assert "\n" not in str(err.value)
