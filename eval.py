@@ -18,13 +18,14 @@ import json
 import os
 import sys
 
-import adj_quant  # noqa: F401  (quiet TensorFlow start-up)
+import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
 from adj_quant.config import FIELDS, build_parser
 from adj_quant.errors import UserError, cli_main
 
 EVAL_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_size",
-               "max_val_images", "width_multiplier", "depth_multiplier", "weight_bits",
-               "act_bits", "swish_bits", "bias_bits", "range", "calib_images",
+               "max_val_images", "eval_crop", "width_multiplier", "depth_multiplier",
+               "weight_bits", "act_bits", "swish_bits", "bias_bits", "range", "bias_range",
+               "quantize_se_gate", "calib_images",
                "metric_img_size", "ckpt_path", "config", "progress", "seed"]
 EXTRA = {
     "--float": dict(action="store_true", dest="float_model",
@@ -80,11 +81,10 @@ def report_lines(result: dict) -> list[str]:
 def evaluate_checkpoint(cli: dict) -> dict:
     from adj_quant import evaluation
     from adj_quant.checkpoints import ModelSpec, model_spec_for, resolve_checkpoint, restore_model
-    from adj_quant.qmodel import QuantizedEfficientNetB0
+    from adj_quant.qmodel import QuantizedNetwork
     from adj_quant.quant_info import save_quant_info
     from adj_quant.recipe import arch_of, calibrate_activations, quant_config
     from adj_quant.trainer import validation_data
-    from slim_nets.efficientnet_b0 import layer_scopes
 
     as_float = cli.pop("float_model", False)
     output, plot, thresholds = cli.pop("output", None), cli.pop("plot", None), cli.pop(
@@ -98,7 +98,7 @@ def evaluate_checkpoint(cli: dict) -> dict:
     model = spec.build(seed=o.seed)
     restore_model(model, ckpt)
     if spec.kind == "float" and not as_float:
-        qmodel = QuantizedEfficientNetB0.from_float(model, quant_config(o, False), seed=o.seed)
+        qmodel = QuantizedNetwork.from_float(model, quant_config(o, False), seed=o.seed)
         if thresholds:
             qmodel.load_thresholds(thresholds)
         else:
@@ -123,7 +123,7 @@ def evaluate_checkpoint(cli: dict) -> dict:
         from adj_quant.plots import per_layer_bits_png
 
         with open(plot, "wb") as f:
-            f.write(per_layer_bits_png(bits, layer_scopes(model.arch), os.path.basename(ckpt)))
+            f.write(per_layer_bits_png(bits, model.arch.layer_names, os.path.basename(ckpt)))
         result["plot"] = plot
     return result
 

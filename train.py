@@ -11,7 +11,7 @@ A config file sets defaults (top level and per-stage tables); flags override the
 
 from __future__ import annotations
 
-import adj_quant  # noqa: F401  (quiet TensorFlow start-up)
+import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
 from adj_quant.config import build_parser
 from adj_quant.errors import cli_main
 

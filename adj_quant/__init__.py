@@ -1,34 +1,49 @@
 """adjq: Adjustable Quantization for TensorFlow.
 
-Importing the package imports TensorFlow with its C++ start-up chatter (oneDNN, CUDA
-probing) silenced, so command-line errors stay one line. ``TF_CPP_MIN_LOG_LEVEL`` set by
-the user is respected.
+The public surface::
+
+    import adj_quant as aq
+    net = aq.nets.build("efficientnet_b0", num_classes=10)   # or aq.Network(...) of your own
+    qnet = aq.quantize(aq.FloatNetwork(net), aq.QuantConfig(bits_trainable=True))
+    aq.calibrate(qnet, images)
+    cost = aq.micronet_cost(qnet, img_size=224)               # .score .params .ops
+    loss = task_loss + beta * cost.score                      # or aq.adjustable_loss(...)
+    aq.save_quant_info(qnet, "quant_info.json")
+
+Importing the package has no side effects: names load (and TensorFlow with them) on
+first use.
 """
 
-import contextlib as _contextlib
-import os as _os
-import sys as _sys
-
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import importlib
 
 __version__ = "0.1.0"
 
+_EXPORTS = {
+    "Network": "adj_quant.network",
+    "Node": "adj_quant.network",
+    "FloatNetwork": "adj_quant.network",
+    "QuantConfig": "adj_quant.qmodel",
+    "QuantizedNetwork": "adj_quant.qmodel",
+    "AdjustableQuantizer": "adj_quant.quantizers",
+    "fake_quantize": "adj_quant.quantizers",
+    "quantize": "adj_quant.api",
+    "calibrate": "adj_quant.api",
+    "micronet_cost": "adj_quant.api",
+    "save_quant_info": "adj_quant.api",
+    "load_quant_info": "adj_quant.api",
+    "adjustable_loss": "adj_quant.training",
+    "UserError": "adj_quant.errors",
+}
+__all__ = sorted(_EXPORTS) + ["nets"]
 
-@_contextlib.contextmanager
-def quiet_stderr():
-    """Silence whatever native code writes to file descriptor 2 inside the block."""
-    _sys.stderr.flush()
-    saved = _os.dup(2)
-    devnull = _os.open(_os.devnull, _os.O_WRONLY)
-    _os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        _os.dup2(saved, 2)
-        _os.close(saved)
-        _os.close(devnull)
+
+def __getattr__(name):
+    if name == "nets":
+        return importlib.import_module("adj_quant.nets")
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'adj_quant' has no attribute {name!r}")
 
 
-if "tensorflow" not in _sys.modules:
-    with quiet_stderr():
-        import tensorflow  # noqa: F401
+def __dir__():
+    return __all__

@@ -12,22 +12,18 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 
 import tensorflow as tf
 
 from adj_quant.errors import UserError
-from adj_quant.qmodel import QuantConfig, QuantizedEfficientNetB0
-from slim_nets import efficientnet_b0 as eb0
+from adj_quant.files import write_atomic, write_json_atomic
+from adj_quant import nets
+from adj_quant.network import FloatNetwork, Network
+from adj_quant.qmodel import QuantConfig, QuantizedNetwork
 
 STATE_FILE = "checkpoints.json"
 SPEC_FILE = "model_spec.json"
-
-
-def write_json_atomic(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 def read_json(path: str):
@@ -41,26 +37,38 @@ def read_json(path: str):
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     kind: str                      # "float" | "quant"
-    arch: eb0.ArchConfig
+    arch: Network
     quant: QuantConfig | None = None
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "arch": dataclasses.asdict(self.arch),
+        return {"kind": self.kind, "network": nets.to_json(self.arch),
                 "quant": dataclasses.asdict(self.quant) if self.quant else None}
 
     @classmethod
-    def from_json(cls, data: dict) -> "ModelSpec":
-        quant = QuantConfig(**data["quant"]) if data.get("quant") else None
-        return cls(data["kind"], eb0.ArchConfig(**data["arch"]), quant)
+    def from_json(cls, data: dict, source: str = SPEC_FILE) -> "ModelSpec":
+        quant = None
+        if data.get("quant"):
+            saved = data["quant"]
+            missing = {k: v for k, v in QuantConfig.LEGACY.items() if k not in saved}
+            if missing:
+                print(f"note: {source} predates {', '.join(missing)}; the model is rebuilt as it "
+                      f"was trained ({', '.join(f'{k}={v}' for k, v in missing.items())})",
+                      file=sys.stderr)
+            quant = QuantConfig(**{**missing, **saved})
+        if "network" in data:
+            net = nets.from_json(data["network"])
+        else:  # written before networks were declared: always EfficientNet-B0
+            net = nets.build("efficientnet_b0", **data["arch"])
+        return cls(data["kind"], net, quant)
 
     def build(self, seed: int = 0, dropout_rate: float = 0.2, drop_connect_rate: float = 0.2,
-              bn_momentum: float = eb0.BN_MOMENTUM):
+              bn_momentum: float = 0.99):
         if self.kind == "float":
-            return eb0.EfficientNetB0(self.arch.num_classes, self.arch.width_multiplier,
-                                      self.arch.depth_multiplier, dropout_rate,
-                                      drop_connect_rate, seed=seed, bn_momentum=bn_momentum)
-        return QuantizedEfficientNetB0(self.arch, self.quant, dropout_rate=dropout_rate,
-                                       drop_connect_rate=drop_connect_rate, seed=seed)
+            return FloatNetwork(self.arch, dropout_rate=dropout_rate,
+                                drop_connect_rate=drop_connect_rate, seed=seed,
+                                bn_momentum=bn_momentum)
+        return QuantizedNetwork(self.arch, self.quant, dropout_rate=dropout_rate,
+                                drop_connect_rate=drop_connect_rate, seed=seed)
 
 
 def save_spec(directory: str, spec: ModelSpec) -> None:
@@ -71,7 +79,7 @@ def load_spec(ckpt_path: str) -> ModelSpec | None:
     path = os.path.join(os.path.dirname(ckpt_path), SPEC_FILE)
     if not os.path.exists(path):
         return None
-    return ModelSpec.from_json(read_json(path))
+    return ModelSpec.from_json(read_json(path), path)
 
 
 # --------------------------------------------------------------------------- run checkpoints
@@ -155,10 +163,7 @@ class RunCheckpoints:
         latest = self.state["latest"]
         lines = [f'model_checkpoint_path: "{latest}"'] + [
             f'all_model_checkpoint_paths: "{e["name"]}"' for e in self.state["checkpoints"]]
-        tmp = os.path.join(self.directory, "checkpoint.tmp")
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, os.path.join(self.directory, "checkpoint"))
+        write_atomic(os.path.join(self.directory, "checkpoint"), "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- restoring

@@ -3,20 +3,20 @@
 Precedence, lowest first: built-in defaults, the config file's top level, the config
 file's table for the stage being run (``[pretrain]``, ``[qat8]``, ...), then the flags
 given on the command line. Flag names are those of the original Adjustable Quantization
-commands (spec section 6); ``--alpha``, ``--beta`` and ``--gamma`` are loss weights.
+commands (docs/method.md, "Flags"); ``--alpha``, ``--beta`` and ``--gamma`` are loss weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tomllib
 from typing import Any
 
 from adj_quant.errors import UserError
+from adj_quant.files import write_json_atomic
 
 STAGES = ("pretrain", "calibrate", "qat8", "adjustable", "finetune")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -33,11 +33,13 @@ class Options:
     batch_size: int = 25
     seed: int = 0
     max_val_images: int | None = None
+    augment: str | None = None
+    eval_crop: float = 0.875
     # --- model
     width_multiplier: float = 1.0
     depth_multiplier: float = 1.0
-    dropout_rate: float = 0.2
-    drop_connect_rate: float = 0.2
+    dropout: float | None = None
+    drop_connect: float | None = None
     bn_momentum: float = 0.99
     # --- quantization
     weight_bits: int = 8
@@ -46,6 +48,9 @@ class Options:
     bias_bits: int = 8
     bits_trainable: bool = False
     range: int = 5
+    bits_grad: str = "original"
+    bias_range: str = "live"
+    quantize_se_gate: bool = True
     calib_images: int = 10000
     eval_initial_thresholds: bool = False
     # --- loss
@@ -90,8 +95,14 @@ HELP = {
     "max_val_images": "validate on at most this many images (default: the whole split)",
     "width_multiplier": "EfficientNet width multiplier",
     "depth_multiplier": "EfficientNet depth multiplier",
-    "dropout_rate": "dropout before the logits",
-    "drop_connect_rate": "maximum drop-connect rate of the residual branches",
+    "augment": "training augmentation: inception (random 8-100% crop + flip), shift (small "
+               "random translation) or none (default: the dataset's own for pretrain -- "
+               "shift for digits, inception for TFRecords -- and none for the quantized stages)",
+    "eval_crop": "fraction of the shorter side kept by the central crop of TFRecord images "
+                 "(1.0: no crop)",
+    "dropout": "dropout before the logits (default: 0.2 in pretrain, 0 in the quantized stages)",
+    "drop_connect": "maximum drop-connect rate of the residual branches (default: 0.2 in "
+                    "pretrain, 0 in the quantized stages)",
     "bn_momentum": "momentum of the batch-norm moving averages (float pretraining)",
     "weight_bits": "initial weight bits b0 (2..8)",
     "act_bits": "initial activation bits b0 (2..8)",
@@ -99,6 +110,11 @@ HELP = {
     "bias_bits": "bias bits (2..8); 0 keeps biases float",
     "bits_trainable": "learn per-channel bit-widths (bits_scale)",
     "range": "range preset 1..7: clip intervals of range_scale and range_shift",
+    "bits_grad": "estimator of the bits: original (the upper clip bound 2^b-1 passes gradient "
+                 "to the bits, as the original ran) or scale_only (only through the scale)",
+    "bias_range": "bias quantizer range: live (the bias tensor's own min/max at every step, "
+                  "as the original) or calibrated (fixed at calibration)",
+    "quantize_se_gate": "quantize the input of the SE gate's sigmoid like a swish input",
     "calib_images": "training images used to calibrate activation ranges",
     "eval_initial_thresholds": "also validate the quantized model with the initial thresholds",
     "alpha": "loss weight of the cross-entropy",
@@ -130,6 +146,13 @@ HELP = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+AUGMENTATIONS = ("inception", "shift", "none")
+CHOICES = {"stage": STAGES, "metric_style": ("adjq", "micronet"),
+           "bits_grad": ("original", "scale_only"), "bias_range": ("live", "calibrated"),
+           "augment": AUGMENTATIONS}
+#: Defaults that depend on the stage: float pretraining regularises, the quantized stages
+#: (and evaluation, stage None) run the network as the original did, without.
+PRETRAIN_ONLY = {"dropout": 0.2, "drop_connect": 0.2}
 
 
 def _type_of(field: dataclasses.Field):
@@ -157,15 +180,15 @@ def build_parser(prog: str, description: str, extra: dict[str, dict] | None = No
     for name in fields or FIELDS:
         kind = _type_of(FIELDS[name])
         default = FIELDS[name].default
+        text = HELP[name].replace("%", "%%")  # argparse %-formats help texts
+        if default is not None or "default:" not in text:
+            text += f" (default: {default})"
         if kind is bool:
-            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction,
-                                help=f"{HELP[name]} (default: {default})")
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=text)
+        elif name in CHOICES:
+            parser.add_argument(f"--{name}", type=kind, choices=CHOICES[name], help=text)
         else:
-            kwargs = {"choices": STAGES} if name == "stage" else {}
-            if name == "metric_style":
-                kwargs = {"choices": ("adjq", "micronet")}
-            parser.add_argument(f"--{name}", type=kind, metavar=name.upper(),
-                                help=f"{HELP[name]} (default: {default})", **kwargs)
+            parser.add_argument(f"--{name}", type=kind, metavar=name.upper(), help=text)
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
     return parser
@@ -231,6 +254,11 @@ def resolve(cli: dict[str, Any], stage: str | None) -> Options:
                 values[key] = _coerce(key, value, f"{config_path} [{stage}]")
     values.update(cli)
     values["config"] = config_path
+    for name, value in PRETRAIN_ONLY.items():
+        if values.get(name) is None:
+            values[name] = value if stage == "pretrain" else 0.0
+    if values.get("augment") is None and stage not in (None, "pretrain"):
+        values["augment"] = "none"  # pretrain: the dataset's own (see data.default_augment)
     options = Options(**values)
     validate(options)
     return options
@@ -250,11 +278,21 @@ def validate(o: Options) -> None:
         raise UserError(f"--max_epoch {o.max_epoch} must be a multiple of 0.1 (one mini-epoch)")
     if round(o.swa_freq * 10) < 1:
         raise UserError(f"--swa_freq {o.swa_freq} must be at least 0.1 (one mini-epoch)")
-    if o.metric_style not in ("adjq", "micronet"):
-        raise UserError(f"--metric_style {o.metric_style!r}: use adjq or micronet")
+    for name, choices in CHOICES.items():
+        value = getattr(o, name)
+        if value is not None and value not in choices:
+            raise UserError(f"--{name} {value!r}: use one of {', '.join(choices)}")
+    for name in ("dropout", "drop_connect"):
+        value = getattr(o, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"--{name} {value} must be in [0, 1)")
+    if not 0.0 < o.eval_crop <= 1.0:
+        raise UserError(f"--eval_crop {o.eval_crop} must be a fraction in (0, 1]; 1.0 keeps "
+                        "the whole image")
     from adj_quant.qmodel import QuantConfig
 
-    QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits, o.bits_trainable, o.range)
+    QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits, o.bits_trainable, o.range,
+                o.bits_grad, o.bias_range, o.quantize_se_gate)
 
 
 def options_to_json(o: Options) -> dict:
@@ -262,7 +300,4 @@ def options_to_json(o: Options) -> dict:
 
 
 def save_resolved(o: Options, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(options_to_json(o), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json_atomic(path, options_to_json(o), sort_keys=True)

@@ -13,8 +13,9 @@ import os
 import sys
 
 
-class UserError(Exception):
-    """Bad input from the user. The message names the value and the fix."""
+class UserError(ValueError):
+    """Bad input: the message names the value and the fix. A ``ValueError``, so library
+    users can catch it as one."""
 
 
 def cli_main(main):

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from adj_quant import data as data_lib
 from adj_quant import metric as metric_lib
+from adj_quant.qmodel import ACTIVATION_SITES
 from adj_quant.quant_info import average_bits
 from adj_quant.training import topk_correct
 
@@ -72,6 +73,6 @@ def bits_histograms(model) -> dict[str, np.ndarray]:
     for name, quant in model.quantizers().items():
         if name.endswith("/weights"):
             weights.append(quant.bits().numpy())
-        elif name.endswith(("/input", "/swish_input")):
+        elif name.endswith(ACTIVATION_SITES):
             acts.append(quant.bits().numpy())
     return {"bits/weights": np.concatenate(weights), "bits/activations": np.concatenate(acts)}

@@ -36,13 +36,14 @@ import time
 
 import numpy as np
 
-import adj_quant  # noqa: F401  (quiet TensorFlow start-up)
+import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
+from adj_quant.files import write_atomic
 from adj_quant.config import build_parser
 from adj_quant.errors import UserError, cli_main
 
 FORMATS = ("tflite", "saved_model")
 QUANTIZATIONS = ("float", "dynamic", "int8", "adjustable")
-DATA_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_size",
+DATA_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_size", "eval_crop",
                "max_val_images", "config", "progress", "seed"]
 DEFAULT_REPRESENTATIVE = 100
 EXTRA = {
@@ -101,7 +102,7 @@ class ExportNet:
     """The BN-folded network as constants: what gets converted.
 
     ``layers[scope] = (kind, stride, weights, biases)`` (numpy); ``act_ranges`` maps an
-    activation-quantizer site (``<scope>/input`` or ``<scope>/swish_input``) to the per-tensor
+    activation-quantizer site (``<scope>/input``, ``/swish_input``, ``/sigmoid_input``) to the per-tensor
     ``(min, max)`` a ``fake_quant_with_min_max_vars`` op imposes there (``adjustable``).
     """
 
@@ -121,32 +122,30 @@ class ExportNet:
             narrow_range=False)
 
     def __call__(self, images):
-        from slim_nets import efficientnet_b0 as eb0
+        from adj_quant import network as nw
 
-        def layer_fn(scope):
+        def layer(scope, x, training=False):
             kind, stride, weights, biases = self.layers[scope]
+            x = self._fake_quant(f"{scope}/input", x)
+            return nw.apply_linear(kind, x, weights, stride) + biases
 
-            def call(x, training=False):
-                x = self._fake_quant(f"{scope}/input", x)
-                return eb0.apply_linear(kind, x, weights, stride) + biases
-            return call
+        def activation(scope, fn, x):
+            if fn in nw.QUANTIZED_ACTIVATIONS:
+                x = self._fake_quant(f"{scope}/{fn}_input", x)
+            return nw.ACTIVATIONS[fn](x)
 
-        def swish_fn(scope, x):
-            return eb0.swish(self._fake_quant(f"{scope}/swish_input", x))
-
-        layers = {scope: layer_fn(scope) for scope in self.layers}
-        return eb0.efficientnet_forward(layers, images, self.arch, training=False,
-                                        swish_fn=swish_fn)
+        return self.arch.forward(images, layer, activation=activation)
 
 
 def export_net(model, spec, quantization: str) -> ExportNet:
     """The :class:`ExportNet` of a restored float or quantized model."""
-    from slim_nets import efficientnet_b0 as eb0
+    from adj_quant.network import fold_batch_norm
+    from adj_quant.qmodel import ACTIVATION_SITES
 
     layers = {}
     for scope, layer in model.layers.items():
         if spec.kind == "float":
-            weights, biases = eb0.fold_batch_norm(layer)
+            weights, biases = fold_batch_norm(layer)
         else:
             weights, biases = layer.quantized_weights()
         layers[scope] = (layer.kind, layer.stride, weights.numpy().astype(np.float32),
@@ -155,7 +154,7 @@ def export_net(model, spec, quantization: str) -> ExportNet:
     if quantization == "adjustable":
         act_ranges = {name: union_range(quant)
                       for name, quant in model.quantizers().items()
-                      if name.endswith(("/input", "/swish_input"))}
+                      if name.endswith(ACTIVATION_SITES)}
     return ExportNet(model.arch, layers, act_ranges)
 
 
@@ -255,13 +254,11 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
     from tensorflow.lite.python import schema_util
     from tensorflow.lite.tools import flatbuffer_utils
 
-    from slim_nets import efficientnet_b0 as eb0
-
     fb = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite))
     graph = fb.subgraphs[0]
     linear = [op for op in graph.operators if schema_util.get_builtin_code_from_operator_code(
         fb.operatorCodes[op.opcodeIndex]) in _LINEAR_OPS]
-    scopes = eb0.layer_scopes(model.arch)
+    scopes = model.arch.layer_names
     if len(linear) != len(scopes):
         raise RuntimeError(f"the converted model has {len(linear)} conv/depthwise/FC ops, the "
                            f"network {len(scopes)} layers")
@@ -340,19 +337,6 @@ def check_output(path: str, overwrite: bool) -> None:
     if not os.path.isdir(parent):
         raise UserError(f"output directory {parent} does not exist; create it or pass another "
                         "--output")
-
-
-def write_file_atomic(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_saved_model_atomic(module, path: str) -> None:
@@ -435,7 +419,7 @@ def export(cli: dict) -> dict:
             name, dataset_dir, _, offset = data_args(o)
             representative = data_lib.representative_images(
                 name, img_size=o.img_size, count=count, seed=o.seed, dataset_dir=dataset_dir,
-                labels_offset=offset)
+                labels_offset=offset, eval_crop=o.eval_crop)
         tflite = convert(module, quantization, representative)
         if quantization == "adjustable":
             left_float = float_linear_ops(tflite)
@@ -449,7 +433,7 @@ def export(cli: dict) -> dict:
                 tflite = convert(inference_module(net, o.img_size), quantization,
                                  representative)
             tflite, levels = snap_to_learned_levels(tflite, model, net)
-        write_file_atomic(output, tflite)
+        write_atomic(output, tflite)
     return {"output": output, "size_bytes": tree_size(output), "checkpoint": ckpt,
             "model_kind": spec.kind, "format": fmt, "quantization": quantization,
             "seconds": time.time() - started, "options": o, "levels": levels,
@@ -605,7 +589,7 @@ def evaluate_tflite(cli: dict) -> dict:
     batch = max(o.batch_size, 64)
     dataset = data_lib.make_dataset(name, "validation", batch_size=batch, img_size=runner.img_size,
                                     training=False, dataset_dir=dataset_dir, labels_offset=offset,
-                                    num_classes=classes)
+                                    num_classes=classes, eval_crop=o.eval_crop)
     result = interpreter_accuracy(path, dataset, batch=batch, progress=o.progress,
                                   max_images=o.max_val_images)
     result.update(tflite=path, size_bytes=os.path.getsize(path))

@@ -4,7 +4,7 @@ Two counting styles, written once with TensorFlow ops so that the same code prin
 report and gives the differentiable metric term of the training loss:
 
 ``micronet``
-    The official challenge rules (``micronet_scoring.md``). Multiplies of a conv / FC
+    The official challenge rules (``docs/metric.md``). Multiplies of a conv / FC
     cost ``max(w_co, a_ci) / 32`` per multiply (per output channel weight bits, per input
     channel activation bits); adds of fake-quantized layers are float32 accumulations and
     cost 32/32; pooling, SE scale, sigmoid, swish and residual adds are counted; the
@@ -12,9 +12,11 @@ report and gives the differentiable metric term of the training loss:
     the 16-bit "freebie" (params and multiplies at 16 bits).
 
 ``adjq``
-    The original submission's own counting: ``2 * MACs * max(mean(w), mean(a)) / 32``
-    per weight layer, the stem at 8 bits, swish at 3 ops per element, nothing else;
-    params at ``weights * mean(w) / 32 + biases * bias_bits / 32``.
+    The original submission's own counting: ``2 * MACs * max(w, a) / 32`` per weight
+    layer, where for per-channel bits ``max(w, a)`` is the original's
+    ``mean(maximum(tile(w, len(a)), tile(a, len(w))))`` (see :func:`tiled_max_mean`); the
+    stem at 8 bits, swish at 3 ops per element, nothing else; params at
+    ``weights * mean(w) / 32 + biases * bias_bits / 32``.
 
 Everything is computed in float64 (exact integer counts for the float model); a float32
 bits tensor is cast, so gradients flow back to it. Wherever a max of weight and
@@ -24,9 +26,9 @@ activation bits is taken, :func:`surrogate_max` supplies the gradient
 The building blocks are public so they can be checked on tiny inputs:
 :func:`micronet_layer_counts`, :func:`micronet_element_counts`, :func:`adjq_layer_counts`,
 :func:`adjq_element_counts` and :func:`count_specs` (any list of :class:`LayerSpec` and
-:class:`ElementOp`). A layer whose scope is ``"Conv"`` is treated as the stem: its input is
-the 8-bit image, which has no quantizer of ours (micronet) and which ``adjq`` charges at a
-flat 8 bits.
+:class:`ElementOp`). A layer with ``stem=True`` multiplies with the 8-bit image, which has
+no quantizer of ours (micronet) and which ``adjq`` charges at a flat 8 bits.
+:func:`network_layers` and :func:`element_ops` derive the lists from a declared network.
 """
 
 from __future__ import annotations
@@ -38,17 +40,17 @@ import numpy as np
 import tensorflow as tf
 
 from adj_quant.errors import UserError
-from slim_nets.efficientnet_b0 import ArchConfig, layer_scopes, swish_scopes
+import math
+
+from adj_quant.network import Network
 
 P_REF, O_REF = 6.9e6, 1170e6
 
 FLOAT_BITS = 32
 IMAGE_BITS = 8
-STEM_SCOPE = "Conv"
-HEAD_POOL_SCOPE = "Logits/AvgPool"
 STYLES = ("micronet", "adjq")
 LAYER_KINDS = ("conv", "dws", "fc")
-ELEMENT_KINDS = ("swish", "sigmoid", "gap", "se_scale", "residual_add")
+ELEMENT_KINDS = ("swish", "sigmoid", "relu", "relu6", "gap", "se_scale", "residual_add")
 
 _DTYPE = tf.float64
 
@@ -69,6 +71,7 @@ class LayerSpec:
     in_hw: int  # input spatial size (side); 1 for SE convs and FC
     out_hw: int  # output spatial size (side), SAME padding: ceil(in / stride)
     has_bias: bool  # True for every layer of the folded model
+    stem: bool = False  # multiplies with the 8-bit image (no input quantizer of ours)
 
     @property
     def weights_per_out_channel(self) -> int:
@@ -92,8 +95,10 @@ class LayerSpec:
 class ElementOp:
     """A non-conv op of the MicroNet table. ``hw`` is the spatial side: ``hw*hw*channels`` elements."""
 
-    kind: str  # "swish" | "sigmoid" | "gap" | "se_scale" | "residual_add"
-    scope: str  # swish: the swish scope (key of BitAssignment.swish); else e.g. "expanded_conv_3/se"
+    kind: str  # one of ELEMENT_KINDS
+    # swish and sigmoid: the scope whose output they take (key of BitAssignment.swish);
+    # else e.g. "expanded_conv_3/se"
+    scope: str
     hw: int
     channels: int
 
@@ -102,50 +107,36 @@ def _same_out(size: int, stride: int) -> int:
     return -(-size // stride)
 
 
-def network_layers(arch: ArchConfig, img_size: int) -> list[LayerSpec]:
-    """Every weight layer of EfficientNet-B0, in execution order (same order as ``layer_scopes``)."""
+def network_layers(net: Network, img_size: int) -> list[LayerSpec]:
+    """Every weight layer of a declared network, in execution order."""
+    shapes = net.layer_shapes(img_size)
     layers = []
-    hw = _same_out(img_size, 2)
-    layers.append(LayerSpec(STEM_SCOPE, "conv", 3, 3, arch.stem_filters, 2, img_size, hw, True))
-    for b in arch.blocks():
-        if b.has_expand:
-            layers.append(LayerSpec(f"{b.scope}/expand", "conv", 1, b.filters_in, b.expanded, 1,
-                                    hw, hw, True))
-        out = _same_out(hw, b.stride)
-        layers.append(LayerSpec(f"{b.scope}/dws", "dws", b.kernel, b.expanded, b.expanded, b.stride,
-                                hw, out, True))
-        layers.append(LayerSpec(f"{b.scope}/se_1", "conv", 1, b.expanded, b.se_filters, 1, 1, 1, True))
-        layers.append(LayerSpec(f"{b.scope}/se_2", "conv", 1, b.se_filters, b.expanded, 1, 1, 1, True))
-        layers.append(LayerSpec(f"{b.scope}/project", "conv", 1, b.expanded, b.filters_out, 1,
-                                out, out, True))
-        hw = out
-    last = arch.blocks()[-1].filters_out
-    layers.append(LayerSpec("Conv_1", "conv", 1, last, arch.head_filters, 1, hw, hw, True))
-    layers.append(LayerSpec("Logits", "fc", 1, arch.head_filters, arch.num_classes, 1, 1, 1, True))
-    assert [layer.scope for layer in layers] == layer_scopes(arch)
+    for node in net.layers:
+        in_hw, cin, out_hw, cout = shapes[node.name]
+        layers.append(LayerSpec(node.name, node.op, node.kernel, cin, cout, node.stride, in_hw,
+                                out_hw, True, stem=net.is_stem(node)))
     return layers
 
 
-def element_ops(arch: ArchConfig, img_size: int) -> list[ElementOp]:
-    """Swish, SE (pool, sigmoid, scale), residual adds and the head pool, in execution order."""
+_ELEMENT_KINDS_OF = {"gap": "gap", "mul": "se_scale", "add": "residual_add"}
+
+
+def element_ops(net: Network, img_size: int) -> list[ElementOp]:
+    """Activations, pooling, SE scales and residual adds, in execution order.
+
+    An activation's scope is the scope that feeds it (the key of its input bits); the
+    others use their node's name. Dropout costs nothing at inference.
+    """
+    shapes = net.shapes(img_size)
     ops = []
-    hw = _same_out(img_size, 2)
-    ops.append(ElementOp("swish", STEM_SCOPE, hw, arch.stem_filters))
-    for b in arch.blocks():
-        if b.has_expand:
-            ops.append(ElementOp("swish", f"{b.scope}/expand", hw, b.expanded))
-        out = _same_out(hw, b.stride)
-        ops.append(ElementOp("swish", f"{b.scope}/dws", out, b.expanded))
-        ops.append(ElementOp("gap", f"{b.scope}/se", out, b.expanded))
-        ops.append(ElementOp("swish", f"{b.scope}/se_1", 1, b.se_filters))
-        ops.append(ElementOp("sigmoid", f"{b.scope}/se", 1, b.expanded))
-        ops.append(ElementOp("se_scale", f"{b.scope}/se", out, b.expanded))
-        if b.has_residual:
-            ops.append(ElementOp("residual_add", f"{b.scope}/residual", out, b.filters_out))
-        hw = out
-    ops.append(ElementOp("swish", "Conv_1", hw, arch.head_filters))
-    ops.append(ElementOp("gap", HEAD_POOL_SCOPE, hw, arch.head_filters))
-    assert [o.scope for o in ops if o.kind == "swish"] == swish_scopes(arch)
+    for node in net.nodes:
+        source = shapes[net.inputs_of(node)[0]]
+        if node.op == "act":
+            ops.append(ElementOp(node.fn, net.inputs_of(node)[0], source.hw, source.channels))
+        elif node.op in _ELEMENT_KINDS_OF:
+            out = shapes[node.name]
+            hw = source.hw if node.op == "gap" else out.hw
+            ops.append(ElementOp(_ELEMENT_KINDS_OF[node.op], node.name, hw, out.channels))
     return ops
 
 
@@ -188,8 +179,10 @@ class BitAssignment:
 
     ``weight[scope]``: bits per OUTPUT channel (``[cout]``; depthwise ``[C]``) or a scalar.
     ``act[scope]``: bits of the layer's INPUT activation per input channel (``[cin]``) or a
-    scalar; ``act["Conv"]`` is 8, the 8-bit image. ``swish[scope]``: bits of the swish input
-    at a swish site (scalar or ``[C]``). ``bias_bits``: bits of all biases. 32 anywhere
+    scalar; a stem's is 8, the 8-bit image (its scope is in ``image_inputs``).
+    ``swish[scope]``: bits of the input of an activation function (scalar or ``[C]``):
+    every swish site and, when quantized, every sigmoid site (EfficientNet's SE gates,
+    ``<block>/se_2``; absent means float). ``bias_bits``: bits of all biases. 32 anywhere
     means "not quantized" (float). Values may be numbers, numpy arrays or tf tensors.
     """
 
@@ -197,30 +190,35 @@ class BitAssignment:
     act: dict[str, Any]
     swish: dict[str, Any]
     bias_bits: Any
+    image_inputs: frozenset = frozenset()
 
     @classmethod
-    def uniform(cls, arch: ArchConfig, weight_bits, act_bits, swish_bits=8,
-                bias_bits=8) -> "BitAssignment":
+    def uniform(cls, arch: Network, weight_bits, act_bits, swish_bits=8,
+                bias_bits=8, se_gate: bool = True) -> "BitAssignment":
         """The same bits everywhere.
 
         ``swish_bits``: 8 (or any of 2..8) fixed, 0 "trainable, starting from ``act_bits``"
-        (counted at ``act_bits``), -1 float. ``bias_bits`` 0 means float biases. Weight and
-        activation bits of 32/32 give the float model (swish and biases float too).
+        (counted at ``act_bits``), -1 float. ``se_gate``: the SE sigmoid's input is quantized
+        like a swish input. ``bias_bits`` 0 means float biases. Weight and activation bits
+        of 32/32 give the float model (swish, gates and biases float too).
         """
         _check_uniform_bits("weight_bits", weight_bits, ())
         _check_uniform_bits("act_bits", act_bits, ())
         _check_uniform_bits("swish_bits", swish_bits, (-1, 0))
         _check_uniform_bits("bias_bits", bias_bits, (0,))
-        scopes = layer_scopes(arch)
+        scopes = arch.layer_names
+        stems = frozenset(n.name for n in arch.layers if arch.is_stem(n))
         if weight_bits == FLOAT_BITS and act_bits == FLOAT_BITS:
             swish, bias = FLOAT_BITS, FLOAT_BITS
         else:
             swish = {-1: FLOAT_BITS, 0: act_bits}.get(swish_bits, swish_bits)
             bias = FLOAT_BITS if bias_bits == 0 else bias_bits
         act = {scope: act_bits for scope in scopes}
-        act[STEM_SCOPE] = IMAGE_BITS
+        act.update({scope: IMAGE_BITS for scope in stems})
+        sites = arch.activation_sites("swish") + (arch.activation_sites("sigmoid") if se_gate
+                                                  else [])
         return cls(weight={scope: weight_bits for scope in scopes}, act=act,
-                   swish={scope: swish for scope in swish_scopes(arch)}, bias_bits=bias)
+                   swish={scope: swish for scope in sites}, bias_bits=bias, image_inputs=stems)
 
     def is_float(self) -> bool:
         """True when every entry is 32 (the stem's image input excepted).
@@ -228,7 +226,7 @@ class BitAssignment:
         Symbolic tensors (inside ``tf.function``) are unknown and make this False.
         """
         values = list(self.weight.values()) + list(self.swish.values()) + [self.bias_bits]
-        values += [v for scope, v in self.act.items() if scope != STEM_SCOPE]
+        values += [v for scope, v in self.act.items() if scope not in self.image_inputs]
         return all(_is_all(v, FLOAT_BITS) for v in values)
 
 
@@ -280,7 +278,8 @@ def surrogate_max(w_bits, a_bits, gamma) -> tf.Tensor:
         dtype = tf.float64 if tf.float64 in floats or len(set(floats)) > 1 else (
             floats[0] if floats else tf.float32)
         w, a = tf.cast(w, dtype), tf.cast(a, dtype)
-    g_act = tf.cast(gamma, w.dtype)
+    g_act = (tf.cast(gamma, w.dtype) if isinstance(gamma, (tf.Tensor, tf.Variable))
+             else tf.constant(gamma, w.dtype))  # a Python float stays exact in float64
 
     @tf.custom_gradient
     def _max(w, a):
@@ -316,7 +315,7 @@ def micronet_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, act_qua
     """
     _check_spec(spec)
     if act_quantizer is None:
-        act_quantizer = spec.scope != STEM_SCOPE
+        act_quantizer = not spec.stem
     n_w = spec.weight_channels
     w = _bits(w_bits, n_w, f"{spec.scope} weight")
     a = _bits(a_bits, spec.cin, f"{spec.scope} act")
@@ -342,17 +341,19 @@ def micronet_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, act_qua
 
 
 def micronet_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
-    """Official counts of a non-conv op. ``bits``: the swish-input bits (swish only)."""
+    """Official counts of a non-conv op. ``bits``: the input bits (swish and sigmoid only;
+    None means float)."""
     elements = op.hw * op.hw * op.channels
     c = op.channels
     const = lambda x: tf.constant(float(x), _DTYPE)  # noqa: E731
-    if op.kind == "swish":
-        s = _bits(FLOAT_BITS if bits is None else bits, c, f"{op.scope} swish")
+    if op.kind in ("swish", "sigmoid"):
+        s = _bits(FLOAT_BITS if bits is None else bits, c, f"{op.scope} {op.kind}")
         per_element = op.hw * op.hw * _channel_sum(s, c) / FLOAT_BITS
-        return {"params": 2.0 * _quantized_channels(s, c), "multiplies": 3.0 * per_element,
+        multiplies = 3.0 if op.kind == "swish" else 2.0
+        return {"params": 2.0 * _quantized_channels(s, c), "multiplies": multiplies * per_element,
                 "adds": per_element}
-    if op.kind == "sigmoid":
-        return {"params": _zero(), "multiplies": const(2 * elements), "adds": const(elements)}
+    if op.kind in ("relu", "relu6"):  # the official table: 1 per element, as a multiply
+        return {"params": _zero(), "multiplies": const(elements), "adds": _zero()}
     if op.kind == "gap":
         return {"params": _zero(), "multiplies": const(c), "adds": const((op.hw * op.hw - 1) * c)}
     if op.kind == "se_scale":
@@ -362,16 +363,35 @@ def micronet_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
     raise ValueError(f"{op.scope}: unknown element op kind {op.kind!r}")
 
 
+def tiled_max_mean(w, a, gamma) -> tf.Tensor:
+    """The original's ``mean(maximum(tile(w, len(a)), tile(a, len(w))))``, differentiably.
+
+    With ``n = len(w)`` and ``m = len(a)`` it is the mean over ``k < n*m`` of
+    ``max(w[k mod n], a[k mod m])``. By the Chinese remainder theorem the pairs
+    ``(k mod n, k mod m)`` are exactly the ``(i, j)`` with ``i = j (mod g)``, ``g = gcd(n, m)``,
+    each ``g`` times; so the mean runs over those ``n*m/g`` pairs only (``n = m``: channel
+    ``i`` with channel ``i``). The max is :func:`surrogate_max`: its gradient is that of
+    ``(1 - gamma) * w + gamma * a``. A scalar counts as a vector of one.
+    """
+    w = tf.reshape(w, [-1])
+    a = tf.reshape(a, [-1])
+    n, m = int(w.shape[0]), int(a.shape[0])
+    g = math.gcd(n, m)
+    pairs = surrogate_max(tf.reshape(w, [n // g, 1, g]), tf.reshape(a, [1, m // g, g]), gamma)
+    return tf.reduce_mean(pairs)
+
+
 def adjq_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, stem=None,
                       gamma: float = 0.7) -> dict[str, tf.Tensor]:
     """The submission's counts of one layer; ``multiplies = adds = ops / 2``.
 
-    ``ops = 2 * MACs * max(mean(w), mean(a)) / 32`` (the stem, by default scope "Conv",
-    at a flat 8 bits); ``params = weights * mean(w) / 32 + biases * bias_bits / 32``.
+    ``ops = 2 * MACs * max(w, a) / 32`` with ``max(w, a)`` = :func:`tiled_max_mean` (the
+    stem (default: ``spec.stem``) at a flat 8 bits);
+    ``params = weights * mean(w) / 32 + biases * bias_bits / 32``.
     """
     _check_spec(spec)
     if stem is None:
-        stem = spec.scope == STEM_SCOPE
+        stem = spec.stem
     w = _bits(w_bits, spec.weight_channels, f"{spec.scope} weight")
     a = _bits(a_bits, spec.cin, f"{spec.scope} act")
     bias = _bits(bias_bits, 1, "bias_bits")
@@ -379,7 +399,7 @@ def adjq_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, stem=None,
     if stem:
         bits = tf.constant(float(IMAGE_BITS), _DTYPE)
     else:
-        bits = surrogate_max(mean_w, tf.reduce_mean(a), gamma)
+        bits = tiled_max_mean(w, a, gamma)
     ops = 2.0 * spec.macs * bits / FLOAT_BITS
     n_weights = spec.weights_per_out_channel * spec.cout
     params = n_weights * mean_w / FLOAT_BITS
@@ -447,8 +467,11 @@ def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignme
                           _lookup(bits.act, spec.scope, "act"), bits.bias_bits, gamma=gamma)
         rows.append((spec.scope, spec.kind, counts))
     for op in ops:
-        swish = _lookup(bits.swish, op.scope, "swish") if op.kind == "swish" else None
-        rows.append((op.scope, op.kind, element_fn(op, swish)))
+        if op.kind == "swish":
+            act_fn_bits = _lookup(bits.swish, op.scope, "swish")
+        else:  # a sigmoid whose input is not quantized has no entry: float
+            act_fn_bits = bits.swish.get(op.scope) if op.kind == "sigmoid" else None
+        rows.append((op.scope, op.kind, element_fn(op, act_fn_bits)))
     half = 0.5 if (style == "micronet" and freebie and bits.is_float()) else 1.0
     params = tf.add_n([c["params"] for _, _, c in rows] or [_zero()]) * half
     multiplies = tf.add_n([c["multiplies"] for _, _, c in rows] or [_zero()]) * half
@@ -463,21 +486,21 @@ def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignme
     return Counts(params, multiplies, adds, total_ops, score, table)
 
 
-def count_micronet(arch: ArchConfig, img_size: int, bits: BitAssignment, per_layer: bool = False,
+def count_micronet(arch: Network, img_size: int, bits: BitAssignment, per_layer: bool = False,
                    freebie: bool = True, *, gamma: float = 0.7) -> Counts:
     """Official MicroNet counts of the whole network."""
     return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
                        "micronet", per_layer, freebie, gamma)
 
 
-def count_adjq(arch: ArchConfig, img_size: int, bits: BitAssignment, per_layer: bool = False,
+def count_adjq(arch: Network, img_size: int, bits: BitAssignment, per_layer: bool = False,
                *, gamma: float = 0.7) -> Counts:
     """The submission's own counts of the whole network (``multiplies = adds = ops / 2``)."""
     return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
                        "adjq", per_layer, False, gamma)
 
 
-def metric_value(arch: ArchConfig, img_size: int, bits: BitAssignment, style: str = "adjq",
+def metric_value(arch: Network, img_size: int, bits: BitAssignment, style: str = "adjq",
                  gamma: float = 0.7) -> tf.Tensor:
     """Differentiable ``params / P_REF + ops / O_REF`` (float32 scalar) for the loss."""
     if style == "micronet":

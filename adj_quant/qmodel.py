@@ -1,32 +1,38 @@
-"""The quantized EfficientNet-B0 (specification section 2).
+"""The quantized network derived from a declaration (docs/method.md, "What is quantized").
 
-Built from a float model: batch norm is folded into every conv's weights and bias, then
-every weight tensor, the input of every conv/FC (except the stem, whose input is the
-8-bit image), every swish input and every bias gets an :class:`AdjustableQuantizer`.
+Built from a float model (:class:`adj_quant.network.FloatNetwork`): batch norm is folded into every conv's weights and bias, then
+every weight tensor, the input of every conv/FC (except a stem, whose input is the 8-bit
+image), every swish input, every sigmoid input (EfficientNet's SE gates) and every bias
+gets an :class:`AdjustableQuantizer`. Where they go follows from the network's
+declaration alone.
 
 Quantizer ("tensor") names, used by ``initial_thresholds.json``::
 
-    <scope>/weights      per output channel (depthwise: per channel, axis 2)
-    <scope>/input        per input channel: the activation the layer multiplies with
-    <scope>/swish_input  per channel, the pre-activation of a swish (``--swish_bits``)
-    <scope>/biases       one range per tensor (``--bias_bits``)
+    <scope>/weights        per output channel (depthwise: per channel, axis 2)
+    <scope>/input          per input channel: the activation the layer multiplies with
+    <scope>/swish_input    per channel, the pre-activation of a swish (``--swish_bits``)
+    <block>/se_2/sigmoid_input  per channel, the SE gate's pre-activation (like a swish input)
+    <scope>/biases         one range per tensor (``--bias_bits``); by default its base range
+                           is the bias tensor's live min/max (``--bias_range``)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant.errors import UserError
-from adj_quant.quantizers import AdjustableQuantizer, check_bits, range_preset
-from slim_nets import efficientnet_b0 as eb0
+from adj_quant.files import write_json_atomic
+from adj_quant import network as nw
+from adj_quant.quantizers import AdjustableQuantizer, check_bits, check_bits_grad, range_preset
 
-STEM = "Conv"
+BIAS_RANGES = ("live", "calibrated")
+#: Quantizer-name suffixes of the activation sites (calibrated on data, exported as ranges).
+ACTIVATION_SITES = ("/input", "/swish_input", "/sigmoid_input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,12 @@ class QuantConfig:
     bias_bits: int = 8        # 0: float biases
     bits_trainable: bool = False
     range_preset: int = 5
+    bits_grad: str = "original"     # estimator of the upper clip bound (quantizers.BITS_GRAD_MODES)
+    bias_range: str = "live"        # "live": the bias tensor's own min/max; "calibrated": fixed
+    quantize_se_gate: bool = True   # quantize every sigmoid's input (the SE gates) like a swish input
+
+    #: What a model_spec.json written before these fields existed was trained with.
+    LEGACY = {"bits_grad": "scale_only", "bias_range": "calibrated", "quantize_se_gate": False}
 
     def __post_init__(self):
         check_bits(self.weight_bits, "--weight_bits")
@@ -49,33 +61,37 @@ class QuantConfig:
         if self.bias_bits != 0:
             check_bits(self.bias_bits, "--bias_bits")
         range_preset(self.range_preset)
+        check_bits_grad(self.bits_grad)
+        if self.bias_range not in BIAS_RANGES:
+            raise UserError(f"--bias_range {self.bias_range!r}: use one of {', '.join(BIAS_RANGES)}")
 
 
 class QuantizedLayer(tf.Module):
     """Folded conv / depthwise / FC with quantized weights, input and bias."""
 
-    def __init__(self, scope: str, kind: str, kernel: int, cin: int, cout: int, stride: int,
+    def __init__(self, net_scope: str, node: nw.Node, cin: int, cout: int, stem: bool,
                  qcfg: QuantConfig):
         super().__init__(name=None)
-        full = f"{eb0.SCOPE}/{scope}"
-        self.scope, self.kind, self.kernel, self.stride = scope, kind, kernel, stride
+        scope, kind = node.name, node.op
+        full = f"{net_scope}/{scope}"
+        self.scope, self.kind, self.kernel, self.stride = scope, kind, node.kernel, node.stride
         self.cin, self.cout = cin, cout
-        shape = {"conv": [kernel, kernel, cin, cout], "dws": [kernel, kernel, cin, 1],
-                 "fc": [cin, cout]}[kind]
-        weight_name = "depthwise_weights" if kind == "dws" else "weights"
-        self.weights = tf.Variable(tf.zeros(shape), name=f"{full}/{weight_name}")
+        self.weights = tf.Variable(tf.zeros(nw.weight_shape(kind, node.kernel, cin, cout)),
+                                   name=f"{full}/{nw.weight_name(kind)}")
         self.biases = tf.Variable(tf.zeros([cout]), name=f"{full}/biases")
-        common = dict(bits_trainable=qcfg.bits_trainable, range_preset_id=qcfg.range_preset)
+        common = dict(bits_trainable=qcfg.bits_trainable, range_preset_id=qcfg.range_preset,
+                      bits_grad=qcfg.bits_grad)
         self.weight_quant = AdjustableQuantizer(
             f"{full}/weight_quant", cout, axis=2 if kind == "dws" else -1,
             init_bits=qcfg.weight_bits, **common)
-        self.act_quant = None if scope == STEM else AdjustableQuantizer(
+        self.act_quant = None if stem else AdjustableQuantizer(
             f"{full}/act_quant", cin, axis=-1, init_bits=qcfg.act_bits, **common)
         self.bias_quant = None if qcfg.bias_bits == 0 else AdjustableQuantizer(
-            f"{full}/bias_quant", 1, init_bits=qcfg.bias_bits, range_preset_id=qcfg.range_preset)
+            f"{full}/bias_quant", 1, init_bits=qcfg.bias_bits, range_preset_id=qcfg.range_preset,
+            bits_grad=qcfg.bits_grad, live_range=qcfg.bias_range == "live")
 
-    def load_float(self, layer: eb0.ConvLayer) -> None:
-        weights, biases = eb0.fold_batch_norm(layer)
+    def load_float(self, layer: nw.ConvLayer) -> None:
+        weights, biases = nw.fold_batch_norm(layer)
         self.weights.assign(weights)
         self.biases.assign(biases)
 
@@ -87,42 +103,66 @@ class QuantizedLayer(tf.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         weights, biases = self.quantized_weights()
-        return eb0.apply_linear(self.kind, x, weights, self.stride) + biases
+        return nw.apply_linear(self.kind, x, weights, self.stride) + biases
 
     def float_call(self, x: tf.Tensor, observe) -> tf.Tensor:
         """Unquantized forward that reports its input to ``observe`` (for calibration)."""
         if self.act_quant is not None:
             observe(f"{self.scope}/input", x)
-        return eb0.apply_linear(self.kind, x, self.weights, self.stride) + self.biases
+        return nw.apply_linear(self.kind, x, self.weights, self.stride) + self.biases
 
 
-class QuantizedEfficientNetB0(tf.Module):
-    """Fake-quantized, BN-folded EfficientNet-B0."""
+class QuantizedNetwork(tf.Module):
+    """The fake-quantized, BN-folded twin of a declared network.
 
-    def __init__(self, arch: eb0.ArchConfig, qcfg: QuantConfig, *, dropout_rate: float = 0.2,
-                 drop_connect_rate: float = 0.2, seed: int = 0):
-        super().__init__(name=eb0.SCOPE)
-        self.arch, self.qcfg = arch, qcfg
+    Quantizers: ``layers[scope].weight_quant / act_quant / bias_quant`` for every weight
+    layer, ``swish_quant[scope]`` for every swish input and ``gate_quant[scope]`` for every
+    sigmoid input (keyed by the scope that feeds the activation).
+    """
+
+    def __init__(self, net: nw.Network, qcfg: QuantConfig, *, dropout_rate: float = 0.0,
+                 drop_connect_rate: float = 0.0, seed: int = 0):
+        super().__init__(name=net.scope)
+        self.net, self.qcfg = net, qcfg
         self.dropout_rate, self.drop_connect_rate = dropout_rate, drop_connect_rate
         self.rng = tf.random.Generator.from_seed(seed)
-        shapes = eb0.build_layer_shapes(arch)
-        self.layers = {scope: QuantizedLayer(scope, *shape, qcfg=qcfg)
-                       for scope, shape in shapes.items()}
-        self.swish_quant = {}
+        shapes = net.layer_shapes(32)
+        self.layers = {node.name: QuantizedLayer(net.scope, node, shapes[node.name][1],
+                                                 shapes[node.name][3], net.is_stem(node), qcfg)
+                       for node in net.layers}
+        self.swish_quant, self.gate_quant = {}, {}
         if qcfg.swish_bits != -1:
             trainable = qcfg.swish_bits == 0
-            for scope in eb0.swish_scopes(arch):
-                self.swish_quant[scope] = AdjustableQuantizer(
-                    f"{eb0.SCOPE}/{scope}/swish_quant", self.layers[scope].cout,
+            channels = net.shapes(32)
+
+            def activation_quantizer(scope, name):
+                return AdjustableQuantizer(
+                    f"{net.scope}/{scope}/{name}", channels[scope].channels,
                     init_bits=qcfg.act_bits if trainable else 8,
                     bits_trainable=trainable and qcfg.bits_trainable,
-                    range_preset_id=qcfg.range_preset)
+                    range_preset_id=qcfg.range_preset, bits_grad=qcfg.bits_grad)
+
+            for scope in net.activation_sites("swish"):
+                self.swish_quant[scope] = activation_quantizer(scope, "swish_quant")
+            if qcfg.quantize_se_gate:
+                for scope in net.activation_sites("sigmoid"):
+                    self.gate_quant[scope] = activation_quantizer(scope, "sigmoid_quant")
+
+    @property
+    def arch(self) -> nw.Network:
+        return self.net
 
     @classmethod
-    def from_float(cls, float_model: eb0.EfficientNetB0, qcfg: QuantConfig,
-                   seed: int = 0) -> "QuantizedEfficientNetB0":
-        model = cls(float_model.arch, qcfg, dropout_rate=float_model.dropout_rate,
-                    drop_connect_rate=float_model.drop_connect_rate, seed=seed)
+    def from_float(cls, float_model: nw.FloatNetwork, qcfg: QuantConfig, seed: int = 0, *,
+                   dropout_rate: float = 0.0, drop_connect_rate: float = 0.0,
+                   ) -> "QuantizedNetwork":
+        """The quantized twin of ``float_model`` (weights folded, weight ranges calibrated).
+
+        The quantized network runs without dropout and drop-connect by default, as the
+        original did; pass rates to turn them on.
+        """
+        model = cls(float_model.net, qcfg, dropout_rate=dropout_rate,
+                    drop_connect_rate=drop_connect_rate, seed=seed)
         for scope, layer in model.layers.items():
             layer.load_float(float_model.layers[scope])
         model.calibrate_weights()
@@ -130,26 +170,30 @@ class QuantizedEfficientNetB0(tf.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _swish(self, scope: str, x: tf.Tensor) -> tf.Tensor:
-        quant = self.swish_quant.get(scope)
-        return eb0.swish(x if quant is None else quant(x))
+    def _quantizer_of(self, scope: str, fn: str):
+        if fn == "swish":
+            return self.swish_quant.get(scope)
+        return self.gate_quant.get(scope) if fn == "sigmoid" else None
+
+    def _activation(self, scope: str, fn: str, x: tf.Tensor) -> tf.Tensor:
+        quant = self._quantizer_of(scope, fn)
+        return nw.ACTIVATIONS[fn](x if quant is None else quant(x))
 
     def __call__(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        return eb0.efficientnet_forward(
-            self.layers, images, self.arch, training=training, swish_fn=self._swish,
-            dropout_rate=self.dropout_rate, drop_connect_rate=self.drop_connect_rate, rng=self.rng)
+        return self.net.forward(
+            images, lambda name, x, t: self.layers[name](x, t), training=training,
+            activation=self._activation, dropout=nw.stateless_dropout(self.rng),
+            dropout_rate=self.dropout_rate, drop_connect_rate=self.drop_connect_rate)
 
     def float_forward(self, images: tf.Tensor, observe=lambda name, x: None) -> tf.Tensor:
         """The BN-folded float network (no quantization), reporting every quantizer's input."""
-        def swish_fn(scope, x):
-            if scope in self.swish_quant:
-                observe(f"{scope}/swish_input", x)
-            return eb0.swish(x)
+        def activation(scope, fn, x):
+            if self._quantizer_of(scope, fn) is not None:
+                observe(f"{scope}/{fn}_input", x)
+            return nw.ACTIVATIONS[fn](x)
 
-        layers = {scope: (lambda x, training, layer=layer: layer.float_call(x, observe))
-                  for scope, layer in self.layers.items()}
-        return eb0.efficientnet_forward(layers, images, self.arch, training=False,
-                                        swish_fn=swish_fn)
+        return self.net.forward(images, lambda name, x, t: self.layers[name].float_call(x, observe),
+                                activation=activation)
 
     # ------------------------------------------------------------------ quantizers
 
@@ -164,6 +208,8 @@ class QuantizedEfficientNetB0(tf.Module):
                 result[f"{scope}/biases"] = layer.bias_quant
         for scope, quant in self.swish_quant.items():
             result[f"{scope}/swish_input"] = quant
+        for scope, quant in self.gate_quant.items():
+            result[f"{scope}/sigmoid_input"] = quant
         return result
 
     def bits_variables(self) -> list[tf.Variable]:
@@ -177,7 +223,8 @@ class QuantizedEfficientNetB0(tf.Module):
         act = {s: (8.0 if l.act_quant is None else l.act_quant.bits())
                for s, l in self.layers.items()}
         swish = {s: (self.swish_quant[s].bits() if s in self.swish_quant else 32.0)
-                 for s in eb0.swish_scopes(self.arch)}
+                 for s in self.net.activation_sites("swish")}
+        swish.update({s: q.bits() for s, q in self.gate_quant.items()})
         return BitAssignment(weight=weight, act=act, swish=swish,
                              bias_bits=self.qcfg.bias_bits or 32)
 
@@ -200,7 +247,7 @@ class QuantizedEfficientNetB0(tf.Module):
         ``batches`` yields image batches (or ``(images, labels)``); stops after
         ``num_images``. Returns the number of images seen.
         """
-        names = [n for n in self.quantizers() if n.endswith(("/input", "/swish_input"))]
+        names = [n for n in self.quantizers() if n.endswith(ACTIVATION_SITES)]
         quants = self.quantizers()
         lo = {n: tf.Variable(tf.fill([quants[n].channels], np.inf)) for n in names}
         hi = {n: tf.Variable(tf.fill([quants[n].channels], -np.inf)) for n in names}
@@ -237,10 +284,7 @@ class QuantizedEfficientNetB0(tf.Module):
                 for name, q in self.quantizers().items()}
 
     def save_thresholds(self, path: str) -> None:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.thresholds(), f)
-        os.replace(tmp, path)
+        write_json_atomic(path, self.thresholds(), indent=None)
 
     def load_thresholds(self, path: str) -> None:
         """Load ``initial_thresholds.json``; refuse a file for another model."""

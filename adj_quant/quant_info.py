@@ -1,6 +1,10 @@
-"""``quant_info.json``: the per-channel bit-widths of a quantized EfficientNet-B0.
+"""``quant_info.json``: the per-channel bit-widths of a quantized network.
 
-Layout (spec section 7; every ``"act"`` is the bits of that layer's INPUT activation)::
+The keys follow the network's slim scopes: a layer ``A`` is ``data["A"]``, a layer ``A/B``
+is ``data["A"]["B"]``; a sub-layer that most groups have is written as null in a group
+without it (EfficientNet's first block has no expand conv). For EfficientNet-B0
+(docs/method.md, "quant_info.json"; every ``"act"`` is the bits of that layer's INPUT
+activation)::
 
     "Conv":            {"weight": [32 ints], "act": 8}          # 8 = the 8-bit image
     "expanded_conv":   {"expand": null, "dws": {"weight": [...], "act": [...]},
@@ -8,7 +12,8 @@ Layout (spec section 7; every ``"act"`` is the bits of that layer's INPUT activa
     "expanded_conv_1" ... "expanded_conv_15": the same five sub-layers
     "Conv_1":          {"weight": [...], "act": [...]}
     "Logits":          {"weight": [num_classes], "act": [...]}
-    "swish_inputs":    {swish scope: bits or [per-channel bits]}
+    "swish_inputs":    {scope: bits or [per-channel bits]} for the input of every swish and,
+                       when quantized, of every SE gate's sigmoid ("<block>/se_2")
     "bias_bits":       int, or null for float biases
     "summary":         {"avg_weight_bits", "avg_act_bits", "params", "ops",
                         "score_adjq", "score_micronet", "top1", "top5"}
@@ -25,14 +30,13 @@ import os
 import numpy as np
 
 from adj_quant.errors import UserError
-from adj_quant.metric import (FLOAT_BITS, IMAGE_BITS, STEM_SCOPE, BitAssignment, _static,
-                              element_ops, network_layers)
-from slim_nets.efficientnet_b0 import ArchConfig, swish_scopes
+from adj_quant.files import write_json_atomic
+from adj_quant.metric import FLOAT_BITS, IMAGE_BITS, BitAssignment, _static, element_ops, network_layers
+from adj_quant.network import Network
 
-SUB_LAYERS = ("expand", "dws", "se_1", "se_2", "project")
 SUMMARY_KEYS = ("avg_weight_bits", "avg_act_bits", "params", "ops", "score_adjq",
                 "score_micronet", "top1", "top5")
-_ARCH_HINT = "was it written for another --width_multiplier/--depth_multiplier?"
+_ARCH_HINT = "was it written for another network or --width_multiplier/--depth_multiplier?"
 _CLASSES_HINT = "was it written for another --num_classes?"
 
 
@@ -70,28 +74,73 @@ def _plain(value):
     return float(v) if v.size == 1 else [float(x) for x in v.reshape(-1)]
 
 
-def to_quant_info(bits: BitAssignment, arch: ArchConfig, summary: dict) -> dict:
-    """The ``quant_info.json`` dict of ``bits`` (integers; per-channel lists except Conv's act).
+def _split(scope: str) -> tuple[str, str | None]:
+    group, _, sub = scope.partition("/")
+    return group, sub or None
+
+
+def groups(net: Network) -> dict[str, list[str] | None]:
+    """The top-level keys of the file: ``{group: its sub-layer keys}`` (None: a plain layer).
+
+    A group's keys are its own sub-layers plus, as nulls, those that more than half of the
+    groups sharing a sub-layer name with it have (EfficientNet's ``expanded_conv`` gets
+    ``"expand": null``), in the order the layers run.
+    """
+    own: dict[str, list[str] | None] = {}
+    for scope in net.layer_names:
+        group, sub = _split(scope)
+        if sub is None:
+            own[group] = None
+        else:
+            own.setdefault(group, []).append(sub)
+    result = {}
+    for group, subs in own.items():
+        if subs is None:
+            result[group] = None
+            continue
+        family = [g for g, s in own.items() if s and set(s) & set(subs)]
+        order = []
+        for g in family:  # merge the families' sub-layer orders
+            for i, sub in enumerate(own[g]):
+                if sub not in order:
+                    later = [order.index(x) for x in own[g][i + 1:] if x in order]
+                    order.insert(min(later) if later else len(order), sub)
+        result[group] = [sub for sub in order
+                         if sub in subs or 2 * sum(sub in own[g] for g in family) > len(family)]
+    return result
+
+
+def _activation_sites(arch: Network) -> tuple[dict[str, int], set[str]]:
+    """Channels of every swish and sigmoid input by the scope that feeds it, and the
+    required (swish) ones: a sigmoid site may be absent, meaning float."""
+    ops = [op for op in element_ops(arch, 224) if op.kind in ("swish", "sigmoid")]
+    return {op.scope: op.channels for op in ops}, {op.scope for op in ops if op.kind == "swish"}
+
+
+def to_quant_info(bits: BitAssignment, arch: Network, summary: dict) -> dict:
+    """The ``quant_info.json`` dict of ``bits`` (integers; per-channel lists except a stem's act).
 
     Swish entries keep their form: a scalar stays one int, a vector becomes a list.
     Missing summary keys are written as null.
     """
-    data: dict = {}
+    data: dict = {group: (None if subs is None else dict.fromkeys(subs))
+                  for group, subs in groups(arch).items()}
     for spec in network_layers(arch, 224):
         entry = {"weight": _as_ints(bits.weight[spec.scope], spec.weight_channels,
                                     f"{spec.scope} weight")}
-        if spec.scope == STEM_SCOPE:
+        if spec.stem:
             entry["act"] = IMAGE_BITS
         else:
             entry["act"] = _as_ints(bits.act[spec.scope], spec.cin, f"{spec.scope} act")
-        if "/" in spec.scope:
-            block, sub = spec.scope.split("/")
-            data.setdefault(block, {name: None for name in SUB_LAYERS})[sub] = entry
+        group, sub = _split(spec.scope)
+        if sub is None:
+            data[group] = entry
         else:
-            data[spec.scope] = entry
-    channels = _swish_channels(arch)
-    data["swish_inputs"] = {scope: _swish_entry(bits.swish[scope], channels[scope], f"{scope} swish")
-                            for scope in swish_scopes(arch)}
+            data[group][sub] = entry
+    channels, required = _activation_sites(arch)
+    data["swish_inputs"] = {scope: _swish_entry(bits.swish[scope], n, f"{scope} swish")
+                            for scope, n in channels.items()
+                            if scope in bits.swish or scope in required}
     bias = _static(bits.bias_bits)
     data["bias_bits"] = None if bias is None or float(bias.reshape(-1)[0]) >= FLOAT_BITS else int(
         np.rint(bias.reshape(-1)[0]))
@@ -100,9 +149,6 @@ def to_quant_info(bits: BitAssignment, arch: ArchConfig, summary: dict) -> dict:
     data["summary"].update({k: _plain(v) for k, v in summary.items() if k not in SUMMARY_KEYS})
     return data
 
-
-def _swish_channels(arch: ArchConfig) -> dict[str, int]:
-    return {op.scope: op.channels for op in element_ops(arch, 224) if op.kind == "swish"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -136,7 +182,7 @@ def _need(mapping: dict, key: str, where: str, source: str):
     return mapping[key]
 
 
-def from_quant_info(data: dict, arch: ArchConfig, source: str = "quant_info.json") -> BitAssignment:
+def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") -> BitAssignment:
     """Validate ``data`` against ``arch`` and return its :class:`BitAssignment`.
 
     Raises :class:`UserError` naming the first mismatch (in network order).
@@ -144,20 +190,21 @@ def from_quant_info(data: dict, arch: ArchConfig, source: str = "quant_info.json
     if not isinstance(data, dict):
         raise UserError(f"{source}: the top level must be a JSON object — is this a quant_info.json?")
     weight, act = {}, {}
-    blocks = {b.scope: b for b in arch.blocks()}
+    layout = groups(arch)
+    layers = set(arch.layer_names)
+    logits = arch.layer_names[-1]
     for spec in network_layers(arch, 224):
-        hint = _CLASSES_HINT if spec.scope == "Logits" else _ARCH_HINT
-        if "/" in spec.scope:
-            block, sub = spec.scope.split("/")
-            block_entry = _need(data, block, "", source)
-            entry = _need(block_entry, sub, f"'{block}'", source)
-            if sub == "dws" and not blocks[block].has_expand:
-                if block_entry.get("expand") is not None:
-                    raise UserError(f"{source}: {block}/expand is given but this block has no "
-                                    f"expand conv — {_ARCH_HINT}")
-            extra = sorted(set(block_entry) - set(SUB_LAYERS))
-            if extra:
-                raise UserError(f"{source}: unexpected key '{extra[0]}' in '{block}' — fix the file")
+        hint = _CLASSES_HINT if spec.scope == logits else _ARCH_HINT
+        group, sub = _split(spec.scope)
+        if sub is not None:
+            block_entry = _need(data, group, "", source)
+            entry = _need(block_entry, sub, f"'{group}'", source)
+            for key, value in block_entry.items() if isinstance(block_entry, dict) else ():
+                if key not in layout[group]:
+                    raise UserError(f"{source}: unexpected key '{key}' in '{group}' — fix the file")
+                if value is not None and f"{group}/{key}" not in layers:
+                    raise UserError(f"{source}: {group}/{key} is given but the model has no such "
+                                    f"layer — {_ARCH_HINT}")
         else:
             entry = _need(data, spec.scope, "", source)
         if entry is None:
@@ -165,17 +212,19 @@ def from_quant_info(data: dict, arch: ArchConfig, source: str = "quant_info.json
         weight[spec.scope] = _check_bits(_need(entry, "weight", f"'{spec.scope}'", source),
                                          spec.scope, "weight", spec.weight_channels, source, hint)
         a = _need(entry, "act", f"'{spec.scope}'", source)
-        if spec.scope == STEM_SCOPE:
+        if spec.stem:
             if a != IMAGE_BITS and a != [IMAGE_BITS] * spec.cin:
-                raise UserError(f"{source}: Conv act is {a!r}; the stem's input is the 8-bit "
-                                f"image, write 8")
+                raise UserError(f"{source}: {spec.scope} act is {a!r}; the stem's input is the "
+                                f"8-bit image, write 8")
             act[spec.scope] = IMAGE_BITS
         else:
             act[spec.scope] = _check_bits(a, spec.scope, "act", spec.cin, source, _ARCH_HINT)
-    channels = _swish_channels(arch)
+    channels, required = _activation_sites(arch)
     swish_data = _need(data, "swish_inputs", "", source)
     swish = {}
     for scope, n in channels.items():
+        if scope not in required and isinstance(swish_data, dict) and scope not in swish_data:
+            continue
         value = _need(swish_data, scope, "'swish_inputs'", source)
         checked = _check_bits(value, scope, "swish input", n, source, _ARCH_HINT)
         swish[scope] = int(checked[0]) if isinstance(value, int) else checked
@@ -192,16 +241,18 @@ def from_quant_info(data: dict, arch: ArchConfig, source: str = "quant_info.json
                         f"for float biases")
     else:
         bias_bits = bias
-    known = {STEM_SCOPE, "Conv_1", "Logits", "swish_inputs", "bias_bits", "summary", *blocks}
+    known = {"swish_inputs", "bias_bits", "summary", *layout}
     extra = [key for key in data if key not in known]
     if extra:
         raise UserError(f"{source}: unexpected key '{extra[0]}' — {_ARCH_HINT}")
     if "summary" in data and not isinstance(data["summary"], (dict, type(None))):
         raise UserError(f"{source}: 'summary' must be a JSON object — fix the file")
-    return BitAssignment(weight=weight, act=act, swish=swish, bias_bits=bias_bits)
+    stems = frozenset(spec.scope for spec in network_layers(arch, 224) if spec.stem)
+    return BitAssignment(weight=weight, act=act, swish=swish, bias_bits=bias_bits,
+                         image_inputs=stems)
 
 
-def load_quant_info(path, arch: ArchConfig) -> BitAssignment:
+def load_quant_info(path, arch: Network) -> BitAssignment:
     """Read and validate a ``quant_info.json`` file."""
     path = os.fspath(path)
     try:
@@ -221,19 +272,17 @@ def load_quant_info(path, arch: ArchConfig) -> BitAssignment:
     return from_quant_info(data, arch, source=path)
 
 
-def save_quant_info(path, bits: BitAssignment, arch: ArchConfig, summary: dict) -> dict:
+def save_quant_info(path, bits: BitAssignment, arch: Network, summary: dict) -> dict:
     """Write ``to_quant_info(...)`` as JSON to ``path``; returns the dict."""
     data = to_quant_info(bits, arch, summary)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
+    write_json_atomic(path, data, indent=1)
     return data
 
 
 # --------------------------------------------------------------------------- averages
 
 
-def average_bits(bits: BitAssignment, arch: ArchConfig) -> tuple[float, float]:
+def average_bits(bits: BitAssignment, arch: Network) -> tuple[float, float]:
     """``(avg_weight_bits, avg_act_bits)``.
 
     * weights: parameter-weighted, i.e. the mean over every weight element of all conv /
@@ -250,7 +299,7 @@ def average_bits(bits: BitAssignment, arch: ArchConfig) -> tuple[float, float]:
         per_channel = spec.weights_per_out_channel
         w_sum += per_channel * float(w.sum())
         w_count += per_channel * w.size
-        if spec.scope != STEM_SCOPE:
+        if not spec.stem:
             a = _per_channel(bits.act[spec.scope], spec.cin, spec.scope)
             a_sum += float(a.sum())
             a_count += a.size

@@ -1,4 +1,4 @@
-"""The adjustable per-channel quantizer (specification section 1).
+"""The adjustable per-channel quantizer (docs/method.md, "The quantizer").
 
 For channel ``c`` with calibrated minimum ``m_c`` and width ``w_c = M_c - m_c``::
 
@@ -9,8 +9,14 @@ For channel ``c`` with calibrated minimum ``m_c`` and width ``w_c = M_c - m_c``:
     z_c = round(L_c * s_c)
     out = (clip(round(x * s_c) - z_c, 0, 2^b_c - 1) + z_c) / s_c
 
-Gradients: ``round`` is straight-through; ``clip`` passes the gradient to its input only
-inside ``[lo, hi]`` and never to the bounds.
+Gradients (see ``docs/method.md``, "The estimator"): ``round`` is straight-through; the
+clips of ``range_scale``, ``range_shift`` and the bits pass the gradient to their input only
+inside ``[lo, hi]`` (bounds inclusive) and never to the bounds. The clip of the integer code
+is ``minimum(maximum(t, 0), 2^b - 1)`` with ordinary gradients, as the original TF1 graph ran
+it: elements above the range send their gradient to the upper bound ``2^b - 1`` and through
+it to the bits (``bits_grad="original"``, the default). ``bits_grad="scale_only"`` gives the
+bound no gradient (the estimator as the original's ``ClipByValue`` override was written,
+which never fired); the bits then learn only through the scale ``s``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from adj_quant.errors import UserError
 
 MIN_BITS, MAX_BITS = 2, 8
 EPSILON = 1e-7
+#: ``--bits_grad``: does the upper clip bound ``2^b - 1`` pass gradient to the bits?
+BITS_GRAD_MODES = ("original", "scale_only")
 
 #: ``--range`` presets: (r_alpha, r_beta) clip intervals of range_scale and range_shift.
 RANGE_PRESETS: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {
@@ -47,6 +55,13 @@ def check_bits(bits: int, flag: str = "--bits") -> int:
         raise UserError(f"{flag} {bits} is outside [{MIN_BITS}, {MAX_BITS}]; pass a bit-width "
                         f"from {MIN_BITS} to {MAX_BITS}")
     return int(bits)
+
+
+def check_bits_grad(mode: str) -> str:
+    if mode not in BITS_GRAD_MODES:
+        raise UserError(f"--bits_grad {mode!r} is not an estimator; choose one of "
+                        f"{', '.join(BITS_GRAD_MODES)}")
+    return mode
 
 
 # --------------------------------------------------------------------------- estimators
@@ -82,11 +97,13 @@ def _forward_math(x, scale, zero, levels):
     return c / scale, tf.equal(r, c)
 
 
-def _backward_math(g, x, out, inside, scale, zero):
+def _backward_math(g, x, out, inside, scale, zero, levels):
     g_in = tf.where(inside, g, tf.zeros_like(g))
     d_scale = _sum_to(g_in * x - g * out, scale) / scale
     d_zero = _sum_to(g - g_in, zero) / scale
-    return g_in, d_scale, d_zero
+    above = tf.round(x * scale) > zero + levels
+    d_levels = _sum_to(tf.where(above, g, tf.zeros_like(g)) / scale, levels)
+    return g_in, d_scale, d_zero, d_levels
 
 
 # Inside a tf.function (training, evaluation) the elementwise forward and the backward are
@@ -107,35 +124,50 @@ def _fused() -> bool:
     return _FUSED["on"] and tf.inside_function()
 
 
-@tf.custom_gradient
-def _fake_quant_core(x, scale, zero, levels):
-    """``(clip(round(x s) - z, 0, n) + z) / s``, computed as ``clip(round(x s), z, z + n) / s``.
+def _make_core(bound_gradient: bool):
+    """The quantize-dequantize kernel with the estimator written out by hand.
 
-    The two are equal: ``round(x s)``, ``z`` and ``n`` are integer-valued floats. The
-    gradient is the spec's estimator written out by hand: with ``m`` = "inside", i.e.
-    ``z <= round(x s) <= z + n``, ``d out/dx = m``, ``d out/ds = (m x - out) / s``,
-    ``d out/dz = (1 - m) / s`` and no gradient to the clip bound ``n`` (``levels``).
-    ``zero`` has ``scale``'s shape or ``scale`` is a scalar, so the per-channel sums can
-    be divided by ``scale``.
+    ``(clip(round(x s) - z, 0, n) + z) / s`` is computed as ``clip(round(x s), z, z + n) / s``;
+    the two are equal because ``round(x s)``, ``z`` and ``n`` are integer-valued floats. With
+    ``m`` = "inside", i.e. ``z <= round(x s) <= z + n`` (the ties go to ``t``, as TF's
+    Maximum/Minimum gradients do), and ``u`` = "above", i.e. ``round(x s) > z + n``::
+
+        d out/dx = m,   d out/ds = (m x - out) / s,   d out/dz = (1 - m) / s,
+        d out/dn = u / s            (only with ``bound_gradient``; else 0)
+
+    ``zero`` has ``scale``'s shape or ``scale`` is a scalar, so the per-channel sums can be
+    divided by ``scale``; ``levels`` is a scalar or has ``scale``'s shape.
     """
-    fused = _fused()
-    out, inside = (_forward_xla if fused else _forward_math)(x, scale, zero, levels)
 
-    def grad(g):
-        backward = _backward_xla if fused else _backward_math
-        g_in, d_scale, d_zero = backward(g, x, out, inside, scale, zero)
-        return g_in, d_scale, d_zero, tf.zeros_like(levels)
+    @tf.custom_gradient
+    def core(x, scale, zero, levels):
+        fused = _fused()
+        out, inside = (_forward_xla if fused else _forward_math)(x, scale, zero, levels)
 
-    return out, grad
+        def grad(g):
+            backward = _backward_xla if fused else _backward_math
+            g_in, d_scale, d_zero, d_levels = backward(g, x, out, inside, scale, zero, levels)
+            if not bound_gradient:
+                d_levels = tf.zeros_like(levels)
+            return g_in, d_scale, d_zero, d_levels
+
+        return out, grad
+
+    return core
+
+
+_CORE = {"original": _make_core(True), "scale_only": _make_core(False)}
 
 
 def fake_quantize(x: tf.Tensor, low: tf.Tensor, width: tf.Tensor, bits: tf.Tensor,
-                  axis: int = -1) -> tf.Tensor:
+                  axis: int = -1, bits_grad: str = "original") -> tf.Tensor:
     """Quantize-dequantize ``x`` with per-channel minimum ``low``, width and bits.
 
     ``low``, ``width`` and ``bits`` are scalars or vectors along ``axis``; this is the
-    forward pass of the spec with its straight-through gradients.
+    forward pass of the method with its straight-through gradients. ``bits_grad`` picks the
+    estimator of the upper clip bound (:data:`BITS_GRAD_MODES`).
     """
+    core = _CORE[check_bits_grad(bits_grad)]
     rank = len(x.shape)
     axis = axis % rank if rank else 0
 
@@ -147,10 +179,10 @@ def fake_quantize(x: tf.Tensor, low: tf.Tensor, width: tf.Tensor, bits: tf.Tenso
     levels = tf.pow(tf.constant(2.0, x.dtype), bits) - 1.0
     scale = levels / (width + EPSILON)
     zero = round_ste(low * scale)
-    return _fake_quant_core(x, scale, zero, tf.stop_gradient(levels))
+    return core(x, scale, zero, levels)
 
 
-def quantize(x, minimum, maximum, bits, axis: int = -1) -> tf.Tensor:
+def quantize(x, minimum, maximum, bits, axis: int = -1, bits_grad: str = "original") -> tf.Tensor:
     """Functional quantizer: per-channel ``minimum``, ``maximum`` and ``bits`` (scalars broadcast).
 
     Returns the dequantized tensor. Equals
@@ -172,7 +204,7 @@ def quantize(x, minimum, maximum, bits, axis: int = -1) -> tf.Tensor:
                                 or np.any(bits_np != np.round(bits_np))):
         raise UserError(f"quantize: bits {np.unique(bits_np).tolist()} must be integers in "
                         f"[{MIN_BITS}, {MAX_BITS}]")
-    return fake_quantize(x, minimum, maximum - minimum, bits, axis)
+    return fake_quantize(x, minimum, maximum - minimum, bits, axis, bits_grad)
 
 
 # --------------------------------------------------------------------------- the module
@@ -184,15 +216,23 @@ class AdjustableQuantizer(tf.Module):
     Variables (names under ``scope``): ``init_min`` / ``init_max`` (calibrated, not
     trainable), ``range_scale``, ``range_shift`` and, with ``bits_trainable``,
     ``bits_scale``. ``channels=1`` makes it a per-tensor quantizer (used for biases).
+
+    ``live_range=True`` takes the base range ``[m, M]`` from the quantized tensor itself at
+    every call (its per-channel min/max, with gradient through them) instead of the
+    calibrated ``init_min`` / ``init_max``; the original used this for biases.
+    ``bits_grad`` is the estimator of the upper clip bound (:data:`BITS_GRAD_MODES`).
     """
 
     def __init__(self, scope: str, channels: int, *, axis: int = -1, init_bits: int = 8,
-                 bits_trainable: bool = False, range_preset_id: int = 5):
+                 bits_trainable: bool = False, range_preset_id: int = 5,
+                 bits_grad: str = "original", live_range: bool = False):
         super().__init__(name=None)
         self.scope, self.channels, self.axis = scope, channels, axis
         self.init_bits = check_bits(init_bits)
         (self.alpha_lo, self.alpha_hi), (self.beta_lo, self.beta_hi) = range_preset(range_preset_id)
         self.bits_trainable = bits_trainable
+        self.bits_grad = check_bits_grad(bits_grad)
+        self.live_range = bool(live_range)
         self.init_min = tf.Variable(tf.fill([channels], -1.0), trainable=False,
                                     name=f"{scope}/init_min")
         self.init_max = tf.Variable(tf.fill([channels], 1.0), trainable=False,
@@ -208,19 +248,30 @@ class AdjustableQuantizer(tf.Module):
             return tf.fill([self.channels], float(self.init_bits))
         return clip_ste(round_ste(self.bits_scale * self.init_bits), float(MIN_BITS), float(MAX_BITS))
 
-    def adjusted_range(self) -> tuple[tf.Tensor, tf.Tensor]:
-        """``(L, W)``: the adjusted per-channel minimum and width."""
-        width = self.init_max - self.init_min
+    def base_range(self, x: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(m, M)`` per channel: calibrated, or ``x``'s own min/max with ``live_range``."""
+        if not self.live_range or x is None:
+            return self.init_min, self.init_max
+        if self.channels == 1:
+            return tf.reshape(tf.reduce_min(x), [1]), tf.reshape(tf.reduce_max(x), [1])
+        rank = len(x.shape)
+        axes = [i for i in range(rank) if i != self.axis % rank]
+        return tf.reduce_min(x, axes), tf.reduce_max(x, axes)
+
+    def adjusted_range(self, x: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(L, W)``: the adjusted per-channel minimum and width (of ``x``'s live range
+        with ``live_range``; pass the tensor being quantized)."""
+        minimum, maximum = self.base_range(x)
+        width = maximum - minimum
         scale = clip_ste(self.range_scale, self.alpha_lo, self.alpha_hi)
         shift = clip_ste(self.range_shift, self.beta_lo, self.beta_hi)
-        return self.init_min + width * shift, width * scale
+        return minimum + width * shift, width * scale
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        low, width = self.adjusted_range()
+        low, width = self.adjusted_range(x)
         if self.channels == 1:
-            low, width = low[0], width[0]
-            return fake_quantize(x, low, width, self.bits()[0], self.axis)
-        return fake_quantize(x, low, width, self.bits(), self.axis)
+            return fake_quantize(x, low[0], width[0], self.bits()[0], self.axis, self.bits_grad)
+        return fake_quantize(x, low, width, self.bits(), self.axis, self.bits_grad)
 
     def set_range(self, minimum, maximum) -> None:
         """Set the calibrated per-channel range ``[minimum, maximum]``."""

@@ -1,4 +1,4 @@
-"""The five stages of the recipe (specification section 5), each in ``<run_dir>/<stage>/``.
+"""The five stages of the recipe (docs/method.md, "The recipe"), each in ``<run_dir>/<stage>/``.
 
 1. ``pretrain``   float EfficientNet-B0 with batch norm, cross-entropy;
 2. ``calibrate``  initial thresholds of the BN-folded float model (``initial_thresholds.json``);
@@ -22,10 +22,11 @@ from adj_quant.checkpoints import (ModelSpec, model_spec_for, read_json,
                                    write_json_atomic)
 from adj_quant.config import STAGES, Options, resolve, save_resolved
 from adj_quant.errors import UserError
-from adj_quant.qmodel import QuantConfig, QuantizedEfficientNetB0
+from adj_quant import nets
+from adj_quant.network import Network
+from adj_quant.qmodel import QuantConfig, QuantizedNetwork
 from adj_quant.quant_info import save_quant_info
 from adj_quant.trainer import Trainer, data_args, num_classes, validation_data
-from slim_nets import efficientnet_b0 as eb0
 
 THRESHOLDS = "initial_thresholds.json"
 RESULT = "result.json"
@@ -37,21 +38,25 @@ def default_run_dir(o: Options) -> str:
     return os.path.join("runs", name)
 
 
-def arch_of(o: Options) -> eb0.ArchConfig:
-    return eb0.ArchConfig(num_classes(o), o.width_multiplier, o.depth_multiplier)
+def arch_of(o: Options) -> Network:
+    """The declared network the options ask for (EfficientNet-B0 and its multipliers)."""
+    return nets.build("efficientnet_b0", num_classes=num_classes(o),
+                      width_multiplier=o.width_multiplier, depth_multiplier=o.depth_multiplier)
 
 
 def quant_config(o: Options, bits_trainable: bool | None = None) -> QuantConfig:
     return QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits,
-                       o.bits_trainable if bits_trainable is None else bits_trainable, o.range)
+                       o.bits_trainable if bits_trainable is None else bits_trainable, o.range,
+                       o.bits_grad, o.bias_range, o.quantize_se_gate)
 
 
-def calibrate_activations(qmodel: QuantizedEfficientNetB0, o: Options) -> int:
+def calibrate_activations(qmodel: QuantizedNetwork, o: Options) -> int:
     """Running per-channel activation ranges over ``--calib_images`` training images."""
     name, dataset_dir, classes, offset = data_args(o)
     batches = data_lib.make_dataset(name, "train", batch_size=100, img_size=o.img_size,
                                     training=False, dataset_dir=dataset_dir,
-                                    labels_offset=offset, num_classes=classes)
+                                    labels_offset=offset, num_classes=classes,
+                                    eval_crop=o.eval_crop)
     return qmodel.calibrate_activations(data_lib.iterate(batches, "calibration data"),
                                         o.calib_images, progress=o.progress)
 
@@ -77,8 +82,8 @@ class Stage:
         self.arch = arch_of(self.o)  # checks the dataset before anything else happens
 
     def build(self, spec: ModelSpec):
-        return spec.build(seed=self.o.seed, dropout_rate=self.o.dropout_rate,
-                          drop_connect_rate=self.o.drop_connect_rate,
+        return spec.build(seed=self.o.seed, dropout_rate=self.o.dropout,
+                          drop_connect_rate=self.o.drop_connect,
                           bn_momentum=self.o.bn_momentum)
 
     def previous(self, stage: str) -> str:
@@ -110,11 +115,12 @@ class Stage:
     def _check_arch(self, spec: ModelSpec, path: str, what: str) -> None:
         want = self.arch
         if spec.arch != want:
-            raise UserError(f"{what} {path} is a model with {spec.arch.num_classes} classes "
-                            f"(width {spec.arch.width_multiplier}, depth "
-                            f"{spec.arch.depth_multiplier}) but this run needs "
-                            f"{want.num_classes} classes (width {want.width_multiplier}, depth "
-                            f"{want.depth_multiplier})")
+            def describe(net):
+                params = dict(net.params)
+                extra = ", ".join(f"{k} {v}" for k, v in params.items() if k != "num_classes")
+                return f"{net.name} with {params.get('num_classes')} classes ({extra})"
+            raise UserError(f"{what} {path} is a model {describe(spec.arch)} but this run "
+                            f"needs {describe(want)}")
 
     def quantized_from(self, path: str, what: str, qcfg: QuantConfig, thresholds: str | None):
         """A quantized model initialised from a float or quantized checkpoint."""
@@ -123,7 +129,9 @@ class Stage:
         self._check_arch(spec, path, what)
         if spec.kind == "float":
             float_model = self.load_float(path, what)
-            model = QuantizedEfficientNetB0.from_float(float_model, qcfg, seed=self.o.seed)
+            model = QuantizedNetwork.from_float(
+                float_model, qcfg, seed=self.o.seed, dropout_rate=self.o.dropout,
+                drop_connect_rate=self.o.drop_connect)
             model.load_thresholds(thresholds or self.thresholds_path())
             return model
         model = self.build(ModelSpec("quant", spec.arch, qcfg))
@@ -183,7 +191,7 @@ def calibrate(cli: dict) -> dict:
     o = st.o
     path = resolve_checkpoint(o.ckpt_path) if o.ckpt_path else st.previous("pretrain")
     float_model = st.load_float(path, "--ckpt_path")
-    qmodel = QuantizedEfficientNetB0.from_float(float_model, quant_config(o, False), seed=o.seed)
+    qmodel = QuantizedNetwork.from_float(float_model, quant_config(o, False), seed=o.seed)
     data_lib.dataset_info(*data_args(o))  # bad data is reported before anything is written
     st.start(None)
     seen = calibrate_activations(qmodel, o)

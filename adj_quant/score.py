@@ -115,10 +115,13 @@ def _fmt(x: float) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
+    import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
     from adj_quant import metric
     from adj_quant.quant_info import load_quant_info
-    from slim_nets.efficientnet_b0 import ArchConfig
-    arch = ArchConfig(args.num_classes, args.width_multiplier, args.depth_multiplier)
+    from adj_quant import nets
+    arch = nets.build("efficientnet_b0", num_classes=args.num_classes,
+                      width_multiplier=args.width_multiplier,
+                      depth_multiplier=args.depth_multiplier)
     if args.quant_info is not None:
         bits = load_quant_info(args.quant_info, arch)
         what = f"bits from {args.quant_info}"

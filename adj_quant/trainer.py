@@ -20,7 +20,6 @@ from adj_quant.checkpoints import RunCheckpoints
 from adj_quant.config import Options
 from adj_quant.errors import UserError
 from adj_quant.plots import per_layer_bits_png
-from slim_nets.efficientnet_b0 import layer_scopes
 
 LOG_EVERY = 10
 
@@ -117,7 +116,7 @@ class Trainer:
             name, "train", batch_size=self.o.batch_size, img_size=self.o.img_size,
             training=True, seed=self.o.seed * 100003 + epoch, dataset_dir=dataset_dir,
             labels_offset=self.o.labels_offset, num_classes=self.info.num_classes,
-            drop_remainder=True)
+            drop_remainder=True, augment=self.o.augment, eval_crop=self.o.eval_crop)
         return data_lib.iterate(ds.skip(skip), "training data")
 
     # ------------------------------------------------------------------ run
@@ -187,9 +186,9 @@ class Trainer:
             if rules.reinit_due(step, o.reinit, o.lr_fixed):
                 self.opt.reset()
                 self.bits_opt.reset()
-            sched = dict(lr_fixed=o.lr_fixed, lr_decay=o.lr_decay, reinit=o.reinit)
-            lr = rules.learning_rate(step, o.lr, **sched)
-            lr_bits = rules.learning_rate(step, o.lr_bits, **sched)
+            lr, lr_bits = rules.step_learning_rates(step, lr=o.lr, lr_bits=o.lr_bits,
+                                                    lr_fixed=o.lr_fixed, lr_decay=o.lr_decay,
+                                                    reinit=o.reinit)
             parts = step_fn(images, labels, tf.constant(lr, tf.float32),
                             tf.constant(lr_bits, tf.float32))
             loss = float(parts["loss"].numpy())
@@ -231,7 +230,7 @@ class Trainer:
             for name, values in evaluation.bits_histograms(self.model).items():
                 tf.summary.histogram(name, values)
             if hasattr(self.model, "bit_assignment"):
-                png = per_layer_bits_png(self.model.bit_assignment(), layer_scopes(self.model.arch),
+                png = per_layer_bits_png(self.model.bit_assignment(), self.model.arch.layer_names,
                                          f"{self.stage}, mini-epoch {mini_epoch}")
                 tf.summary.image("bits/per_layer", tf.image.decode_png(png)[None], step=mini_epoch)
         self.writer.flush()
@@ -257,7 +256,8 @@ def validation_data(o: Options, classes: int) -> tf.data.Dataset:
     name, dataset_dir = data_args(o)[:2]
     return data_lib.make_dataset(name, "validation", batch_size=max(o.batch_size, 64),
                                  img_size=o.img_size, training=False, dataset_dir=dataset_dir,
-                                 labels_offset=o.labels_offset, num_classes=classes)
+                                 labels_offset=o.labels_offset, num_classes=classes,
+                                 eval_crop=o.eval_crop)
 
 
 def num_classes(o: Options) -> int:

@@ -1,4 +1,4 @@
-"""Training rules of Adjustable Quantization (specification sections 3 and 4).
+"""Training rules of Adjustable Quantization (docs/method.md, "The loss" and "Optimisation").
 
 Each rule is a small function with its own test: the loss and its sign trick, the
 learning-rate curve with Adam re-initialisation, the mini-epoch schedule of which
@@ -57,10 +57,17 @@ def lr_factor(step, lr_decay: float, reinit: int):
 
 def learning_rate(step: int, base_lr: float, *, lr_fixed: bool, lr_decay: float,
                   reinit: int) -> float:
-    """The learning rate at global ``step`` (spec section 4)."""
+    """The learning rate at global ``step`` (docs/method.md, "Optimisation")."""
     if lr_fixed:
         return base_lr
     return base_lr * lr_factor(step, lr_decay, reinit) + 1e-7
+
+
+def step_learning_rates(step: int, *, lr: float, lr_bits: float, lr_fixed: bool,
+                        lr_decay: float, reinit: int) -> tuple[float, float]:
+    """``(lr of the weights, lr of bits_scale)`` at ``step``: the schedule applies to ``--lr``
+    only; ``--lr_bits`` stays constant, as in the original."""
+    return learning_rate(step, lr, lr_fixed=lr_fixed, lr_decay=lr_decay, reinit=reinit), lr_bits
 
 
 def reinit_due(step: int, reinit: int, lr_fixed: bool) -> bool:
@@ -68,11 +75,18 @@ def reinit_due(step: int, reinit: int, lr_fixed: bool) -> bool:
     return not lr_fixed and step > 0 and step % reinit == 0
 
 
+ADAM_EPSILON = 1e-8  # TF1's AdamOptimizer default, which the original used
+
+
 class Adam(tf.Module):
-    """Adam over a fixed list of variables, with slots that can be re-initialised."""
+    """Adam over a fixed list of variables, with slots that can be re-initialised.
+
+    The update is TF1's ``AdamOptimizer`` (and Keras'): ``var -= lr * sqrt(1 - b2^t) /
+    (1 - b1^t) * m / (sqrt(v) + epsilon)``, epsilon 1e-8 by default.
+    """
 
     def __init__(self, variables: list[tf.Variable], name: str, beta_1: float = 0.9,
-                 beta_2: float = 0.999, epsilon: float = 1e-7):
+                 beta_2: float = 0.999, epsilon: float = ADAM_EPSILON):
         super().__init__(name=name)
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}/iterations")
@@ -112,7 +126,7 @@ class ScheduleFlags:
 
 
 def train_bits_in(epoch: int, k: int, flags: ScheduleFlags) -> bool:
-    """Whether ``bits_scale`` trains in mini-epoch ``k`` (0..9) of ``epoch`` (spec section 4).
+    """Whether ``bits_scale`` trains in mini-epoch ``k`` (0..9) of ``epoch`` (docs/method.md).
 
     The rules, in order: no trainable bits -> (nothing to train); --finetune -> no;
     ``e + k/10 < warm_up_epoch`` -> no; --iter_train and ``k % iter_train_freq != 0`` -> no;

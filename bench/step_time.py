@@ -3,9 +3,9 @@
 One step = forward (``training=True``) + softmax cross-entropy on random labels +
 backward + one Adam update of every trainable variable:
 
-* ``float``: :class:`slim_nets.efficientnet_b0.EfficientNetB0`, batch norm in training
+* ``float``: :class:`adj_quant.network.FloatNetwork` of ``slim_nets.efficientnet_b0``, batch norm in training
   mode (batch statistics, moving averages updated);
-* ``quant``: :class:`adj_quant.qmodel.QuantizedEfficientNetB0` built from that float
+* ``quant``: :class:`adj_quant.qmodel.QuantizedNetwork` built from that float
   model with every quantizer on and trainable bits (weights, activations, swish inputs
   with ``--swish_bits 0``, biases), activation ranges calibrated on one random batch.
 
@@ -40,8 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from adj_quant.qmodel import QuantConfig, QuantizedEfficientNetB0  # noqa: E402
-from slim_nets.efficientnet_b0 import EfficientNetB0  # noqa: E402
+from adj_quant import nets  # noqa: E402
+from adj_quant.network import FloatNetwork  # noqa: E402
+from adj_quant.qmodel import QuantConfig, QuantizedNetwork  # noqa: E402
 
 MODES = ("float", "quant")
 JIT_CHOICES = {"both": (False, True), "off": (False,), "on": (True,)}
@@ -126,12 +127,13 @@ def machine_info() -> dict:
 
 def build_models(args, modes):
     """The float model and (if asked) the quantized model built and calibrated from it."""
-    float_model = EfficientNetB0(num_classes=args.num_classes, seed=args.seed)
+    float_model = FloatNetwork(nets.build("efficientnet_b0", num_classes=args.num_classes),
+                               seed=args.seed)
     models = {"float": float_model}
     if "quant" in modes:
         qcfg = QuantConfig(weight_bits=8, act_bits=8, swish_bits=0, bias_bits=8,
                            bits_trainable=True)
-        qmodel = QuantizedEfficientNetB0.from_float(float_model, qcfg, seed=args.seed)
+        qmodel = QuantizedNetwork.from_float(float_model, qcfg, seed=args.seed)
         calib = tf.random.stateless_uniform(
             [args.batch_size, args.img_size, args.img_size, 3], seed=[args.seed, 1])
         qmodel.calibrate_activations([calib], progress=False)

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from adj_quant import network as nw
+from adj_quant import nets
 from slim_nets import efficientnet_b0 as eb0
+
+
+def _b0(num_classes=10, seed=0, **params):
+    return nw.FloatNetwork(nets.build("efficientnet_b0", num_classes=num_classes, **params),
+                           seed=seed)
 
 
 def _keras_b0(num_classes, img_size):
@@ -22,7 +29,7 @@ def _copy_keras_weights(keras_model, model):
     for stage, repeats in enumerate((1, 2, 2, 3, 3, 4, 1)):
         block_names += [f"block{stage + 1}{chr(97 + j)}_" for j in range(repeats)]
     names["Conv"] = ("stem_conv", "stem_bn")
-    for i, cfg in enumerate(model.arch.blocks()):
+    for i, cfg in enumerate(eb0.blocks()):
         k = block_names[i]
         if cfg.has_expand:
             names[f"{cfg.scope}/expand"] = (f"{k}expand_conv", f"{k}expand_bn")
@@ -71,7 +78,7 @@ def keras_and_ours():
     logits = keras_model.get_layer("predictions")
     kernel, _ = logits.get_weights()
     logits.set_weights([kernel, rng.normal(0, 0.01, classes).astype(np.float32)])
-    model = eb0.EfficientNetB0(num_classes=classes)
+    model = _b0(classes)
     _copy_keras_weights(keras_model, model)
     return keras_model, model
 
@@ -90,12 +97,12 @@ def test_logits_match_keras_applications(keras_and_ours):
     stem, head, logits = probes(images * 255.0, training=False)
     seen = {}
 
-    def swish(scope, x):
-        seen[scope] = eb0.swish(x)
+    def activation(scope, fn, x):
+        seen[scope] = nw.ACTIVATIONS[fn](x)
         return seen[scope]
 
-    got = eb0.efficientnet_forward(model.layers, tf.constant(images), model.arch,
-                                   training=False, swish_fn=swish)
+    got = model.net.forward(tf.constant(images), lambda name, x, t: model.layers[name](x, t),
+                            activation=activation)
     np.testing.assert_allclose(model(tf.constant(images)).numpy(), got.numpy(), rtol=1e-6)
     assert _rel(seen["Conv"], stem) <= 1e-5
     assert _rel(seen["Conv_1"], head) <= 1e-4
@@ -113,7 +120,7 @@ def test_trainable_parameter_count_equals_keras(keras_and_ours):
 
 
 def test_slim_variable_names():
-    model = eb0.EfficientNetB0(num_classes=10)
+    model = _b0()
     names = set(model.slim_variables())
     for expected in [
         "efficientnet_b0/Conv/weights",
@@ -133,14 +140,14 @@ def test_slim_variable_names():
 
 
 def test_se_reduce_width_uses_block_input_filters():
-    blocks = eb0.ArchConfig().blocks()
+    blocks = eb0.blocks()
     assert [b.se_filters for b in blocks[:3]] == [8, 4, 6]  # 32*0.25, 16*0.25, 24*0.25
     assert blocks[1].expanded == 96
 
 
 @pytest.mark.parametrize("scope", ["Conv", "expanded_conv_1/dws", "expanded_conv_5/project"])
 def test_fold_batch_norm_equals_conv_plus_bn(scope):
-    model = eb0.EfficientNetB0(num_classes=10)
+    model = _b0()
     layer = model.layers[scope]
     rng = np.random.default_rng(2)
     c = layer.cout
@@ -150,26 +157,25 @@ def test_fold_batch_norm_equals_conv_plus_bn(scope):
     layer.bn.moving_variance.assign(rng.uniform(0.1, 3.0, c))
     x = tf.constant(rng.normal(0, 1, (2, 9, 9, layer.cin)).astype(np.float32))
     expected = layer(x, training=False)
-    w, b = eb0.fold_batch_norm(layer)
-    got = eb0.apply_linear(layer.kind, x, w, layer.stride) + b
+    w, b = nw.fold_batch_norm(layer)
+    got = nw.apply_linear(layer.kind, x, w, layer.stride) + b
     np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_width_and_depth_multipliers_change_shapes():
-    arch = eb0.ArchConfig(num_classes=10, width_multiplier=0.5, depth_multiplier=0.5)
-    blocks = arch.blocks()
+    blocks = eb0.blocks(width_multiplier=0.5, depth_multiplier=0.5)
     assert len(blocks) == 1 + 1 + 1 + 2 + 2 + 2 + 1
-    assert arch.stem_filters == 16 and arch.head_filters == 640
-    model = eb0.EfficientNetB0(num_classes=10, width_multiplier=0.5, depth_multiplier=0.5)
+    model = _b0(width_multiplier=0.5, depth_multiplier=0.5)
+    assert model.layers["Conv"].cout == 16 and model.layers["Conv_1"].cout == 640
     out = model(tf.zeros([1, 32, 32, 3]), training=False)
     assert out.shape == (1, 10)
 
 
 def test_training_mode_is_stochastic_but_seeded():
-    model = eb0.EfficientNetB0(num_classes=10, seed=3)
+    model = _b0(seed=3)
     x = tf.random.stateless_uniform([4, 32, 32, 3], seed=[1, 2])
     a = model(x, training=True)
     b = model(x, training=True)
     assert not np.allclose(a.numpy(), b.numpy())  # dropout differs between steps
-    fresh = eb0.EfficientNetB0(num_classes=10, seed=3)
+    fresh = _b0(seed=3)
     np.testing.assert_allclose(fresh(x, training=True).numpy(), a.numpy(), rtol=1e-5)

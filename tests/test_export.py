@@ -17,7 +17,6 @@ from adj_quant import evaluation
 from adj_quant import export as E
 from adj_quant.checkpoints import resolve_checkpoint
 from adj_quant.trainer import validation_data
-from slim_nets.efficientnet_b0 import layer_scopes
 
 QUIET = ["--no-progress"]
 
@@ -150,7 +149,7 @@ def test_adjustable_holds_learned_levels(exported):
     graph = fb.subgraphs[0]
     linear = [op for op in graph.operators
               if fb.operatorCodes[op.opcodeIndex].builtinCode in (3, 4, 9)]  # conv, dws, FC
-    scopes = layer_scopes(model.arch)
+    scopes = model.arch.layer_names
     assert len(linear) == len(scopes)
     channels = exact = must_be_exact = 0
     for op, scope in zip(linear, scopes):
@@ -211,7 +210,7 @@ def test_adjustable_activation_ranges(exported):
     linear = [op for op in fb.subgraphs[0].operators
               if fb.operatorCodes[op.opcodeIndex].builtinCode in (3, 4, 9)]
     checked = 0
-    for op, scope in zip(linear, layer_scopes(model.arch)):
+    for op, scope in zip(linear, model.arch.layer_names):
         quant = model.layers[scope].act_quant
         if quant is None:
             continue
@@ -284,9 +283,10 @@ def test_int8_file_size_for_full_width_b0():
     """
     from adj_quant.checkpoints import ModelSpec
     from adj_quant.export import convert, export_net, inference_module
-    from slim_nets.efficientnet_b0 import EfficientNetB0
+    from adj_quant import nets
+    from adj_quant.network import FloatNetwork
 
-    model = EfficientNetB0(num_classes=10)
+    model = FloatNetwork(nets.build("efficientnet_b0", num_classes=10))
     rng = np.random.default_rng(0)
     for layer in model.layers.values():
         if layer.bn is not None:

@@ -1,4 +1,4 @@
-"""The quantized EfficientNet-B0: folding, calibration, thresholds files, bits."""
+"""The quantized network (EfficientNet-B0): folding, calibration, thresholds files, bits."""
 
 import json
 
@@ -7,14 +7,15 @@ import pytest
 import tensorflow as tf
 
 from adj_quant.errors import UserError
-from adj_quant.qmodel import QuantConfig, QuantizedEfficientNetB0
-from slim_nets import efficientnet_b0 as eb0
+from adj_quant import nets
+from adj_quant.network import FloatNetwork
+from adj_quant.qmodel import QuantConfig, QuantizedNetwork
 
 IMG = 32
 
 
 def _float_model(num_classes=10, seed=0):
-    model = eb0.EfficientNetB0(num_classes=num_classes, seed=seed)
+    model = FloatNetwork(nets.build("efficientnet_b0", num_classes=num_classes), seed=seed)
     images = tf.random.stateless_uniform([16, IMG, IMG, 3], seed=[seed, 1])
     # Realistic batch-norm statistics: moving averages of real batch statistics.
     for layer in model.layers.values():
@@ -23,7 +24,7 @@ def _float_model(num_classes=10, seed=0):
     model(images, training=True)
     for scope, layer in model.layers.items():
         if layer.bn is not None:
-            layer.bn.momentum = eb0.BN_MOMENTUM
+            layer.bn.momentum = 0.99
         # A random EfficientNet with unit-gain residual branches is chaotic (0.1% input noise
         # moves its logits by ~20%), unlike a trained one. Damping the residual branches a
         # little gives a network whose logits depend smoothly, but clearly, on the input.
@@ -43,13 +44,13 @@ def _rel(a, b):
 
 def test_folded_float_forward_equals_float_model(float_and_images):
     model, images = float_and_images
-    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig())
+    qmodel = QuantizedNetwork.from_float(model, QuantConfig())
     assert _rel(qmodel.float_forward(images).numpy(), model(images).numpy()) < 1e-4
 
 
 def test_8bit_model_stays_within_5_percent_of_float(float_and_images):
     model, images = float_and_images
-    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig(8, 8, 8, 8))
+    qmodel = QuantizedNetwork.from_float(model, QuantConfig(8, 8, 8, 8))
     qmodel.calibrate_activations([images], progress=False)
     f = model(images).numpy()
     qlogits = qmodel(images).numpy()
@@ -57,14 +58,14 @@ def test_8bit_model_stays_within_5_percent_of_float(float_and_images):
     # The float logits do depend on the image: another batch moves them by far more than 5%.
     assert _rel(model(images[::-1]).numpy(), f) > 0.1
     # ... and the quantization is real: 3 bits everywhere is much further away.
-    q3 = QuantizedEfficientNetB0.from_float(model, QuantConfig(3, 3, 8, 8))
+    q3 = QuantizedNetwork.from_float(model, QuantConfig(3, 3, 8, 8))
     q3.calibrate_activations([images], progress=False)
     assert _rel(q3(images).numpy(), f) > 2 * _rel(qlogits, f)
 
 
 def test_quantized_weights_have_at_most_2_pow_b_levels(float_and_images):
     model, _ = float_and_images
-    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig(weight_bits=3))
+    qmodel = QuantizedNetwork.from_float(model, QuantConfig(weight_bits=3))
     layer = qmodel.layers["expanded_conv_2/expand"]
     w, _ = layer.quantized_weights()
     for c in range(layer.cout):
@@ -77,7 +78,7 @@ def test_quantized_weights_have_at_most_2_pow_b_levels(float_and_images):
 
 def test_calibration_records_per_channel_min_max(float_and_images):
     model, images = float_and_images
-    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig())
+    qmodel = QuantizedNetwork.from_float(model, QuantConfig())
     seen = {}
 
     def record(name, x):
@@ -100,20 +101,20 @@ def test_calibration_records_per_channel_min_max(float_and_images):
 
 def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
     model, images = float_and_images
-    qmodel = QuantizedEfficientNetB0.from_float(model, QuantConfig())
+    qmodel = QuantizedNetwork.from_float(model, QuantConfig())
     qmodel.calibrate_activations([images], progress=False)
     path = tmp_path / "initial_thresholds.json"
     qmodel.save_thresholds(str(path))
-    other = QuantizedEfficientNetB0(model.arch, QuantConfig())
+    other = QuantizedNetwork(model.arch, QuantConfig())
     other.load_thresholds(str(path))
     for name, quant in other.quantizers().items():
         np.testing.assert_array_equal(quant.init_min.numpy(),
                                       qmodel.quantizers()[name].init_min.numpy())
     # A model with another class count is refused, naming the first mismatch.
-    wrong = QuantizedEfficientNetB0(eb0.ArchConfig(num_classes=7), QuantConfig())
+    wrong = QuantizedNetwork(nets.build("efficientnet_b0", num_classes=7), QuantConfig())
     with pytest.raises(UserError, match="Logits/weights min has 10 values, the model needs 7"):
         wrong.load_thresholds(str(path))
-    no_swish = QuantizedEfficientNetB0(model.arch, QuantConfig(swish_bits=-1))
+    no_swish = QuantizedNetwork(model.arch, QuantConfig(swish_bits=-1))
     with pytest.raises(UserError, match="unknown tensor 'Conv/swish_input'"):
         no_swish.load_thresholds(str(path))
     data = json.loads(path.read_text())
@@ -127,7 +128,7 @@ def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
 
 def test_bits_trainable_and_swish_modes(float_and_images):
     model, images = float_and_images
-    qm = QuantizedEfficientNetB0.from_float(
+    qm = QuantizedNetwork.from_float(
         model, QuantConfig(weight_bits=4, act_bits=6, swish_bits=0, bits_trainable=True))
     bits = qm.bit_assignment()
     np.testing.assert_array_equal(bits.weight["expanded_conv_1/expand"].numpy(), [4] * 96)
@@ -137,10 +138,10 @@ def test_bits_trainable_and_swish_modes(float_and_images):
     n_quant = len(qm.quantizers())
     n_bias = len(qm.layers)
     assert len(qm.bits_variables()) == n_quant - n_bias  # every quantizer but the biases'
-    fixed_swish = QuantizedEfficientNetB0.from_float(model, QuantConfig(bits_trainable=True))
+    fixed_swish = QuantizedNetwork.from_float(model, QuantConfig(bits_trainable=True))
     assert fixed_swish.swish_quant["Conv"].bits_scale is None
     assert fixed_swish.bit_assignment().swish["Conv"].numpy()[0] == 8
-    none = QuantizedEfficientNetB0.from_float(model, QuantConfig(swish_bits=-1, bias_bits=0))
+    none = QuantizedNetwork.from_float(model, QuantConfig(swish_bits=-1, bias_bits=0))
     assert not none.swish_quant and none.bit_assignment().bias_bits == 32
     # gradients reach bits_scale
     with tf.GradientTape() as tape:

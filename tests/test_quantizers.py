@@ -51,13 +51,16 @@ def test_mixed_per_channel_bits():
         np.testing.assert_allclose(ours[:, c], oracle.numpy(), atol=1e-5)
 
 
-def _expected_gradients(x, g, m, w, a, beta, b0, bits_scale):
+def _expected_gradients(x, g, m, w, a, beta, b0, bits_scale, bits_grad="original"):
     """Hand-derived gradients of sum(g * out) for one channel (see the derivation below).
 
     With W = w*a, L = m + w*beta, b = round(bits_scale*b0), n = 2^b - 1, s = n / (W + eps):
       inside the range   out = round(x s)/s         d out = (x - out)/s * ds
-      clipped            out = (z + 0 or n)/s       d out = dL + (L - out)/s * ds
-    and ds/dW = -n/(W+eps)^2, ds/db = ln2 * 2^b / (W+eps), dW/da = w, dL/dbeta = w, db/dbits_scale = b0.
+      clipped below      out = z/s                  d out = dL + (L - out)/s * ds
+      clipped above      out = (z + n)/s            d out = dL + (L - out)/s * ds [+ dn/s]
+    and ds/dW = -n/(W+eps)^2, ds/db = ln2 * 2^b / (W+eps), dn/db = ln2 * 2^b, dW/da = w,
+    dL/dbeta = w, db/dbits_scale = b0. The bracketed term (the upper bound's gradient)
+    exists only with bits_grad="original".
     """
     eps = 1e-7
     W, L = w * a, m + w * beta
@@ -73,20 +76,24 @@ def _expected_gradients(x, g, m, w, a, beta, b0, bits_scale):
     ds_dW = -n / (W + eps) ** 2
     ds_db = np.log(2.0) * 2.0**b / (W + eps)
     grad_s = np.sum(g * d_out_ds)
+    above = k > n
+    grad_n = np.sum(g * above / s) if bits_grad == "original" else 0.0
     return {
         "range_scale": grad_s * ds_dW * w,
         "range_shift": np.sum(g * d_out_dL) * w,
-        "bits_scale": grad_s * ds_db * b0,
+        "bits_scale": (grad_s * ds_db + grad_n * np.log(2.0) * 2.0**b) * b0,
         "x": g * inside,
     }
 
 
+@pytest.mark.parametrize("bits_grad", q.BITS_GRAD_MODES)
 @pytest.mark.parametrize("a, beta, bits_scale", [(1.0, 0.0, 1.0), (0.7, 0.1, 1.3), (1.2, -0.15, 0.8)])
-def test_gradients_match_hand_derivation(a, beta, bits_scale):
-    x = np.array([-1.3, -0.62, -0.1, 0.05, 0.33, 0.71, 0.98, 1.6], np.float64)
-    g = np.array([0.3, -1.0, 0.5, 2.0, -0.7, 1.1, -0.4, 0.9], np.float64)
+def test_gradients_match_hand_derivation(a, beta, bits_scale, bits_grad):
+    x = np.array([-2.3, -1.3, -0.62, -0.1, 0.05, 0.33, 0.71, 0.98, 1.6], np.float64)
+    g = np.array([0.6, 0.3, -1.0, 0.5, 2.0, -0.7, 1.1, -0.4, 0.9], np.float64)
     m, M, b0 = -0.93, 1.05, 4  # no rounding ties in float32 vs float64
-    quant = q.AdjustableQuantizer("t", 1, init_bits=b0, bits_trainable=True, range_preset_id=5)
+    quant = q.AdjustableQuantizer("t", 1, init_bits=b0, bits_trainable=True, range_preset_id=5,
+                                  bits_grad=bits_grad)
     quant.set_range([m], [M])
     quant.range_scale.assign([a])
     quant.range_shift.assign([beta])
@@ -97,7 +104,10 @@ def test_gradients_match_hand_derivation(a, beta, bits_scale):
         out = quant(xt)
         loss = tf.reduce_sum(out * g[:, None].astype(np.float32))
     grads = tape.gradient(loss, [quant.range_scale, quant.range_shift, quant.bits_scale, xt])
-    expected = _expected_gradients(x, g, m, M - m, a, beta, b0, bits_scale)
+    expected = _expected_gradients(x, g, m, M - m, a, beta, b0, bits_scale, bits_grad)
+    w, b = M - m, np.round(bits_scale * b0)
+    k = np.round(x * (2**b - 1) / (w * a)) - np.round((m + w * beta) * (2**b - 1) / (w * a))
+    assert (k > 2**b - 1).any() and (k < 0).any()  # elements clipped at the top and bottom
     np.testing.assert_allclose(grads[0].numpy()[0], expected["range_scale"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(grads[1].numpy()[0], expected["range_shift"], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(grads[2].numpy()[0], expected["bits_scale"], rtol=1e-3, atol=1e-4)
@@ -177,3 +187,71 @@ def test_fused_xla_kernels_equal_the_op_by_op_math():
     graph = tf.function(run)(x)
     for a, b in zip(eager, graph):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _plain_tf_quantizer(x, low, width, bits):
+    """The original's graph with ordinary autodiff: only ``round`` is straight-through.
+
+    ``minimum(maximum(t, 0), 2^b - 1)`` is how TF 1.13 built ``clip_by_value``; its
+    gradient sends the gradient of elements above the range to ``2^b - 1`` and so to ``b``.
+    """
+    ste = lambda v: v + tf.stop_gradient(tf.round(v) - v)  # noqa: E731
+    levels = tf.pow(2.0, bits) - 1.0
+    scale = levels / (width + q.EPSILON)
+    zero = ste(low * scale)
+    t = ste(x * scale) - zero
+    return (tf.minimum(tf.maximum(t, 0.0), levels) + zero) / scale
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_original_estimator_equals_plain_tf_autodiff(seed):
+    """The fused kernel's ``original`` mode equals ordinary autodiff of the TF1 construction,
+    eagerly and inside tf.function (XLA kernels), for per-channel ranges and bits."""
+    rng = np.random.default_rng(seed)
+    channels = 4
+    x = tf.constant(rng.normal(0, 1.5, (6, 5, channels)), tf.float32)  # many clip at both ends
+    g = tf.constant(rng.normal(0, 1, (6, 5, channels)), tf.float32)
+    low = tf.Variable(-rng.uniform(0.3, 1.2, channels).astype(np.float32))
+    width = tf.Variable(rng.uniform(0.8, 2.0, channels).astype(np.float32))
+    bits = tf.Variable(rng.integers(2, 9, channels).astype(np.float32))
+
+    def grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(fn() * g)
+        return tape.gradient(loss, [x, low, width, bits])
+
+    oracle = grads(lambda: _plain_tf_quantizer(x, low, width, bits))
+    for run in (lambda f: f(), lambda f: tf.function(f)()):
+        ours = run(lambda: grads(lambda: q.fake_quantize(x, low, width, bits, -1, "original")))
+        for a, b in zip(ours, oracle):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=1e-5)
+    # The bound's gradient is really there: scale_only differs in the bits gradient only.
+    scale_only = grads(lambda: q.fake_quantize(x, low, width, bits, -1, "scale_only"))
+    for a, b in zip(scale_only[:3], oracle[:3]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-5, atol=1e-5)
+    assert np.abs(scale_only[3].numpy() - oracle[3].numpy()).max() > 1e-3
+
+
+def test_bits_grad_mode_is_checked():
+    with pytest.raises(UserError, match="--bits_grad 'both'.*original, scale_only"):
+        q.AdjustableQuantizer("t", 1, bits_grad="both")
+
+
+def test_live_range_follows_the_tensor_with_gradient():
+    """A live-range quantizer uses the tensor's own min/max (bias quantizers of the original)."""
+    quant = q.AdjustableQuantizer("b", 1, init_bits=4, live_range=True)
+    quant.set_range([-100.0], [100.0])  # calibrated range, ignored in live mode
+    b = tf.Variable([-0.5, 0.1, 0.37, 1.0])
+    with tf.GradientTape() as tape:
+        out = quant(b)
+        loss = tf.reduce_sum(out * tf.constant([1.0, 2.0, -1.0, 3.0]))
+    oracle = tf.quantization.fake_quant_with_min_max_vars(b, -0.5, 1.0, num_bits=4)
+    np.testing.assert_allclose(out.numpy(), oracle.numpy(), atol=1e-6)
+    # Same loss with min/max as constants: the difference is the gradient through min/max.
+    with tf.GradientTape() as tape2:
+        frozen = q.fake_quantize(b, tf.constant(-0.5), tf.constant(1.5), tf.constant(4.0))
+        loss2 = tf.reduce_sum(frozen * tf.constant([1.0, 2.0, -1.0, 3.0]))
+    g_live, g_frozen = tape.gradient(loss, b).numpy(), tape2.gradient(loss2, b).numpy()
+    assert g_live[0] != g_frozen[0] and g_live[3] != g_frozen[3]   # the min and max elements
+    np.testing.assert_allclose(g_live[1:3], g_frozen[1:3], atol=1e-6)

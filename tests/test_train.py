@@ -162,6 +162,10 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     (["--dataset", "/no/such/dir"], "/no/such/dir"),
     (["--bogus_flag", "1"], "unrecognized arguments: --bogus_flag"),
     (["--weight_bits", "9"], "--weight_bits 9"),
+    (["--bits_grad", "both"], "invalid choice: 'both'"),
+    (["--augment", "flip"], "invalid choice: 'flip'"),
+    (["--eval_crop", "1.5"], "--eval_crop 1.5"),
+    (["--dropout", "1"], "--dropout 1.0 must be in [0, 1)"),
 ])
 def test_bad_input_one_line_and_outputs_untouched(run_dir, extra, message):
     before = _tree_digest(str(run_dir))
@@ -209,3 +213,52 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
             assert np.isfinite(entry["top1"])
             assert os.path.exists(run / "pretrain" / f"{entry['name']}.index")
         assert not read_json(state_file)["finished"]
+
+
+def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, tmp_path):
+    """A quantized stage written before the SE-gate quantizer, live bias ranges and
+    --bits_grad existed (model_spec.json without those keys, no sigmoid_quant variables)
+    is rebuilt as it was trained, says so in one line, and evaluates to the same top-1."""
+    from adj_quant.qmodel import QuantConfig
+
+    new_spec = read_json(run_dir / "qat8" / "model_spec.json")
+    old_quant = {k: v for k, v in new_spec["quant"].items() if k not in QuantConfig.LEGACY}
+    legacy = ModelSpec.from_json({**new_spec, "quant": {**old_quant, **QuantConfig.LEGACY}})
+    model = legacy.build()
+    assert not model.gate_quant and all(
+        not l.bias_quant.live_range for l in model.layers.values() if l.bias_quant)
+    current, _ = _load(run_dir / "qat8")
+    from adj_quant.checkpoints import checkpoint_keys
+
+    current_vars = checkpoint_keys(current)
+    for key, var in checkpoint_keys(model).items():  # the old model's variables only
+        var.assign(current_vars[key])
+    old = tmp_path / "old_qat8"
+    old.mkdir()
+    prefix = tf.train.Checkpoint(model=model).write(str(old / "ckpt"))
+    (old / "model_spec.json").write_text(json.dumps({**new_spec, "quant": old_quant}))
+    proc = _run(["eval.py", "--ckpt_path", prefix, *TINY, "--json", "--output", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    notes = [l for l in proc.stderr.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "quantize_se_gate=False" in notes[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    result = json.loads(proc.stdout)
+    from adj_quant import evaluation
+    from adj_quant.config import resolve
+    from adj_quant.trainer import validation_data
+
+    o = resolve({"img_size": 32, "max_val_images": 360}, None)
+    expected = evaluation.accuracy(model, validation_data(o, 10), progress=False,
+                                   max_images=360)["top1"]
+    assert result["top1"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("cli", [train_cli, eval_cli])
+def test_help_lists_every_flag_with_its_choices(cli, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--eval_crop" in text
+    if cli is train_cli:
+        assert "--bits_grad {original,scale_only}" in text and "k % iter_train_freq" in text

@@ -1,4 +1,4 @@
-"""Each training rule of spec sections 3-4 on its own, against hand-computed values."""
+"""Each training rule of docs/method.md (loss, optimisation) on its own, against hand-computed values."""
 
 import math
 
@@ -112,7 +112,7 @@ def test_adam_matches_keras_and_resets():
     init = rng.normal(size=(3, 2)).astype(np.float32)
     ours_var, keras_var = tf.Variable(init), tf.Variable(init)
     ours = rules.Adam([ours_var], "adam")
-    theirs = keras.optimizers.Adam(learning_rate=0.01, epsilon=1e-7)
+    theirs = keras.optimizers.Adam(learning_rate=0.01, epsilon=1e-8)
     for i in range(5):
         g = tf.constant(rng.normal(size=(3, 2)).astype(np.float32))
         ours.apply([g], [ours_var], 0.01)
@@ -124,3 +124,23 @@ def test_adam_matches_keras_and_resets():
     before = ours_var.numpy().copy()
     ours.apply([tf.constant(np.full((3, 2), 0.5, np.float32))], [ours_var], 0.01)
     np.testing.assert_allclose(before - ours_var.numpy(), 0.01, rtol=1e-4)
+
+
+def test_lr_bits_stays_constant_while_lr_follows_the_schedule():
+    sched = dict(lr=3e-6, lr_bits=1e-3, lr_fixed=False, lr_decay=1e-4, reinit=800)
+    for step in (0, 400, 799, 800, 12345):
+        lr, lr_bits = rules.step_learning_rates(step, **sched)
+        assert lr_bits == 1e-3
+        assert lr == rules.learning_rate(step, 3e-6, lr_fixed=False, lr_decay=1e-4, reinit=800)
+    # step 400: 3e-6 * exp(-0.04) * |cos(pi/8)| + 1e-7, by hand
+    assert rules.step_learning_rates(400, **sched)[0] == pytest.approx(
+        3e-6 * 0.9607894391523232 * 0.9238795325112867 + 1e-7, rel=1e-12)
+
+
+def test_adam_epsilon_is_tf1s():
+    """epsilon = 1e-8 (TF1 AdamOptimizer). TF1 adds epsilon to sqrt(v) before the bias
+    correction: the first step is lr * sqrt(1-b2)/(1-b1) * (1-b1) g / (sqrt(1-b2) |g| + eps).
+    With |g| = 1e-8: 0.1 * 0.0316228 / (0.0316228 + 1) = 0.0030653 (with 1e-7: 0.000315)."""
+    var = tf.Variable(tf.zeros([2]))
+    rules.Adam([var], "adam").apply([tf.constant([1e-8, -1e-8])], [var], 0.1)
+    np.testing.assert_allclose(var.numpy(), [-0.0030653, 0.0030653], rtol=1e-3)

@@ -108,6 +108,7 @@ def _plural(n, word):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    import adj_quant.quiet  # noqa: F401,PLC0415  (quiet TensorFlow start-up)
     from adj_quant import ckpt_quant  # noqa: PLC0415
 
     # Cheap checks first: bad flags are reported before TensorFlow is imported.

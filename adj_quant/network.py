@@ -1,0 +1,390 @@
+"""A network declared once, as data, and the float ``tf.Module`` derived from it.
+
+A :class:`Network` is an ordered list of :class:`Node` s. Each node names its slim scope,
+its operation and its inputs; shapes follow from the declaration and the image size.
+Everything else in adjq is derived from this one declaration: the float module here, the
+quantized module (:mod:`adj_quant.qmodel`: where the quantizers go), the calibration
+sites, the MicroNet / adjq counting (:mod:`adj_quant.metric`), the ``quant_info.json``
+keys (:mod:`adj_quant.quant_info`) and the TFLite export (:mod:`adj_quant.export`).
+
+Operations (``Node.op``):
+
+``conv``, ``dws``, ``fc``
+    The weight layers: a convolution (SAME padding, weights ``[k, k, cin, filters]``), a
+    depthwise convolution (``[k, k, C, 1]``, slim name ``depthwise_weights``) or a fully
+    connected layer (``[cin, filters]``). Followed by a slim ``BatchNorm`` scope when
+    ``batch_norm`` is true, else by ``biases``. Their output is the pre-activation.
+``act``
+    An activation function ``fn``: ``swish``, ``sigmoid``, ``relu`` or ``relu6``. The
+    inputs of ``swish`` and ``sigmoid`` are quantizer sites; a site is keyed by the scope of
+    the node that feeds it (``expanded_conv/dws`` for the swish after the depthwise conv).
+``gap``
+    Global average pooling over H and W (``keepdims`` keeps a 1x1 map).
+``mul``
+    Elementwise product of two inputs (the squeeze-excitation scale).
+``add``
+    Residual addition of two inputs. During training the first input is dropped per
+    example with probability ``drop_connect_rate * index / total`` (``drop_path``).
+``dropout``
+    Dropout during training with the network's ``dropout_rate``.
+
+A node's inputs default to the previous node; the first node reads ``"image"``, the input
+normalised with ``input_mean`` / ``input_std``. The last node is the output (the logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import tensorflow as tf
+from tf_slim.ops.arg_scope import add_arg_scope, arg_scope
+
+IMAGE = "image"
+LINEAR_OPS = ("conv", "dws", "fc")
+ACTIVATIONS = {
+    "swish": lambda x: x * tf.sigmoid(x),
+    "sigmoid": tf.sigmoid,
+    "relu": tf.nn.relu,
+    "relu6": tf.nn.relu6,
+}
+#: Activation functions whose input is quantized (``--swish_bits`` applies to both).
+QUANTIZED_ACTIVATIONS = ("swish", "sigmoid")
+OPS = LINEAR_OPS + ("act", "gap", "mul", "add", "dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One operation of a network (see the module docstring for ``op``)."""
+
+    name: str
+    op: str
+    inputs: tuple[str, ...] = ()
+    kernel: int = 1
+    filters: int | None = None       # conv / fc output channels (dws keeps its input's)
+    stride: int = 1
+    batch_norm: bool = True          # linear ops: BatchNorm, else biases
+    fn: str | None = None            # act: a key of ACTIVATIONS
+    keepdims: bool = True            # gap
+    drop_path: tuple[int, int] | None = None  # add: (index, total) of drop-connect
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Spatial side and channels of a node's output (``hw`` is 1 after pooling / FC)."""
+
+    hw: int
+    channels: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A declared network: its slim scope, nodes and construction parameters.
+
+    ``params`` are the keyword arguments of the declaring function (``num_classes``
+    included), as sorted ``(name, value)`` pairs, so that a saved model spec can rebuild
+    the same network with ``adj_quant.nets.build(name, **dict(params))``.
+    """
+
+    name: str
+    scope: str
+    nodes: tuple[Node, ...]
+    params: tuple[tuple[str, object], ...] = ()
+    input_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    input_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    bn_epsilon: float = 1e-3
+
+    def __post_init__(self):
+        _check(self)
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.shapes(32)[self.nodes[-1].name].channels)
+
+    def node(self, name: str) -> Node:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    def inputs_of(self, node: Node) -> tuple[str, ...]:
+        """The names of ``node``'s inputs (the previous node, or the image, by default)."""
+        if node.inputs:
+            return node.inputs
+        index = self.nodes.index(node)
+        return (self.nodes[index - 1].name,) if index else (IMAGE,)
+
+    @property
+    def layers(self) -> list[Node]:
+        """The weight layers (conv, depthwise, FC), in execution order."""
+        return [n for n in self.nodes if n.op in LINEAR_OPS]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [n.name for n in self.layers]
+
+    def is_stem(self, node: Node) -> bool:
+        """A layer that multiplies with the 8-bit image (it has no input quantizer)."""
+        return node.op in LINEAR_OPS and self.inputs_of(node)[0] == IMAGE
+
+    def activation_sites(self, fn: str) -> list[str]:
+        """Scopes whose output feeds an activation ``fn`` (the keys of its quantizers)."""
+        return [self.inputs_of(n)[0] for n in self.nodes if n.op == "act" and n.fn == fn]
+
+    # ------------------------------------------------------------------ shapes
+
+    def shapes(self, img_size: int) -> dict[str, Shape]:
+        """Output shape of every node for ``img_size`` x ``img_size`` RGB images."""
+        shapes = {IMAGE: Shape(img_size, 3)}
+        for node in self.nodes:
+            first = shapes[self.inputs_of(node)[0]]
+            if node.op == "conv":
+                shape = Shape(-(-first.hw // node.stride), node.filters)
+            elif node.op == "dws":
+                shape = Shape(-(-first.hw // node.stride), first.channels)
+            elif node.op == "fc":
+                shape = Shape(1, node.filters)
+            elif node.op == "gap":
+                shape = Shape(1, first.channels)
+            elif node.op in ("mul", "add"):  # the larger operand (SE scale broadcasts 1x1)
+                shape = max((shapes[i] for i in self.inputs_of(node)), key=lambda s: s.hw)
+            else:
+                shape = first
+            shapes[node.name] = shape
+        return shapes
+
+    def layer_shapes(self, img_size: int) -> dict[str, tuple[int, int, int, int]]:
+        """``{layer: (in_hw, cin, out_hw, cout)}`` of every weight layer."""
+        shapes = self.shapes(img_size)
+        result = {}
+        for node in self.layers:
+            src = shapes[self.inputs_of(node)[0]]
+            out = shapes[node.name]
+            result[node.name] = (src.hw, src.channels, out.hw, out.channels)
+        return result
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, images: tf.Tensor, layer: Callable, *, training: bool = False,
+                activation: Callable | None = None, dropout: Callable | None = None,
+                dropout_rate: float = 0.0, drop_connect_rate: float = 0.0) -> tf.Tensor:
+        """Run the network on NHWC images in ``[0, 1]``.
+
+        ``layer(name, x, training)`` computes a weight layer's pre-activation;
+        ``activation(name, fn, x)`` an activation (``name`` is the scope feeding it);
+        ``dropout(x, rate, noise_shape)`` drops during training (needed only when a rate
+        is positive).
+        """
+        activation = activation or (lambda name, fn, x: ACTIVATIONS[fn](x))
+        last_use = {}
+        for i, node in enumerate(self.nodes):
+            for name in self.inputs_of(node):
+                last_use[name] = i
+        values = {IMAGE: (images - self.input_mean) / self.input_std}
+        for i, node in enumerate(self.nodes):
+            names = self.inputs_of(node)
+            x = values[names[0]]
+            if node.op in LINEAR_OPS:
+                y = layer(node.name, x, training)
+            elif node.op == "act":
+                y = activation(names[0], node.fn, x)
+            elif node.op == "gap":
+                y = tf.reduce_mean(x, axis=[1, 2], keepdims=node.keepdims)
+            elif node.op == "mul":
+                y = x * values[names[1]]
+            elif node.op == "add":
+                if training and node.drop_path and drop_connect_rate > 0:
+                    index, total = node.drop_path
+                    rate = drop_connect_rate * index / total
+                    if rate > 0:
+                        x = dropout(x, rate, [tf.shape(x)[0], 1, 1, 1])
+                y = x + values[names[1]]
+            elif training and dropout_rate > 0:  # dropout
+                y = dropout(x, dropout_rate, None)
+            else:
+                y = x
+            values[node.name] = y
+            for name in names:
+                if last_use[name] == i:
+                    del values[name]
+        return values[self.nodes[-1].name]
+
+
+def _check(net: Network) -> None:
+    """A declaration error names the node and what is wrong with it."""
+    seen = {IMAGE}
+    if not net.nodes:
+        raise ValueError(f"network {net.name!r} has no nodes")
+    for node in net.nodes:
+        where = f"network {net.name!r}, node {node.name!r}"
+        if node.op not in OPS:
+            raise ValueError(f"{where}: unknown op {node.op!r}; use one of {', '.join(OPS)}")
+        if node.name in seen:
+            raise ValueError(f"{where}: the name is used twice")
+        for name in node.inputs:
+            if name not in seen:
+                raise ValueError(f"{where}: input {name!r} is not an earlier node")
+        wanted = 2 if node.op in ("mul", "add") else 1
+        if node.inputs and len(node.inputs) != wanted or (not node.inputs and wanted == 2):
+            raise ValueError(f"{where}: {node.op} takes {wanted} input(s)")
+        if node.op in ("conv", "fc") and not node.filters:
+            raise ValueError(f"{where}: {node.op} needs filters")
+        if node.op == "act" and node.fn not in ACTIVATIONS:
+            raise ValueError(f"{where}: activation {node.fn!r}; use one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        seen.add(node.name)
+    if net.nodes[-1].op != "fc":
+        raise ValueError(f"network {net.name!r}: the last node must be the fc logits layer")
+
+
+# --------------------------------------------------------------------------- the float module
+
+
+def _truncated_normal(rng: tf.random.Generator, shape, stddev: float) -> tf.Tensor:
+    # 0.8796... is the stddev of a unit normal truncated at two standard deviations.
+    return rng.truncated_normal(shape, stddev=stddev / 0.87962566103423978)
+
+
+class BatchNorm(tf.Module):
+    """Slim ``BatchNorm`` scope: gamma, beta and moving statistics."""
+
+    def __init__(self, scope: str, channels: int, epsilon: float, momentum: float = 0.99):
+        super().__init__(name=None)
+        self.epsilon = epsilon
+        self.momentum = momentum
+        self.gamma = tf.Variable(tf.ones([channels]), name=f"{scope}/BatchNorm/gamma")
+        self.beta = tf.Variable(tf.zeros([channels]), name=f"{scope}/BatchNorm/beta")
+        self.moving_mean = tf.Variable(tf.zeros([channels]), trainable=False,
+                                       name=f"{scope}/BatchNorm/moving_mean")
+        self.moving_variance = tf.Variable(tf.ones([channels]), trainable=False,
+                                           name=f"{scope}/BatchNorm/moving_variance")
+
+    def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        if training:
+            mean, variance = tf.nn.moments(x, axes=list(range(len(x.shape) - 1)))
+            self.moving_mean.assign(self.momentum * self.moving_mean + (1 - self.momentum) * mean)
+            self.moving_variance.assign(
+                self.momentum * self.moving_variance + (1 - self.momentum) * variance)
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, self.epsilon)
+
+    def folding_factors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(scale, shift)`` such that ``BN(y) = y * scale + shift`` in inference mode."""
+        scale = self.gamma * tf.math.rsqrt(self.moving_variance + self.epsilon)
+        return scale, self.beta - self.moving_mean * scale
+
+
+def weight_shape(kind: str, kernel: int, cin: int, cout: int) -> list[int]:
+    return {"conv": [kernel, kernel, cin, cout], "dws": [kernel, kernel, cin, 1],
+            "fc": [cin, cout]}[kind]
+
+
+def weight_name(kind: str) -> str:
+    return "depthwise_weights" if kind == "dws" else "weights"
+
+
+class ConvLayer(tf.Module):
+    """A slim layer scope: ``weights`` plus either ``BatchNorm`` or ``biases``."""
+
+    def __init__(self, scope: str, kind: str, kernel: int, cin: int, cout: int, stride: int,
+                 batch_norm: bool, rng: tf.random.Generator, bn_epsilon: float = 1e-3):
+        super().__init__(name=None)
+        self.scope, self.kind, self.kernel, self.stride = scope, kind, kernel, stride
+        self.cin, self.cout = cin, cout
+        shape = weight_shape(kind, kernel, cin, cout)
+        if kind == "conv":
+            init = _truncated_normal(rng, shape, math.sqrt(2.0 / (kernel * kernel * cout)))
+        elif kind == "dws":
+            init = _truncated_normal(rng, shape, math.sqrt(2.0 / (kernel * kernel)))
+        else:
+            limit = math.sqrt(1.0 / cin)  # independent of the class count
+            init = rng.uniform(shape, -limit, limit)
+        self.weights = tf.Variable(init, name=f"{scope}/{weight_name(kind)}")
+        self.bn = BatchNorm(scope, cout, bn_epsilon) if batch_norm else None
+        self.biases = None if batch_norm else tf.Variable(tf.zeros([cout]), name=f"{scope}/biases")
+
+    def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+        y = apply_linear(self.kind, x, self.weights, self.stride)
+        if self.bn is not None:
+            return self.bn(y, training)
+        return y + self.biases
+
+
+def apply_linear(kind: str, x: tf.Tensor, weights: tf.Tensor, stride: int = 1) -> tf.Tensor:
+    """The linear part of a layer: conv, depthwise conv (SAME padding) or matmul."""
+    if kind == "conv":
+        return tf.nn.conv2d(x, weights, strides=stride, padding="SAME")
+    if kind == "dws":
+        return tf.nn.depthwise_conv2d(x, weights, strides=[1, stride, stride, 1], padding="SAME")
+    return tf.matmul(x, weights)
+
+
+def fold_batch_norm(layer: ConvLayer) -> tuple[tf.Tensor, tf.Tensor]:
+    """Weights and bias whose output equals ``layer`` (conv + BN) in inference mode.
+
+    Layers without batch norm return their own weights and biases.
+    """
+    if layer.bn is None:
+        return tf.identity(layer.weights), tf.identity(layer.biases)
+    scale, shift = layer.bn.folding_factors()
+    if layer.kind == "dws":  # [k, k, C, 1]: the channel is axis 2
+        return layer.weights * scale[:, None], shift
+    return layer.weights * scale, shift
+
+
+@add_arg_scope
+def _layer(node: Node, cin: int, cout: int, *, rng: tf.random.Generator, scope: str,
+           bn_epsilon: float) -> ConvLayer:
+    return ConvLayer(f"{scope}/{node.name}", node.op, node.kernel, cin, cout, node.stride,
+                     node.batch_norm, rng, bn_epsilon)
+
+
+def build_layers(net: Network, rng: tf.random.Generator) -> dict[str, ConvLayer]:
+    """Every weight layer of ``net`` (keyed by scope), created in execution order."""
+    shapes = net.layer_shapes(32)
+    with arg_scope([_layer], rng=rng, scope=net.scope, bn_epsilon=net.bn_epsilon):
+        return {node.name: _layer(node, shapes[node.name][1], shapes[node.name][3])
+                for node in net.layers}
+
+
+def stateless_dropout(rng: tf.random.Generator):
+    """A ``dropout(x, rate, noise_shape)`` drawing its seeds from ``rng``."""
+    def dropout(x, rate, noise_shape):
+        return tf.nn.experimental.stateless_dropout(x, rate, seed=rng.make_seeds(1)[:, 0],
+                                                    noise_shape=noise_shape)
+    return dropout
+
+
+class FloatNetwork(tf.Module):
+    """The float network with batch norm; call it on NHWC images in ``[0, 1]``."""
+
+    def __init__(self, net: Network, *, dropout_rate: float = 0.2,
+                 drop_connect_rate: float = 0.2, seed: int = 0, bn_momentum: float = 0.99):
+        super().__init__(name=net.scope)
+        self.net = net
+        self.dropout_rate, self.drop_connect_rate = dropout_rate, drop_connect_rate
+        self.rng = tf.random.Generator.from_seed(seed)
+        init_rng = tf.random.Generator.from_seed(seed + 1)
+        self.layers = build_layers(net, init_rng)
+        for layer in self.layers.values():
+            if layer.bn is not None:
+                layer.bn.momentum = bn_momentum
+
+    @property
+    def arch(self) -> Network:
+        return self.net
+
+    def __call__(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        return self.net.forward(
+            images, lambda name, x, t: self.layers[name](x, t), training=training,
+            dropout=stateless_dropout(self.rng), dropout_rate=self.dropout_rate,
+            drop_connect_rate=self.drop_connect_rate)
+
+    def slim_variables(self) -> dict[str, tf.Variable]:
+        """All model variables by slim name (without ``:0``)."""
+        prefix = self.net.scope + "/"
+        return {v.name[:-2]: v for v in self.variables if v.name.startswith(prefix)}
