@@ -1,44 +1,13 @@
 #!/usr/bin/env python
-"""Train Adjustable Quantization: the whole recipe, or one stage of it.
+"""Train Adjustable Quantization from a checkout (the installed command is ``adjq-train``).
 
     python train.py                                  # the whole recipe on digits
-    python train.py --stage adjustable --bits_trainable --iter_train --ckpt_path runs/x/qat8
-    python train.py --config configs/imagenet.toml --dataset /data/imagenet --stage qat8
+    python train.py --help                           # every flag
 
-Stages: pretrain, calibrate, qat8, adjustable, finetune (see adj_quant/recipe.py).
-A config file sets defaults (top level and per-stage tables); flags override them.
+The code is in ``adj_quant/cli/train.py``.
 """
 
-from __future__ import annotations
-
-import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
-from adj_quant.config import build_parser
-from adj_quant.errors import cli_main
-
-
-def parse(argv=None) -> dict:
-    parser = build_parser("train.py", __doc__.split("\n\n")[0])
-    return vars(parser.parse_args(argv))
-
-
-@cli_main
-def main(argv=None) -> None:
-    cli = parse(argv)
-    from adj_quant import recipe
-
-    stage = cli.pop("stage", None)
-    if stage:
-        result = recipe.STAGE_FUNCTIONS[stage](cli)
-        keys = ("top1", "metric", "avg_weight_bits", "avg_act_bits", "best_checkpoint",
-                "float_top1")
-        print(f"[{stage}] done: " + ", ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-            for k, v in result.items() if k in keys))
-        return
-    results = recipe.run_recipe(cli)
-    print(recipe.summary_table(results))
-    print(f"\nquant_info.json: {results['quant_info']}")
-
+from adj_quant.cli.train import main, parse  # noqa: F401  (tests call both)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import sys
 
 import tensorflow as tf
 
+from adj_quant.checkpoint_paths import resolve_checkpoint  # noqa: F401  (re-exported)
 from adj_quant.errors import UserError
 from adj_quant.files import write_atomic, write_json_atomic
 from adj_quant import nets
@@ -167,25 +168,6 @@ class RunCheckpoints:
 
 
 # --------------------------------------------------------------------------- restoring
-
-
-def resolve_checkpoint(path: str, what: str = "--ckpt_path") -> str:
-    """A checkpoint prefix from a prefix or a directory (its best, else its latest)."""
-    if os.path.isdir(path):
-        state = os.path.join(path, STATE_FILE)
-        if os.path.exists(state):
-            data = read_json(state)
-            name = data.get("best") or data.get("latest")
-            if name:
-                return os.path.join(path, name)
-        latest = tf.train.latest_checkpoint(path)
-        if latest:
-            return latest
-        raise UserError(f"{what} {path}: no checkpoint in this directory; pass a checkpoint "
-                        "prefix or a run's stage directory")
-    if not glob.glob(path + ".index"):
-        raise UserError(f"{what} {path}: no such checkpoint (expected {path}.index)")
-    return path
 
 
 def _variable_shapes(ckpt_path: str) -> dict[str, list[int]]:

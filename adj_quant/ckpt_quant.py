@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from adj_quant import checkpoint_paths
 from adj_quant.errors import UserError
 
 ALGORITHMS = ("bin", "fixed-point", "uint8")
@@ -386,28 +387,9 @@ def classify_variables(reader, keys=None):
 
 
 def resolve_checkpoint(path):
-    """Turn a checkpoint prefix, a ``.index``/``.data-*`` file or a directory into a prefix."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        tf = _tf()
-        latest = tf.train.latest_checkpoint(path)
-        if latest and os.path.exists(latest + ".index"):
-            return latest
-        indexes = sorted(f for f in os.listdir(path) if f.endswith(".index"))
-        if len(indexes) == 1:
-            return os.path.join(path, indexes[0][: -len(".index")])
-        if indexes:
-            raise UserError(
-                f"directory {path} holds {len(indexes)} checkpoints and no usable 'checkpoint' "
-                f"state file; pass a prefix such as {os.path.join(path, indexes[-1][:-6])}"
-            )
-        raise UserError(f"no checkpoint found in directory {path}; pass a checkpoint prefix like DIR/model.ckpt-100")
-    m = re.match(r"^(.*)\.(index|data-\d+-of-\d+)$", path)
-    if m and os.path.exists(m.group(1) + ".index"):
-        return m.group(1)
-    if os.path.exists(path + ".index"):
-        return path
-    raise UserError(f"checkpoint not found: {path} (expected {path}.index or a checkpoint directory)")
+    """A checkpoint prefix from a prefix, one of its files, a stage or run directory (the
+    project's one rule: :func:`adj_quant.checkpoint_paths.resolve_checkpoint`)."""
+    return checkpoint_paths.resolve_checkpoint(path)
 
 
 def load_reader(prefix):

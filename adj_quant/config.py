@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import tomllib
@@ -19,8 +20,16 @@ from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
 
 STAGES = ("pretrain", "calibrate", "qat8", "adjustable", "finetune")
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "configs", "digits.toml")
+def _default_config() -> str:
+    """``configs/digits.toml``: packaged as ``adj_quant/configs`` when installed, the
+    checkout's ``configs/`` otherwise."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs", "digits.toml")
+    return installed if os.path.exists(installed) else os.path.join(
+        os.path.dirname(package), "configs", "digits.toml")
+
+
+DEFAULT_CONFIG = _default_config()
 
 
 @dataclasses.dataclass
@@ -293,6 +302,27 @@ def validate(o: Options) -> None:
 
     QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits, o.bits_trainable, o.range,
                 o.bits_grad, o.bias_range, o.quantize_se_gate)
+
+
+#: Options that describe the data and the model, which evaluation and export take from the
+#: run that trained a checkpoint (its ``config.json``) unless given on the command line.
+TRAINED_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "batch_size",
+                  "eval_crop", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
+                  "swish_bits", "bias_bits", "range", "bias_range", "quantize_se_gate",
+                  "calib_images", "metric_img_size", "seed")
+
+
+def trained_config(ckpt_path: str) -> dict:
+    """The data/model options a checkpoint was trained with (``config.json`` beside it)."""
+    path = os.path.join(os.path.dirname(ckpt_path), "config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({err}); pass the data flags yourself") from None
+    return {k: v for k, v in saved.items() if k in TRAINED_FIELDS}
 
 
 def options_to_json(o: Options) -> dict:

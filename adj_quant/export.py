@@ -12,7 +12,7 @@ The exported network is a plain inference function ``images float32 [N, S, S, 3]
   biases after their learned quantizers (``QuantizedLayer.quantized_weights()``), so every
   weight channel holds only its learned ``2^b`` levels.
 
-Quantization modes (specification "TFLite flows"):
+Quantization modes (docs/export.md):
 
 * ``float``: plain conversion, float32 everywhere;
 * ``dynamic``: dynamic-range PTQ (``Optimize.DEFAULT``), int8 weights, float activations;
@@ -79,19 +79,12 @@ EXTRA = {
 # --------------------------------------------------------------------------- options
 
 
-def _trained_config(ckpt_path: str) -> dict:
-    """Data options the checkpoint was trained with: eval.py's own rule (config.json beside it)."""
-    from eval import _trained_config as trained  # the same defaults as eval.py
-
-    return trained(ckpt_path)
-
-
 def resolve_options(cli: dict, beside: str | None):
     """Options from the config.json beside ``beside`` (a checkpoint or model file), then ``cli``."""
-    from adj_quant.config import resolve
+    from adj_quant.config import resolve, trained_config
 
     keep = {k: v for k, v in cli.items() if k in DATA_FIELDS}
-    base = _trained_config(beside) if beside else {}
+    base = trained_config(beside) if beside else {}
     return resolve({**base, **keep}, None)
 
 
@@ -375,7 +368,7 @@ def load_checkpoint(ckpt_path: str, o, quantization: str | None = None):
     from adj_quant.checkpoints import ModelSpec, model_spec_for, resolve_checkpoint, restore_model
     from adj_quant.recipe import arch_of
 
-    ckpt = resolve_checkpoint(ckpt_path)
+    ckpt = resolve_checkpoint(ckpt_path, "--ckpt_path")
     spec = model_spec_for(ckpt, ModelSpec("float", arch_of(o)), "--ckpt_path")
     if quantization == "adjustable" and spec.kind != "quant":
         raise UserError(f"--quantization adjustable needs a quantized checkpoint (a qat8, "
@@ -400,7 +393,7 @@ def export(cli: dict) -> dict:
         raise UserError(f"--format saved_model --quantization {quantization}: {quantization} "
                         "quantization happens in the TFLite converter; write a tflite file, or "
                         "a saved_model with --quantization float or adjustable")
-    ckpt = resolve_checkpoint(cli["ckpt_path"])
+    ckpt = resolve_checkpoint(cli["ckpt_path"], "--ckpt_path")
     output = cli.get("output") or default_output(ckpt, fmt, quantization)
     check_output(output, cli.get("overwrite", False))
     o = resolve_options(cli, ckpt)
@@ -644,6 +637,11 @@ def main(argv=None) -> dict:
               f"{100 * accuracy['top5']:.2f}%   ({accuracy['images']} images)")
         result.update({f"eval_{k}": v for k, v in accuracy.items()})
     return result
+
+
+def console_main() -> None:
+    """``adjq-export``: :func:`main` without its return value (which would be printed)."""
+    main()
 
 
 if __name__ == "__main__":

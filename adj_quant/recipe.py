@@ -177,7 +177,7 @@ def pretrain(cli: dict) -> dict:
     arch = st.arch
     model = st.build(ModelSpec("float", arch))
     if st.o.ckpt_path:
-        path = resolve_checkpoint(st.o.ckpt_path)
+        path = resolve_checkpoint(st.o.ckpt_path, "--ckpt_path")
         st.float_spec(path, "--ckpt_path")
         restore_model(model, path, allow_missing=())
     st.start(ModelSpec("float", arch))
@@ -189,7 +189,7 @@ def calibrate(cli: dict) -> dict:
     if (done := st.already_finished()) is not None:
         return done
     o = st.o
-    path = resolve_checkpoint(o.ckpt_path) if o.ckpt_path else st.previous("pretrain")
+    path = resolve_checkpoint(o.ckpt_path, "--ckpt_path") if o.ckpt_path else st.previous("pretrain")
     float_model = st.load_float(path, "--ckpt_path")
     qmodel = QuantizedNetwork.from_float(float_model, quant_config(o, False), seed=o.seed)
     data_lib.dataset_info(*data_args(o))  # bad data is reported before anything is written
@@ -219,7 +219,7 @@ def _quantized_stage(name: str, cli: dict, *, bits_trainable: bool | None, sourc
     o = st.o
     teacher = st.teacher()
     if o.ckpt_path:
-        init = resolve_checkpoint(o.ckpt_path)
+        init = resolve_checkpoint(o.ckpt_path, "--ckpt_path")
     else:
         init = st.previous(source) if source != "calibrate" else st.previous("pretrain")
     qcfg = quant_config(o, bits_trainable)

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 8; ignored for the float model)")
     p.add_argument("--quant_info", default=None, metavar="PATH",
                    help="per-channel bits from a quant_info.json written by training "
-                        "(instead of the --*_bits flags)")
+                        "(instead of the --*_bits flags), or a run / stage directory: the "
+                        "quant_info.json of its last finished stage, and the network it trained")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: params, multiplies, adds, ops (official counts), "
                         "score_micronet, score_adjq")
@@ -82,6 +83,8 @@ def _validate(args) -> None:
         if bit_flags:
             raise UserError(f"--quant_info and {bit_flags[0]} both given: use either a "
                             f"quant_info.json or uniform --*_bits flags, not both")
+        if os.path.isdir(args.quant_info):
+            args.quant_info, args.network = _from_run(args.quant_info)
         if not os.path.isfile(args.quant_info):
             raise UserError(f"--quant_info {args.quant_info}: no such file — pass the "
                             f"quant_info.json written by training")
@@ -107,6 +110,23 @@ def _validate(args) -> None:
         raise UserError(f"--bias_bits {args.bias_bits}: use 2..8, or 0 for float biases")
 
 
+def _from_run(directory: str) -> tuple[str, dict | None]:
+    """``(quant_info.json, the network's spec)`` of a stage or run directory."""
+    from adj_quant.checkpoint_paths import last_finished_stage
+
+    stage = directory if os.path.exists(os.path.join(directory, "quant_info.json")) else (
+        last_finished_stage(directory))
+    if stage is None or not os.path.exists(os.path.join(stage, "quant_info.json")):
+        raise UserError(f"--quant_info {directory}: no quant_info.json in this directory or "
+                        "its last finished stage; run eval.py on the checkpoint to write one")
+    spec = os.path.join(stage, "model_spec.json")
+    network = None
+    if os.path.exists(spec):
+        with open(spec, encoding="utf-8") as f:
+            network = json.load(f)
+    return os.path.join(stage, "quant_info.json"), network
+
+
 def _fmt(x: float) -> str:
     return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.2f}"
 
@@ -119,9 +139,13 @@ def main(argv=None) -> int:
     from adj_quant import metric
     from adj_quant.quant_info import load_quant_info
     from adj_quant import nets
-    arch = nets.build("efficientnet_b0", num_classes=args.num_classes,
-                      width_multiplier=args.width_multiplier,
-                      depth_multiplier=args.depth_multiplier)
+    if getattr(args, "network", None):  # a run directory: the network it trained
+        from adj_quant.checkpoints import ModelSpec
+        arch = ModelSpec.from_json(args.network).arch
+    else:
+        arch = nets.build("efficientnet_b0", num_classes=args.num_classes,
+                          width_multiplier=args.width_multiplier,
+                          depth_multiplier=args.depth_multiplier)
     if args.quant_info is not None:
         bits = load_quant_info(args.quant_info, arch)
         what = f"bits from {args.quant_info}"
@@ -145,8 +169,11 @@ def main(argv=None) -> int:
                           "score_adjq": aq["score"]}))
         return 0
     freebie = (not args.no_freebie) and bits.is_float()
-    print(f"EfficientNet-B0 (width {args.width_multiplier:g}, depth {args.depth_multiplier:g}), "
-          f"{args.img_size}x{args.img_size}, {args.num_classes} classes: {what}")
+    params = dict(arch.params)
+    classes = params.pop("num_classes", arch.num_classes)
+    described = ", ".join(f"{k.replace('_multiplier', '')} {v:g}" for k, v in params.items())
+    print(f"{arch.name} ({described}), {args.img_size}x{args.img_size}, {classes} classes: "
+          f"{what}")
     print(f"{'':<12}{'micronet (official)':>24}{'adjq (submission)':>24}")
     for key in ("params", "multiplies", "adds", "ops"):
         print(f"{key:<12}{_fmt(mn[key]):>24}{_fmt(aq[key]):>24}")

@@ -26,3 +26,10 @@ def digits_run(tmp_path_factory):
                 "--warm_up_epoch", "0", "--iter_train_freq", "1")
     train_stage(run, "finetune", "--max_epoch", "0.3", "--swa_delay", "0.1", "--swa_freq", "0.2")
     return run
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the shared trained run is slow (it trains all five stages)."""
+    for item in items:
+        if {"digits_run", "run_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

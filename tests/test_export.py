@@ -251,7 +251,7 @@ def _error(capsys, *argv):
 
 def test_bad_input(digits_run, exported, tmp_path, capsys):
     msg = _error(capsys, "--ckpt_path", str(tmp_path / "missing"), "--quantization", "int8")
-    assert "no such checkpoint" in msg
+    assert "checkpoint not found" in msg
     msg = _error(capsys, "--ckpt_path", str(digits_run / "pretrain"), "--quantization",
                  "adjustable", "--output", str(tmp_path / "x.tflite"))
     assert "needs a quantized checkpoint" in msg

@@ -128,6 +128,7 @@ def _tree_digest(path):
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_continues_exactly(tmp_path):
     args = ["train.py", "--stage", "pretrain", "--max_epoch", "0.5", *TINY]
     # Reference: an uninterrupted run.
@@ -199,6 +200,7 @@ def test_bad_config_key_and_wrong_checkpoint(run_dir, tmp_path):
     assert proc.returncode == 2 and "Logits/weights min has 3 values" in proc.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     run = tmp_path / "nan"
     proc = _run(["train.py", "--stage", "pretrain", "--run_dir", str(run), *TINY,
