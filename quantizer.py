@@ -4,14 +4,14 @@
 
 NETWORK (50|101) and NUM_CLASSES are validated and otherwise ignored: the new tool reads any
 checkpoint. ALGORITHM 1 = bin, 2 = fixed-point. This runs
-``python -m adj_quant.tools.quantize_checkpoint CHECKPOINT --algorithm ... --bits BITS``.
+``adjq-quantize-checkpoint CHECKPOINT --algorithm ... --bits BITS``.
 """
 
 import argparse
 import sys
 
 from adj_quant.errors import UserError, cli_main
-from adj_quant.tools import quantize_checkpoint
+from adj_quant.seed_quantizers import cli as quantize_checkpoint
 
 OLD_ALGORITHMS = {"1": "bin", "2": "fixed-point"}
 
@@ -20,7 +20,7 @@ OLD_ALGORITHMS = {"1": "bin", "2": "fixed-point"}
 def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python quantizer.py",
-        description="Old form of python -m adj_quant.tools.quantize_checkpoint (see docs/checkpoint_quantization.md).",
+        description="Old form of adjq-quantize-checkpoint (see docs/checkpoint_quantization.md).",
     )
     p.add_argument("network", metavar="NETWORK", help="ResNet depth, 50 or 101 (validated, not needed)")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint prefix or directory")
@@ -39,7 +39,7 @@ def main(argv=None):
     except ValueError:
         raise UserError(f"BITS {a.bits!r} is not an integer; pass e.g. 8") from None
     new = [a.checkpoint, "--algorithm", OLD_ALGORITHMS[a.algorithm], "--bits", str(bits)]
-    print("note: old form; same as: python -m adj_quant.tools.quantize_checkpoint " + " ".join(new), file=sys.stderr)
+    print("note: old form; same as: adjq-quantize-checkpoint " + " ".join(new), file=sys.stderr)
     return quantize_checkpoint.main(new)
 
 

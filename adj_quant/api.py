@@ -17,11 +17,11 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from adj_quant import metric as metric_lib
+from adj_quant import cost as cost_lib
 from adj_quant import quant_info as quant_info_lib
 from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork, Network
-from adj_quant.qmodel import QuantConfig, QuantizedNetwork
+from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 
 
 def quantize(model: FloatNetwork | Network, config: QuantConfig | None = None, *,
@@ -50,7 +50,7 @@ def calibrate(qnet: QuantizedNetwork, images, num_images: int | None = None,
 
 
 def micronet_cost(qnet: QuantizedNetwork, img_size: int = 224, style: str = "micronet",
-                  gamma: float = 0.7) -> metric_lib.Counts:
+                  gamma: float = 0.7) -> cost_lib.Counts:
     """The model's MicroNet cost at its current bits: ``.score``, ``.params``, ``.ops``.
 
     Differentiable with respect to the bits (``gamma`` splits the gradient of a max of
@@ -58,14 +58,14 @@ def micronet_cost(qnet: QuantizedNetwork, img_size: int = 224, style: str = "mic
     counts as the original submission did. The 16-bit freebie of an unquantized network
     does not apply.
     """
-    if style not in metric_lib.STYLES:
-        raise UserError(f"style {style!r}: use one of {', '.join(metric_lib.STYLES)}")
-    layers = metric_lib.network_layers(qnet.net, img_size)
-    ops = metric_lib.element_ops(qnet.net, img_size)
-    counts = metric_lib.count_specs(layers, ops, qnet.bit_assignment(), style,
+    if style not in cost_lib.STYLES:
+        raise UserError(f"style {style!r}: use one of {', '.join(cost_lib.STYLES)}")
+    layers = cost_lib.network_layers(qnet.net, img_size)
+    ops = cost_lib.element_ops(qnet.net, img_size)
+    counts = cost_lib.count_specs(layers, ops, qnet.bit_assignment(), style,
                                     freebie=False, gamma=gamma)
     as32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731  (to add to a float32 loss)
-    return metric_lib.Counts(as32(counts.params), as32(counts.multiplies), as32(counts.adds),
+    return cost_lib.Counts(as32(counts.params), as32(counts.multiplies), as32(counts.adds),
                              as32(counts.ops), as32(counts.score))
 
 
@@ -75,6 +75,6 @@ def save_quant_info(qnet: QuantizedNetwork, path, summary: dict | None = None) -
                                           summary or {})
 
 
-def load_quant_info(path, net: Network) -> metric_lib.BitAssignment:
+def load_quant_info(path, net: Network) -> cost_lib.BitAssignment:
     """Read a ``quant_info.json`` written for ``net``, checking it against the network."""
     return quant_info_lib.load_quant_info(path, net)

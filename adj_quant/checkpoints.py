@@ -21,7 +21,7 @@ from adj_quant.errors import UserError
 from adj_quant.files import write_atomic, write_json_atomic
 from adj_quant import nets
 from adj_quant.network import FloatNetwork, Network
-from adj_quant.qmodel import QuantConfig, QuantizedNetwork
+from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 
 STATE_FILE = "checkpoints.json"
 SPEC_FILE = "model_spec.json"
@@ -193,12 +193,12 @@ def restore_model(model: tf.Module, ckpt_path: str, what: str = "--ckpt_path",
                 continue
             raise UserError(f"{what} {ckpt_path} does not match the model: it has no "
                             f"{var.name.split(':')[0]} (is it a float/quantized checkpoint of "
-                            "another stage, or another --swish_bits/--bias_bits?)")
+                            "another stage, or another swish_bits/bias_bits setting?)")
         if list(saved[key]) != list(var.shape):
             raise UserError(f"{what} {ckpt_path} does not match the model: "
                             f"{var.name.split(':')[0]} has shape {list(saved[key])} in the "
                             f"checkpoint but {var.shape.as_list()} in the model (another "
-                            "--num_classes or width/depth?)")
+                            "class count or width/depth?)")
     tf.train.Checkpoint(model=model).read(ckpt_path).expect_partial()
 
 

@@ -3,9 +3,9 @@
 A :class:`Network` is an ordered list of :class:`Node` s. Each node names its slim scope,
 its operation and its inputs; shapes follow from the declaration and the image size.
 Everything else in adjq is derived from this one declaration: the float module here, the
-quantized module (:mod:`adj_quant.qmodel`: where the quantizers go), the calibration
-sites, the MicroNet / adjq counting (:mod:`adj_quant.metric`), the ``quant_info.json``
-keys (:mod:`adj_quant.quant_info`) and the TFLite export (:mod:`adj_quant.export`).
+quantized module (:mod:`adj_quant.qnetwork`: where the quantizers go), the calibration
+sites, the MicroNet / adjq counting (:mod:`adj_quant.cost`), the ``quant_info.json``
+keys (:mod:`adj_quant.quant_info`) and the TFLite export (:mod:`adj_quant.cli.export`).
 
 Operations (``Node.op``):
 

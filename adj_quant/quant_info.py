@@ -30,14 +30,15 @@ import os
 import numpy as np
 
 from adj_quant.errors import UserError
+from adj_quant.bits import is_bit_width
 from adj_quant.files import write_json_atomic
-from adj_quant.metric import FLOAT_BITS, IMAGE_BITS, BitAssignment, _static, element_ops, network_layers
+from adj_quant.cost import FLOAT_BITS, IMAGE_BITS, BitAssignment, _static, element_ops, network_layers
 from adj_quant.network import Network
 
 SUMMARY_KEYS = ("avg_weight_bits", "avg_act_bits", "params", "ops", "score_adjq",
                 "score_micronet", "top1", "top5")
-_ARCH_HINT = "was it written for another network or --width_multiplier/--depth_multiplier?"
-_CLASSES_HINT = "was it written for another --num_classes?"
+_ARCH_HINT = "was it written for another network or width/depth multiplier?"
+_CLASSES_HINT = "was it written for another class count?"
 
 
 def _per_channel(value, n: int, what: str) -> np.ndarray:
@@ -164,7 +165,7 @@ def _check_bits(values, scope: str, what: str, n: int, source: str, hint: str) -
         raise UserError(f"{source}: {scope} {what} has {len(values)} bits, the model needs {n} "
                         f"— {hint}")
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == FLOAT_BITS):
+        if not isinstance(v, int) or not is_bit_width(v, allow_float=True):
             raise UserError(f"{source}: {scope} {what} has bits {v!r} at channel {i}; bits must "
                             f"be integers in [2, 8] (32 marks a float tensor) — fix the file")
     if FLOAT_BITS in values and any(v != FLOAT_BITS for v in values):
@@ -235,8 +236,7 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
     bias = _need(data, "bias_bits", "", source)
     if bias is None:
         bias_bits = FLOAT_BITS
-    elif isinstance(bias, bool) or not isinstance(bias, int) or not (
-            2 <= bias <= 8 or bias == FLOAT_BITS):
+    elif not isinstance(bias, int) or not is_bit_width(bias, allow_float=True):
         raise UserError(f"{source}: bias_bits is {bias!r}; use an integer in [2, 8] or null "
                         f"for float biases")
     else:

@@ -5,7 +5,7 @@ backward + one Adam update of every trainable variable:
 
 * ``float``: :class:`adj_quant.network.FloatNetwork` of ``slim_nets.efficientnet_b0``, batch norm in training
   mode (batch statistics, moving averages updated);
-* ``quant``: :class:`adj_quant.qmodel.QuantizedNetwork` built from that float
+* ``quant``: :class:`adj_quant.qnetwork.QuantizedNetwork` built from that float
   model with every quantizer on and trainable bits (weights, activations, swish inputs
   with ``--swish_bits 0``, biases), activation ranges calibrated on one random batch.
 
@@ -42,7 +42,7 @@ import tensorflow as tf  # noqa: E402
 
 from adj_quant import nets  # noqa: E402
 from adj_quant.network import FloatNetwork  # noqa: E402
-from adj_quant.qmodel import QuantConfig, QuantizedNetwork  # noqa: E402
+from adj_quant.qnetwork import QuantConfig, QuantizedNetwork  # noqa: E402
 
 MODES = ("float", "quant")
 JIT_CHOICES = {"both": (False, True), "off": (False,), "on": (True,)}

@@ -1,8 +1,14 @@
 """Shared fixtures: one tiny but really trained digits run, used by several test files."""
 
+import importlib.util
+import os
+import sys
+
 import pytest
 
 import train as train_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small EfficientNet (width 0.25, depth 0.25) at 32x32 on the real digits data.
 TINY = ["--img_size", "32", "--batch_size", "64", "--width_multiplier", "0.25",
@@ -33,3 +39,14 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"digits_run", "run_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def build_tool():
+    """``tools/build_tfrecords.py`` (a script, not a package module), loaded once."""
+    if "build_tfrecords" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "build_tfrecords", os.path.join(ROOT, "tools", "build_tfrecords.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["build_tfrecords"]

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from adj_quant.ckpt_quant import (
+from adj_quant.seed_quantizers.checkpoint_quantizer import (
     bin_quantize,
     fixed_point_quantize,
     relative_error,
@@ -18,7 +18,7 @@ from adj_quant.ckpt_quant import (
 from adj_quant.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = "adj_quant.tools.quantize_checkpoint"
+TOOL = "adj_quant.seed_quantizers.cli"
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def _assert_one_line_error(proc, *needles):
 def test_slim_round_trip_bin(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.tools.quantize_checkpoint import main
+    from adj_quant.seed_quantizers.cli import main
 
     values = _slim_values()
     prefix = _write_slim(tmp_path / "run", values)
@@ -237,7 +237,7 @@ def test_slim_round_trip_bin(tmp_path, capsys):
 
 
 def test_no_trainable_and_uint8_bits(tmp_path, capsys):
-    from adj_quant.tools.quantize_checkpoint import main
+    from adj_quant.seed_quantizers.cli import main
 
     prefix = _write_slim(tmp_path, {"global_step": np.array(5, np.int64),
                                     "bn/moving_mean": np.ones(3, np.float32)})
@@ -257,8 +257,8 @@ def test_no_trainable_and_uint8_bits(tmp_path, capsys):
 def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.ckpt_quant import load_uint8_checkpoint, uint8_to_float_checkpoint
-    from adj_quant.tools.quantize_checkpoint import main
+    from adj_quant.seed_quantizers.checkpoint_quantizer import load_uint8_checkpoint, uint8_to_float_checkpoint
+    from adj_quant.seed_quantizers.cli import main
 
     values = _slim_values(big=True)
     prefix = _write_slim(tmp_path / "run", values)
@@ -357,8 +357,8 @@ def _check_min_size_output(path, values, expected_q, expected_range, quantized):
 
 
 def test_uint8_min_size_default_1024(tmp_path, capsys):
-    from adj_quant.ckpt_quant import load_uint8_checkpoint
-    from adj_quant.tools.quantize_checkpoint import main
+    from adj_quant.seed_quantizers.checkpoint_quantizer import load_uint8_checkpoint
+    from adj_quant.seed_quantizers.cli import main
 
     values, expected_q, expected_range = _min_size_values()
     prefix = _write_slim(tmp_path / "run", values)
@@ -378,7 +378,7 @@ def test_uint8_min_size_default_1024(tmp_path, capsys):
 
 
 def test_uint8_min_size_boundaries_library(tmp_path):
-    from adj_quant.ckpt_quant import quantize_checkpoint
+    from adj_quant.seed_quantizers.checkpoint_quantizer import quantize_checkpoint
 
     values, expected_q, expected_range = _min_size_values()
     prefix = _write_slim(tmp_path / "run", values)
@@ -446,6 +446,7 @@ def test_uint8_min_size_cli_report(tmp_path):
     _assert_one_line_error(too_big, "at least 5000 elements", "--min_size 1024 or less")
 
 
+@pytest.mark.slow  # several TensorFlow subprocesses
 def test_min_size_cli_errors_subprocess(tmp_path):
     missing = tmp_path / "nope" / "model.ckpt-1"  # the flag is checked first, before the checkpoint
     _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "-1"),
@@ -464,7 +465,7 @@ def test_min_size_cli_errors_subprocess(tmp_path):
 def test_tf2_object_checkpoint_round_trip(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.tools.quantize_checkpoint import main
+    from adj_quant.seed_quantizers.cli import main
 
     rng = np.random.default_rng(5)
     kernel = rng.normal(0, 0.05, (16, 8)).astype(np.float32)
@@ -501,7 +502,7 @@ def test_keras_model_with_optimizer(tmp_path, capsys):
     """Keras 3 lists model weights under optimizer/_trainable_variables and slots under _variables."""
     import tensorflow as tf
 
-    from adj_quant.tools.quantize_checkpoint import main
+    from adj_quant.seed_quantizers.cli import main
 
     def build():
         model = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(4),
@@ -529,6 +530,7 @@ def test_keras_model_with_optimizer(tmp_path, capsys):
         np.testing.assert_array_equal(b.numpy(), a.numpy())
 
 
+@pytest.mark.slow  # several TensorFlow subprocesses
 def test_cli_errors_subprocess(tmp_path):
     missing = tmp_path / "nope" / "model.ckpt-1"
     _assert_one_line_error(_run_tool(missing, "--algorithm", "bin", "--bits", "8"), "checkpoint not found", str(missing))

@@ -1,6 +1,5 @@
-"""Input pipelines (adj_quant.data) and the TFRecord builder (tools/build_tfrecords.py)."""
+"""Input pipelines (adj_quant.recipe.data) and the TFRecord builder (tools/build_tfrecords.py)."""
 
-import importlib.util
 import os
 import sys
 
@@ -8,21 +7,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant import data
 from adj_quant.errors import UserError
+from conftest import build_tool
+from adj_quant.recipe import data
+from adj_quant.recipe.data import digits as digits_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_build_tool():
-    spec = importlib.util.spec_from_file_location("build_tfrecords", os.path.join(ROOT, "tools", "build_tfrecords.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bt = _load_build_tool()
+bt = build_tool()
 
 NUM_CLASSES = 3
 PER_CLASS = 5  # -> 4 train + 1 validation image per class with the default 0.2 fraction
@@ -109,7 +102,7 @@ def test_digits_training_is_seeded_and_augmented():
 
 def test_digits_uncached_resize_matches_cached(monkeypatch):
     cached = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24, training=False)))
-    monkeypatch.setattr(data, "_DIGITS_CACHE_BYTES", 0)
+    monkeypatch.setattr(digits_pipeline, "_DIGITS_CACHE_BYTES", 0)
     fresh = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24, training=False)))
     np.testing.assert_allclose(cached[0].numpy(), fresh[0].numpy(), atol=1e-6)
 
@@ -439,7 +432,7 @@ def test_digits_augment_inception_crops_and_flips():
 @pytest.mark.parametrize("augment", ["shift", "inception"])
 def test_digits_uncached_augment_matches_cached(monkeypatch, augment):
     cached = _digits_train(augment, batch_size=16, img_size=24)[0]
-    monkeypatch.setattr(data, "_DIGITS_CACHE_BYTES", 0)
+    monkeypatch.setattr(digits_pipeline, "_DIGITS_CACHE_BYTES", 0)
     fresh = _digits_train(augment, batch_size=16, img_size=24)[0]
     np.testing.assert_allclose(cached, fresh, atol=1e-5)
 

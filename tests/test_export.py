@@ -1,4 +1,4 @@
-"""TFLite / SavedModel export (``python -m adj_quant.export``) of the tiny trained digits run.
+"""TFLite / SavedModel export (``adjq-export``) of the tiny trained digits run.
 
 Every model is converted once (module fixture) and evaluated on the 360 validation digits,
 in the LiteRT interpreter and, for the fake-quant reference, in TensorFlow.
@@ -13,10 +13,12 @@ import tensorflow as tf
 from tensorflow.lite.tools import flatbuffer_utils
 
 import eval as eval_cli
-from adj_quant import evaluation
-from adj_quant import export as E
+from adj_quant import tflite_export as TE
+from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import resolve_checkpoint
-from adj_quant.trainer import validation_data
+from adj_quant.cli import export as E
+from adj_quant.recipe import validation
+from adj_quant.recipe.trainer import validation_data
 
 QUIET = ["--no-progress"]
 
@@ -35,11 +37,11 @@ def _validation(ckpt):
 
 
 def _logits(path, images):
-    return E.TFLiteRunner(str(path), batch=len(images))(images)
+    return TR.TFLiteRunner(str(path), batch=len(images))(images)
 
 
 def _top1(logits, labels):
-    return E.topk_hits(logits, labels, 1) / len(labels)
+    return TR.topk_hits(logits, labels, 1) / len(labels)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def exported(digits_run, tmp_path_factory):
     for stage in ("qat8", "finetune"):
         model, spec, _ = E.load_checkpoint(r[stage], o)
         r[f"{stage}_model"], r[f"{stage}_spec"] = model, spec
-        acc[f"{stage} fake-quant (TF)"] = evaluation.accuracy(
+        acc[f"{stage} fake-quant (TF)"] = validation.accuracy(
             model, validation_data(o, 10), progress=False)["top1"]
         r[f"{stage}_tf_logits"] = model(tf.constant(images)).numpy()
     r["acc"] = acc
@@ -86,7 +88,7 @@ def exported(digits_run, tmp_path_factory):
 
 def test_float_export_computes_the_model(exported):
     """The float file is the quantized checkpoint's network with float activations, exactly."""
-    net = E.export_net(exported["qat8_model"], exported["qat8_spec"], "float")
+    net = TE.export_net(exported["qat8_model"], exported["qat8_spec"], "float")
     want = net(tf.constant(exported["images"][:32])).numpy()
     got = exported["float_logits"][:32]
     np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
@@ -108,7 +110,7 @@ def test_float_checkpoint_bn_folded(digits_run, tmp_path):
 
 def test_int8_qat8(exported):
     """Full-integer PTQ of the 8-bit QAT checkpoint: int8 in and out, within 1 point."""
-    interpreter = E.make_interpreter(exported["int8"])
+    interpreter = TR.make_interpreter(exported["int8"])
     (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
     assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
     assert inp["quantization"][0] > 0 and out["quantization"][0] > 0
@@ -142,8 +144,8 @@ def test_adjustable_holds_learned_levels(exported):
     """Each weight channel of the adjustable export holds at most 2^b int8 values; where the
     learned grid fits in [-127, 127] (b <= 7, range around 0) they are the learned levels."""
     model = exported["finetune_model"]
-    net = E.export_net(model, exported["finetune_spec"], "adjustable")
-    interpreter = E.make_interpreter(exported["adjustable"])
+    net = TE.export_net(model, exported["finetune_spec"], "adjustable")
+    interpreter = TR.make_interpreter(exported["adjustable"])
     details = interpreter.get_tensor_details()
     fb = flatbuffer_utils.read_model(exported["adjustable"])
     graph = fb.subgraphs[0]
@@ -204,7 +206,7 @@ def test_adjustable_accuracy(exported):
 def test_adjustable_activation_ranges(exported):
     """The input of every quantized conv carries the learned (union) range, not a calibrated one."""
     model = exported["finetune_model"]
-    interpreter = E.make_interpreter(exported["adjustable"])
+    interpreter = TR.make_interpreter(exported["adjustable"])
     details = interpreter.get_tensor_details()
     fb = flatbuffer_utils.read_model(exported["adjustable"])
     linear = [op for op in fb.subgraphs[0].operators
@@ -214,7 +216,7 @@ def test_adjustable_activation_ranges(exported):
         quant = model.layers[scope].act_quant
         if quant is None:
             continue
-        lo, hi = E.union_range(quant)
+        lo, hi = TE.union_range(quant)
         scale = details[op.inputs[0]]["quantization_parameters"]["scales"][0]
         assert scale == pytest.approx((hi - lo) / 255, rel=1e-4), scope
         checked += 1
@@ -236,7 +238,7 @@ def test_saved_model_adjustable(exported, tmp_path):
     serve = tf.saved_model.load(str(path)).signatures["serving_default"]
     images = tf.constant(exported["images"][:16])
     got = serve(images=images)["logits"].numpy()
-    net = E.export_net(exported["finetune_model"], exported["finetune_spec"], "adjustable")
+    net = TE.export_net(exported["finetune_model"], exported["finetune_spec"], "adjustable")
     np.testing.assert_allclose(got, net(images).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -281,10 +283,10 @@ def test_int8_file_size_for_full_width_b0():
     missed by 0.004: int8 stores a float32 scale and an int64 zero point per output channel
     (12 bytes x ~30k channels) and keeps the int32 biases; the weights alone are 0.25x.
     """
-    from adj_quant.checkpoints import ModelSpec
-    from adj_quant.export import convert, export_net, inference_module
     from adj_quant import nets
+    from adj_quant.checkpoints import ModelSpec
     from adj_quant.network import FloatNetwork
+    from adj_quant.tflite_export import convert, export_net, inference_module
 
     model = FloatNetwork(nets.build("efficientnet_b0", num_classes=10))
     rng = np.random.default_rng(0)
@@ -306,6 +308,6 @@ def test_float_linear_ops_counts_layers_left_float(exported):
     with open(exported["adjustable"], "rb") as f:
         adjustable_file = f.read()
     n_layers = len(exported["qat8_model"].layers)
-    assert E.float_linear_ops(float_file) == n_layers
-    assert E.float_linear_ops(adjustable_file) == 0
+    assert TE.float_linear_ops(float_file) == n_layers
+    assert TE.float_linear_ops(adjustable_file) == 0
     assert exported["adj_result"]["activation_ranges"].startswith("learned")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant import metric as M
+from adj_quant import cost as M
 from adj_quant import quant_info as QI
 from adj_quant.errors import UserError
 from adj_quant import nets
@@ -397,7 +397,7 @@ def test_quant_info_first_mismatch_and_num_classes():
         QI.from_quant_info(data, B0)
     good = QI.to_quant_info(M.BitAssignment.uniform(B0, 4, 4), B0, {})
     with pytest.raises(UserError, match="Logits weight has 1000 bits, the model needs 10 .* "
-                                        "another --num_classes"):
+                                        "another class count"):
         QI.from_quant_info(good, nets.build("efficientnet_b0", num_classes=10))
 
 
@@ -416,7 +416,7 @@ def test_load_quant_info_file_errors(tmp_path):
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("ADJQ_TRACEBACK", None)
-    return subprocess.Popen([sys.executable, "-m", "adj_quant.score", *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "adj_quant.cli.score", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -447,7 +447,7 @@ def test_cli_json_float_vs_8bit(cli_runs):
 
 def test_cli_quant_info_in_process(tmp_path, capsys, monkeypatch):
     # in-process (TensorFlow is already loaded): a matching file, then a mismatched one
-    from adj_quant import score
+    from adj_quant.cli import score
 
     monkeypatch.delenv("ADJQ_TRACEBACK", raising=False)
     qi = tmp_path / "quant_info.json"

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import adj_quant as aq
-from adj_quant import metric as M
+from adj_quant import cost as M
 from adj_quant.network import Node
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     where = subprocess.run(
-        [sys.executable, "-c", "import adj_quant, adj_quant.config as c; "
+        [sys.executable, "-c", "import adj_quant, adj_quant.recipe.config as c; "
                                "print(adj_quant.__file__); print(c.DEFAULT_CONFIG)"],
         cwd=outside, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert where[0].startswith(str(target)) and Path(where[1]).is_file()

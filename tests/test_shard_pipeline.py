@@ -10,19 +10,17 @@ one by up to 0.2 (about 1.4 points of top-1 for the same model).
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import eval as eval_cli
-from adj_quant import data
-from conftest import train_stage
+from adj_quant.recipe import data
+from conftest import build_tool, train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits.toml")  # what --dataset digits loads by default
@@ -31,17 +29,7 @@ IMG_SIZE = 32
 PRETRAIN = ["--max_epoch", "6", "--lr", "3e-3", "--lr_fixed", "--bn_momentum", "0.9"]
 
 
-def _load_build_tool():
-    if "build_tfrecords" in sys.modules:  # loaded by test_data.py
-        return sys.modules["build_tfrecords"]
-    spec = importlib.util.spec_from_file_location("build_tfrecords", os.path.join(ROOT, "tools", "build_tfrecords.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bt = _load_build_tool()
+bt = build_tool()
 
 
 def collect(ds):

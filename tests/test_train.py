@@ -221,7 +221,7 @@ def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, t
     """A quantized stage written before the SE-gate quantizer, live bias ranges and
     --bits_grad existed (model_spec.json without those keys, no sigmoid_quant variables)
     is rebuilt as it was trained, says so in one line, and evaluates to the same top-1."""
-    from adj_quant.qmodel import QuantConfig
+    from adj_quant.qnetwork import QuantConfig
 
     new_spec = read_json(run_dir / "qat8" / "model_spec.json")
     old_quant = {k: v for k, v in new_spec["quant"].items() if k not in QuantConfig.LEGACY}
@@ -245,12 +245,12 @@ def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, t
     assert len(notes) == 1 and "quantize_se_gate=False" in notes[0], proc.stderr
     assert "Traceback" not in proc.stderr
     result = json.loads(proc.stdout)
-    from adj_quant import evaluation
-    from adj_quant.config import resolve
-    from adj_quant.trainer import validation_data
+    from adj_quant.recipe import validation
+    from adj_quant.recipe.config import resolve
+    from adj_quant.recipe.trainer import validation_data
 
     o = resolve({"img_size": 32, "max_val_images": 360}, None)
-    expected = evaluation.accuracy(model, validation_data(o, 10), progress=False,
+    expected = validation.accuracy(model, validation_data(o, 10), progress=False,
                                    max_images=360)["top1"]
     assert result["top1"] == pytest.approx(expected)
 
@@ -260,7 +260,7 @@ def test_help_lists_every_flag_with_its_choices(cli, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.parse(["--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--eval_crop" in text
     if cli is train_cli:
         assert "--bits_grad {original,scale_only}" in text and "k % iter_train_freq" in text

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant import training as rules
+from adj_quant import training_rules as rules
 
 
 def test_mini_epoch_schedule_table():

@@ -8,7 +8,7 @@
 files. ``OUT`` receives ``train-00000-of-0000N`` / ``validation-00000-of-0000M`` shards
 with the features ``image/encoded``, ``image/format``, ``image/class/label``,
 ``image/class/text``, ``image/height``, ``image/width`` and ``image/filename``, plus
-``labels.txt`` (``index:classname`` lines). ``adj_quant.data`` reads them as dataset
+``labels.txt`` (``index:classname`` lines). ``adj_quant.recipe.data`` reads them as dataset
 ``imagenet`` with ``dataset_dir=OUT`` (``--dataset OUT``).
 
 Each shard is written under a temporary name and renamed when complete.
@@ -29,6 +29,7 @@ try:
 except ImportError:  # run as a script from a checkout: python tools/build_tfrecords.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from adj_quant.errors import UserError, cli_main
+from adj_quant.files import write_atomic
 
 import numpy as np
 
@@ -267,10 +268,7 @@ def write_class_folder_tfrecords(input_dir: str, output_dir: str, *, validation_
     for name in owned:  # shards left over from an earlier run would be read too
         for stale in set(old[name]) - set(written.get(name, [])):
             os.remove(stale)
-    tmp = os.path.join(output_dir, f".labels.txt.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("".join(line + "\n" for line in label_lines))
-    os.replace(tmp, labels_path)
+    write_atomic(labels_path, "".join(line + "\n" for line in label_lines))
     return written
 
 

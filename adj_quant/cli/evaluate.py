@@ -19,9 +19,9 @@ import json
 import os
 import sys
 
-import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
-from adj_quant.config import build_parser
+import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
 from adj_quant.errors import UserError, cli_main
+from adj_quant.recipe.config import build_parser
 
 EVAL_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_size",
                "max_val_images", "eval_crop", "width_multiplier", "depth_multiplier",
@@ -47,7 +47,7 @@ def parse(argv=None) -> dict:
 
 
 def _resolve(cli: dict, ckpt: str | None):
-    from adj_quant.config import resolve, trained_config
+    from adj_quant.recipe.config import resolve, trained_config
 
     base = trained_config(ckpt) if ckpt else {}
     return resolve({**base, **cli}, None)
@@ -69,12 +69,12 @@ def report_lines(result: dict) -> list[str]:
 
 
 def evaluate_checkpoint(cli: dict) -> dict:
-    from adj_quant import evaluation
     from adj_quant.checkpoints import ModelSpec, model_spec_for, resolve_checkpoint, restore_model
-    from adj_quant.qmodel import QuantizedNetwork
+    from adj_quant.qnetwork import QuantizedNetwork
     from adj_quant.quant_info import save_quant_info
-    from adj_quant.recipe import arch_of, calibrate_activations, quant_config
-    from adj_quant.trainer import validation_data
+    from adj_quant.recipe import validation
+    from adj_quant.recipe.stages import arch_of, calibrate_activations, quant_config
+    from adj_quant.recipe.trainer import validation_data
 
     as_float = cli.pop("float_model", False)
     output, plot, thresholds = cli.pop("output", None), cli.pop("plot", None), cli.pop(
@@ -97,10 +97,10 @@ def evaluate_checkpoint(cli: dict) -> dict:
     elif spec.kind == "quant" and as_float:
         raise UserError(f"--float: {ckpt} holds a quantized model; evaluate it without --float")
     val = validation_data(o, model.arch.num_classes)
-    result = evaluation.accuracy(model, val, progress=o.progress, max_images=o.max_val_images)
-    bits = evaluation.bits_of(model)
+    result = validation.accuracy(model, val, progress=o.progress, max_images=o.max_val_images)
+    bits = validation.bits_of(model)
     img = o.metric_img_size or o.img_size
-    result.update(evaluation.scores(bits, model.arch, img), metric_img_size=img, checkpoint=ckpt)
+    result.update(validation.scores(bits, model.arch, img), metric_img_size=img, checkpoint=ckpt)
     summary = {k: result[k] for k in ("avg_weight_bits", "avg_act_bits", "params", "ops",
                                       "score_adjq", "score_micronet", "top1", "top5")}
     out = output or os.path.dirname(ckpt)
@@ -110,7 +110,7 @@ def evaluate_checkpoint(cli: dict) -> dict:
     save_quant_info(out, bits, model.arch, summary)
     result["quant_info"] = out
     if plot:
-        from adj_quant.plots import per_layer_bits_png
+        from adj_quant.recipe.plots import per_layer_bits_png
 
         with open(plot, "wb") as f:
             f.write(per_layer_bits_png(bits, model.arch.layer_names, os.path.basename(ckpt)))
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     cli = parse(argv)
     as_json = cli.pop("json", False)
     if cli.get("tflite"):
-        from adj_quant.export import evaluate_tflite
+        from adj_quant.cli.export import evaluate_tflite
 
         result = evaluate_tflite(cli)
     elif cli.get("ckpt_path"):

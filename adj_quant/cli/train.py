@@ -4,15 +4,15 @@
     python train.py --stage adjustable --bits_trainable --iter_train --ckpt_path runs/x/qat8
     python train.py --config configs/imagenet.toml --dataset /data/imagenet --stage qat8
 
-Stages: pretrain, calibrate, qat8, adjustable, finetune (see adj_quant/recipe.py).
+Stages: pretrain, calibrate, qat8, adjustable, finetune (see adj_quant/stages.py).
 Installed as ``adjq-train``; ``python train.py`` in a checkout runs the same.
 A config file sets defaults (top level and per-stage tables); flags override them.
 """
 
 from __future__ import annotations
 
-import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
-from adj_quant.config import build_parser
+import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
+from adj_quant.recipe.config import build_parser
 from adj_quant.errors import cli_main
 
 
@@ -24,19 +24,19 @@ def parse(argv=None) -> dict:
 @cli_main
 def main(argv=None) -> None:
     cli = parse(argv)
-    from adj_quant import recipe
+    from adj_quant.recipe import stages
 
     stage = cli.pop("stage", None)
     if stage:
-        result = recipe.STAGE_FUNCTIONS[stage](cli)
+        result = stages.STAGE_FUNCTIONS[stage](cli)
         keys = ("top1", "metric", "avg_weight_bits", "avg_act_bits", "best_checkpoint",
                 "float_top1")
         print(f"[{stage}] done: " + ", ".join(
             f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in result.items() if k in keys))
         return
-    results = recipe.run_recipe(cli)
-    print(recipe.summary_table(results))
+    results = stages.run_recipe(cli)
+    print(stages.summary_table(results))
     print(f"\nquant_info.json: {results['quant_info']}")
 
 

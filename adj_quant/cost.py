@@ -40,13 +40,13 @@ import numpy as np
 import tensorflow as tf
 
 from adj_quant.errors import UserError
+from adj_quant.bits import FLOAT_BITS, is_bit_width
 import math
 
 from adj_quant.network import Network
 
 P_REF, O_REF = 6.9e6, 1170e6
 
-FLOAT_BITS = 32
 IMAGE_BITS = 8
 STYLES = ("micronet", "adjq")
 LAYER_KINDS = ("conv", "dws", "fc")
@@ -161,12 +161,10 @@ def _is_all(value, bits: float) -> bool:
 
 
 def _check_uniform_bits(name: str, value, allowed_extra: tuple[int, ...]) -> None:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        if 2 <= value <= 8 or value == FLOAT_BITS or value in allowed_extra:
-            return
-    elif not isinstance(value, (float, np.floating)):
-        return  # tensors: the caller's business
-    elif value == int(value) and (2 <= value <= 8 or value == FLOAT_BITS or value in allowed_extra):
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        if not isinstance(value, bool):
+            return  # tensors: the caller's business
+    elif is_bit_width(value, allow_float=True) or value in allowed_extra:
         return
     extra = "".join(f", {e}" for e in allowed_extra)
     raise UserError(f"{name}={value!r}: bits must be an integer in [2, 8]{extra} "
@@ -508,5 +506,5 @@ def metric_value(arch: Network, img_size: int, bits: BitAssignment, style: str =
     elif style == "adjq":
         counts = count_adjq(arch, img_size, bits, gamma=gamma)
     else:
-        raise UserError(f"--metric_style {style!r}: use one of {', '.join(STYLES)}")
+        raise UserError(f"metric style {style!r}: use one of {', '.join(STYLES)}")
     return tf.cast(counts.score, tf.float32)

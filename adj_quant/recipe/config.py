@@ -23,7 +23,7 @@ STAGES = ("pretrain", "calibrate", "qat8", "adjustable", "finetune")
 def _default_config() -> str:
     """``configs/digits.toml``: packaged as ``adj_quant/configs`` when installed, the
     checkout's ``configs/`` otherwise."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # adj_quant/
     installed = os.path.join(package, "configs", "digits.toml")
     return installed if os.path.exists(installed) else os.path.join(
         os.path.dirname(package), "configs", "digits.toml")
@@ -298,7 +298,23 @@ def validate(o: Options) -> None:
     if not 0.0 < o.eval_crop <= 1.0:
         raise UserError(f"--eval_crop {o.eval_crop} must be a fraction in (0, 1]; 1.0 keeps "
                         "the whole image")
-    from adj_quant.qmodel import QuantConfig
+    from adj_quant.bits import is_bit_width
+    from adj_quant.adjustable_quantizer import range_preset
+
+    for name in ("weight_bits", "act_bits"):
+        if not is_bit_width(getattr(o, name)):
+            raise UserError(f"--{name} {getattr(o, name)} is outside [2, 8]; pass a bit-width "
+                            "from 2 to 8")
+    if o.bias_bits != 0 and not is_bit_width(o.bias_bits):
+        raise UserError(f"--bias_bits {o.bias_bits}: use 2..8, or 0 for float biases")
+    if o.swish_bits not in (8, 0, -1):
+        raise UserError(f"--swish_bits {o.swish_bits} is not a swish mode; use 8 (fixed 8 bits), "
+                        "0 (trainable bits from --act_bits) or -1 (not quantized)")
+    try:
+        range_preset(o.range)
+    except UserError as err:
+        raise UserError(f"--{err}") from None
+    from adj_quant.qnetwork import QuantConfig
 
     QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits, o.bits_trainable, o.range,
                 o.bits_grad, o.bias_range, o.quantize_se_gate)

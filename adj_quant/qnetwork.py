@@ -25,10 +25,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from adj_quant import network as nw
 from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
-from adj_quant import network as nw
-from adj_quant.quantizers import AdjustableQuantizer, check_bits, check_bits_grad, range_preset
+from adj_quant.adjustable_quantizer import AdjustableQuantizer, check_bits, check_bits_grad, range_preset
 
 BIAS_RANGES = ("live", "calibrated")
 #: Quantizer-name suffixes of the activation sites (calibrated on data, exported as ranges).
@@ -45,7 +45,7 @@ class QuantConfig:
     bias_bits: int = 8        # 0: float biases
     bits_trainable: bool = False
     range_preset: int = 5
-    bits_grad: str = "original"     # estimator of the upper clip bound (quantizers.BITS_GRAD_MODES)
+    bits_grad: str = "original"     # estimator of the upper clip bound (adjustable_quantizer.BITS_GRAD_MODES)
     bias_range: str = "live"        # "live": the bias tensor's own min/max; "calibrated": fixed
     quantize_se_gate: bool = True   # quantize every sigmoid's input (the SE gates) like a swish input
 
@@ -53,17 +53,17 @@ class QuantConfig:
     LEGACY = {"bits_grad": "scale_only", "bias_range": "calibrated", "quantize_se_gate": False}
 
     def __post_init__(self):
-        check_bits(self.weight_bits, "--weight_bits")
-        check_bits(self.act_bits, "--act_bits")
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
         if self.swish_bits not in (8, 0, -1):
-            raise UserError(f"--swish_bits {self.swish_bits} is not a swish mode; use 8 (fixed "
-                            "8 bits), 0 (trainable bits from --act_bits) or -1 (not quantized)")
+            raise UserError(f"swish_bits {self.swish_bits} is not a swish mode; use 8 (fixed "
+                            "8 bits), 0 (trainable bits from act_bits) or -1 (not quantized)")
         if self.bias_bits != 0:
-            check_bits(self.bias_bits, "--bias_bits")
+            check_bits(self.bias_bits, "bias_bits")
         range_preset(self.range_preset)
         check_bits_grad(self.bits_grad)
         if self.bias_range not in BIAS_RANGES:
-            raise UserError(f"--bias_range {self.bias_range!r}: use one of {', '.join(BIAS_RANGES)}")
+            raise UserError(f"bias_range {self.bias_range!r}: use one of {', '.join(BIAS_RANGES)}")
 
 
 class QuantizedLayer(tf.Module):
@@ -216,8 +216,8 @@ class QuantizedNetwork(tf.Module):
         return [q.bits_scale for q in self.quantizers().values() if q.bits_scale is not None]
 
     def bit_assignment(self):
-        """Current bits of every quantized tensor as a :class:`adj_quant.metric.BitAssignment`."""
-        from adj_quant.metric import BitAssignment
+        """Current bits of every quantized tensor as a :class:`adj_quant.cost.BitAssignment`."""
+        from adj_quant.cost import BitAssignment
 
         weight = {s: l.weight_quant.bits() for s, l in self.layers.items()}
         act = {s: (8.0 if l.act_quant is None else l.act_quant.bits())
@@ -272,7 +272,7 @@ class QuantizedNetwork(tf.Module):
                 break
         bar.close()
         if seen == 0:
-            raise UserError("calibration saw no images; check --dataset")
+            raise UserError("calibration saw no images; pass a non-empty image source")
         for n in names:
             quants[n].set_range(lo[n].numpy(), hi[n].numpy())
         return seen
@@ -292,7 +292,8 @@ class QuantizedNetwork(tf.Module):
             with open(path) as f:
                 data = json.load(f)
         except FileNotFoundError:
-            raise UserError(f"thresholds file {path} not found; run `train.py --stage calibrate` "
+            raise UserError(f"thresholds file {path} not found; calibrate the model first (the "
+                            "recipe's calibrate stage writes it) "
                             "first or pass the right path") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"thresholds file {path} is not valid JSON ({err})") from None
@@ -305,8 +306,8 @@ class QuantizedNetwork(tf.Module):
         for name, quant in quants.items():
             if name not in data:
                 raise UserError(f"{source} does not match the model: it has no entry for "
-                                f"{name!r} (another --swish_bits/--bias_bits or architecture?); "
-                                "recalibrate with `train.py --stage calibrate`")
+                                f"{name!r} (another swish_bits/bias_bits setting or architecture?); "
+                                "recalibrate (the recipe's calibrate stage)")
             entry = data[name]
             for key in ("min", "max"):
                 values = entry.get(key) if isinstance(entry, dict) else None
@@ -314,10 +315,10 @@ class QuantizedNetwork(tf.Module):
                     got = len(values) if isinstance(values, list) else type(values).__name__
                     raise UserError(f"{source} does not match the model: {name} {key} has "
                                     f"{got} values, the model needs {quant.channels} (another "
-                                    "--num_classes or width?); recalibrate")
+                                    "class count or width?); recalibrate")
         extra = sorted(set(data) - set(quants))
         if extra:
             raise UserError(f"{source} does not match the model: unknown tensor {extra[0]!r} "
-                            "(another --swish_bits/--bias_bits setting?); recalibrate")
+                            "(another swish_bits/bias_bits setting?); recalibrate")
         for name, quant in quants.items():
             quant.set_range(data[name]["min"], data[name]["max"])

@@ -2,7 +2,7 @@
 
 Example::
 
-    python -m adj_quant.tools.quantize_checkpoint runs/resnet/model.ckpt-100 --algorithm bin --bits 8
+    adjq-quantize-checkpoint runs/resnet/model.ckpt-100 --algorithm bin --bits 8
 
 writes ``runs/resnet/bin_8bits/model.ckpt-100`` (plus a ``checkpoint`` state file) and prints the
 per-variable relative errors' minimum, maximum and unweighted average.
@@ -20,13 +20,13 @@ import re
 import sys
 from collections import Counter
 
-from adj_quant.ckpt_quant import ALGORITHMS, UINT8_MIN_SIZE  # numpy only; TensorFlow is imported lazily
+from adj_quant.seed_quantizers.checkpoint_quantizer import ALGORITHMS, UINT8_MIN_SIZE  # numpy only; TensorFlow is imported lazily
 from adj_quant.errors import UserError, cli_main
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="python -m adj_quant.tools.quantize_checkpoint",
+        prog="adjq-quantize-checkpoint",
         description=(
             "Quantize every trainable float variable of a checkpoint (TF2 object or TF1/slim "
             "name-based; for uint8 only those with at least --min_size elements), copy everything else "
@@ -108,8 +108,8 @@ def _plural(n, word):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import adj_quant.quiet  # noqa: F401,PLC0415  (quiet TensorFlow start-up)
-    from adj_quant import ckpt_quant  # noqa: PLC0415
+    import adj_quant.cli.quiet  # noqa: F401,PLC0415  (quiet TensorFlow start-up)
+    from adj_quant.seed_quantizers import checkpoint_quantizer as ckpt_quant  # noqa: PLC0415
 
     # Cheap checks first: bad flags are reported before TensorFlow is imported.
     bits = ckpt_quant.check_bits(args.algorithm, args.bits)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from adj_quant.bits import MAX_BITS, MIN_BITS, is_bit_width  # noqa: F401  (re-exported)
 from adj_quant.errors import UserError
 
-MIN_BITS, MAX_BITS = 2, 8
 EPSILON = 1e-7
 #: ``--bits_grad``: does the upper clip bound ``2^b - 1`` pass gradient to the bits?
 BITS_GRAD_MODES = ("original", "scale_only")
@@ -45,21 +45,21 @@ RANGE_PRESETS: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {
 
 def range_preset(preset: int) -> tuple[tuple[float, float], tuple[float, float]]:
     if preset not in RANGE_PRESETS:
-        raise UserError(f"unknown --range preset {preset!r}; choose one of "
+        raise UserError(f"unknown range preset {preset!r}; choose one of "
                         f"{', '.join(map(str, RANGE_PRESETS))}")
     return RANGE_PRESETS[preset]
 
 
-def check_bits(bits: int, flag: str = "--bits") -> int:
-    if not MIN_BITS <= bits <= MAX_BITS:
-        raise UserError(f"{flag} {bits} is outside [{MIN_BITS}, {MAX_BITS}]; pass a bit-width "
-                        f"from {MIN_BITS} to {MAX_BITS}")
+def check_bits(bits, name: str = "bits") -> int:
+    if not is_bit_width(bits):
+        raise UserError(f"{name} {bits!r} is not a bit-width; use an integer from {MIN_BITS} "
+                        f"to {MAX_BITS}")
     return int(bits)
 
 
 def check_bits_grad(mode: str) -> str:
     if mode not in BITS_GRAD_MODES:
-        raise UserError(f"--bits_grad {mode!r} is not an estimator; choose one of "
+        raise UserError(f"bits_grad {mode!r} is not an estimator; choose one of "
                         f"{', '.join(BITS_GRAD_MODES)}")
     return mode
 

@@ -1,8 +1,8 @@
-"""Score a (quantized) EfficientNet-B0 with the MicroNet metric.
+"""Score a (quantized) EfficientNet-B0 with the MicroNet cost.
 
-    python -m adj_quant.score --weight_bits 32 --act_bits 32        # the float model
-    python -m adj_quant.score --weight_bits 4 --act_bits 4
-    python -m adj_quant.score --quant_info quant_info.json --json
+    adjq-score --weight_bits 32 --act_bits 32        # the float model
+    adjq-score --weight_bits 4 --act_bits 4
+    adjq-score --quant_info quant_info.json --json
 
 Prints the official MicroNet counts (params, multiplies, adds, ops, score_micronet) and the
 Adjustable Quantization submission's own counting (score_adjq). ``--json`` prints exactly
@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from adj_quant.bits import is_bit_width
 from adj_quant.errors import UserError, cli_main
 
 _DEFAULT_BITS = 8
@@ -27,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m adj_quant.score",
+    p = _Parser(prog="adjq-score",
                 description="MicroNet score of EfficientNet-B0 at given bit-widths: the official "
                             "counting (score_micronet) and the submission's own (score_adjq).")
     p.add_argument("--img_size", type=int, default=224,
@@ -100,13 +101,13 @@ def _validate(args) -> None:
             raise UserError(f"{flag} 32 with {other} {a if other == '--act_bits' else w}: "
                             f"32 means float and needs --weight_bits 32 --act_bits 32; "
                             f"quantized bits must be in [2, 8]")
-        if not 2 <= value <= 8:
+        if not is_bit_width(value):
             raise UserError(f"{flag} {value}: bits must be in [2, 8] (or --weight_bits 32 "
                             f"--act_bits 32 for the float model)")
-    if args.swish_bits is not None and not (2 <= args.swish_bits <= 8 or args.swish_bits in (0, -1)):
+    if args.swish_bits is not None and not (is_bit_width(args.swish_bits) or args.swish_bits in (0, -1)):
         raise UserError(f"--swish_bits {args.swish_bits}: use 2..8, 0 (trainable, counted at "
                         f"--act_bits) or -1 (not quantized)")
-    if args.bias_bits is not None and not (2 <= args.bias_bits <= 8 or args.bias_bits == 0):
+    if args.bias_bits is not None and not (is_bit_width(args.bias_bits) or args.bias_bits == 0):
         raise UserError(f"--bias_bits {args.bias_bits}: use 2..8, or 0 for float biases")
 
 
@@ -135,8 +136,8 @@ def _fmt(x: float) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
-    import adj_quant.quiet  # noqa: F401  (quiet TensorFlow start-up)
-    from adj_quant import metric
+    import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
+    from adj_quant import cost
     from adj_quant.quant_info import load_quant_info
     from adj_quant import nets
     if getattr(args, "network", None):  # a run directory: the network it trained
@@ -152,16 +153,16 @@ def main(argv=None) -> int:
     else:
         swish = _DEFAULT_BITS if args.swish_bits is None else args.swish_bits
         bias = _DEFAULT_BITS if args.bias_bits is None else args.bias_bits
-        bits = metric.BitAssignment.uniform(arch, args.weight_bits, args.act_bits, swish, bias)
+        bits = cost.BitAssignment.uniform(arch, args.weight_bits, args.act_bits, swish, bias)
         if bits.is_float():
             what = "float model (weights and activations 32 bits)"
         else:
             what = (f"weights {args.weight_bits} bits, activations {args.act_bits} bits, "
                     f"swish {'float' if swish == -1 else (args.act_bits if swish == 0 else swish)}"
                     f", biases {'float' if bias == 0 else bias}")
-    official = metric.count_micronet(arch, args.img_size, bits, per_layer=args.per_layer,
+    official = cost.count_micronet(arch, args.img_size, bits, per_layer=args.per_layer,
                                      freebie=not args.no_freebie)
-    own = metric.count_adjq(arch, args.img_size, bits)
+    own = cost.count_adjq(arch, args.img_size, bits)
     mn, aq = official.as_floats(), own.as_floats()
     if args.json:
         print(json.dumps({"params": mn["params"], "multiplies": mn["multiplies"],
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
         print(f"{key:<12}{_fmt(mn[key]):>24}{_fmt(aq[key]):>24}")
     print(f"score_micronet = {mn['score']:.6f}   official MicroNet counting"
           f"{' (16-bit freebie: params and multiplies at 16 bits)' if freebie else ''}; "
-          f"P_ref {metric.P_REF:g}, O_ref {metric.O_REF:g}")
+          f"P_ref {cost.P_REF:g}, O_ref {cost.O_REF:g}")
     print(f"score_adjq     = {aq['score']:.6f}   the submission's own counting (adds at the "
           f"multiply width; no pooling, SE scale/sigmoid or residual adds)")
     if args.per_layer:

@@ -15,18 +15,24 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from adj_quant import data as data_lib
-from adj_quant import evaluation
-from adj_quant.checkpoints import (ModelSpec, model_spec_for, read_json,
-                                   resolve_checkpoint, restore_model, save_spec,
-                                   write_json_atomic)
-from adj_quant.config import STAGES, Options, resolve, save_resolved
-from adj_quant.errors import UserError
 from adj_quant import nets
+from adj_quant.checkpoints import (
+    ModelSpec,
+    model_spec_for,
+    read_json,
+    resolve_checkpoint,
+    restore_model,
+    save_spec,
+    write_json_atomic,
+)
+from adj_quant.errors import UserError
 from adj_quant.network import Network
-from adj_quant.qmodel import QuantConfig, QuantizedNetwork
+from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 from adj_quant.quant_info import save_quant_info
-from adj_quant.trainer import Trainer, data_args, num_classes, validation_data
+from adj_quant.recipe import data as data_lib
+from adj_quant.recipe import validation
+from adj_quant.recipe.config import STAGES, Options, resolve, save_resolved
+from adj_quant.recipe.trainer import Trainer, data_args, num_classes, validation_data
 
 THRESHOLDS = "initial_thresholds.json"
 RESULT = "result.json"
@@ -198,10 +204,10 @@ def calibrate(cli: dict) -> dict:
     qmodel.save_thresholds(os.path.join(st.dir, THRESHOLDS))
     val = validation_data(o, float_model.arch.num_classes)
     result = {"float_checkpoint": path, "calibration_images": seen,
-              "float_top1": evaluation.accuracy(float_model, val, progress=o.progress,
+              "float_top1": validation.accuracy(float_model, val, progress=o.progress,
                                                 max_images=o.max_val_images)["top1"]}
     if o.eval_initial_thresholds:
-        result["initial_thresholds_top1"] = evaluation.accuracy(
+        result["initial_thresholds_top1"] = validation.accuracy(
             qmodel, val, progress=o.progress, max_images=o.max_val_images)["top1"]
     print(f"[calibrate] {seen} images -> {os.path.join(st.dir, THRESHOLDS)}; float top-1 "
           f"{100 * result['float_top1']:.2f}%" + (

@@ -6,11 +6,11 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from adj_quant import data as data_lib
-from adj_quant import metric as metric_lib
-from adj_quant.qmodel import ACTIVATION_SITES
+from adj_quant import cost as cost_lib
+from adj_quant.qnetwork import ACTIVATION_SITES
 from adj_quant.quant_info import average_bits
-from adj_quant.training import topk_correct
+from adj_quant.recipe import data as data_lib
+from adj_quant.training_rules import topk_correct
 
 
 def make_eval_step(model):
@@ -51,13 +51,13 @@ def bits_of(model):
     """The model's current bits; the float model is 32 bits everywhere."""
     if hasattr(model, "bit_assignment"):
         return model.bit_assignment()
-    return metric_lib.BitAssignment.uniform(model.arch, 32, 32)
+    return cost_lib.BitAssignment.uniform(model.arch, 32, 32)
 
 
 def scores(bits, arch, img_size: int) -> dict[str, float]:
     """Official counts (params, ops, score_micronet), score_adjq and average bits."""
-    official = metric_lib.count_micronet(arch, img_size, bits)
-    own = metric_lib.count_adjq(arch, img_size, bits)
+    official = cost_lib.count_micronet(arch, img_size, bits)
+    own = cost_lib.count_adjq(arch, img_size, bits)
     avg_w, avg_a = average_bits(bits, arch)
     return {"params": float(official.params), "ops": float(official.ops),
             "multiplies": float(official.multiplies), "adds": float(official.adds),

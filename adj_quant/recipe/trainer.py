@@ -12,14 +12,14 @@ import dataclasses
 import tensorflow as tf
 from tqdm import tqdm
 
-from adj_quant import data as data_lib
-from adj_quant import evaluation
-from adj_quant import metric as metric_lib
-from adj_quant import training as rules
+from adj_quant import cost as cost_lib
+from adj_quant import training_rules as rules
 from adj_quant.checkpoints import RunCheckpoints
-from adj_quant.config import Options
 from adj_quant.errors import UserError
-from adj_quant.plots import per_layer_bits_png
+from adj_quant.recipe import data as data_lib
+from adj_quant.recipe import validation
+from adj_quant.recipe.config import Options
+from adj_quant.recipe.plots import per_layer_bits_png
 
 LOG_EVERY = 10
 
@@ -73,7 +73,7 @@ class Trainer:
             warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
             iter_train_freq=options.iter_train_freq)
         self._train_step = {}
-        self._eval_step = evaluation.make_eval_step(model)
+        self._eval_step = validation.make_eval_step(model)
         self.writer = tf.summary.create_file_writer(stage_dir)
         self.val_data = validation_data(options, self.info.num_classes)
 
@@ -85,7 +85,7 @@ class Trainer:
             ce = rules.cross_entropy(logits, labels)
             return {"loss": ce, "cross_entropy": ce}
         f_logits = self.teacher(images, training=False)
-        metric = metric_lib.metric_value(self.model.arch, self.metric_img_size,
+        metric = cost_lib.metric_value(self.model.arch, self.metric_img_size,
                                          self.model.bit_assignment(), self.o.metric_style,
                                          self.o.gamma)
         return rules.adjustable_loss(logits, labels, f_logits, metric, alpha=self.o.alpha,
@@ -211,11 +211,11 @@ class Trainer:
     # ------------------------------------------------------------------ validation
 
     def validate(self) -> dict:
-        acc = evaluation.accuracy(self.model, self.val_data, progress=self.o.progress,
+        acc = validation.accuracy(self.model, self.val_data, progress=self.o.progress,
                                   max_images=self.o.max_val_images, step=self._eval_step)
         result = {"top1": acc["top1"], "top5": acc["top5"]}
-        bits = evaluation.bits_of(self.model)
-        result.update(evaluation.scores(bits, self.model.arch, self.metric_img_size))
+        bits = validation.bits_of(self.model)
+        result.update(validation.scores(bits, self.model.arch, self.metric_img_size))
         result["metric"] = result["score_micronet" if self.o.metric_style == "micronet"
                                   else "score_adjq"]
         return result
@@ -227,7 +227,7 @@ class Trainer:
             for key in ("top1", "top5", "score_adjq", "score_micronet", "params", "ops",
                         "avg_weight_bits", "avg_act_bits", "metric"):
                 tf.summary.scalar(f"val/{key}", result[key])
-            for name, values in evaluation.bits_histograms(self.model).items():
+            for name, values in validation.bits_histograms(self.model).items():
                 tf.summary.histogram(name, values)
             if hasattr(self.model, "bit_assignment"):
                 png = per_layer_bits_png(self.model.bit_assignment(), self.model.arch.layer_names,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant import quantizers as q
+from adj_quant import adjustable_quantizer as q
 from adj_quant.errors import UserError
 
 
@@ -159,10 +159,12 @@ def test_bad_input_is_a_user_error():
         q.quantize(np.ones((2, 3), np.float32), -1.0, 1.0, 9)
     with pytest.raises(UserError, match="shape"):
         q.quantize(np.ones((2, 3), np.float32), np.zeros(4), 1.0, 8)
-    with pytest.raises(UserError, match="--range preset 9"):
+    with pytest.raises(UserError, match="range preset 9"):
         q.range_preset(9)
-    with pytest.raises(UserError, match="outside"):
+    with pytest.raises(UserError, match="bits 1 is not a bit-width"):
         q.AdjustableQuantizer("t", 1, init_bits=1)
+    with pytest.raises(UserError, match="bits 3.5 is not a bit-width"):
+        q.AdjustableQuantizer("t", 1, init_bits=3.5)  # used to truncate silently
 
 
 def test_fused_xla_kernels_equal_the_op_by_op_math():
@@ -234,7 +236,7 @@ def test_original_estimator_equals_plain_tf_autodiff(seed):
 
 
 def test_bits_grad_mode_is_checked():
-    with pytest.raises(UserError, match="--bits_grad 'both'.*original, scale_only"):
+    with pytest.raises(UserError, match="bits_grad 'both'.*original, scale_only"):
         q.AdjustableQuantizer("t", 1, bits_grad="both")
 
 

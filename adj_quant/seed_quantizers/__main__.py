@@ -1,0 +1,3 @@
+from adj_quant.seed_quantizers.cli import main
+
+main()

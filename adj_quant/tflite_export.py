@@ -1,0 +1,268 @@
+"""TFLite export of a float or quantized network: the BN-folded inference graph, the
+conversion (float, dynamic-range, int8, adjustable) and the learned weight levels.
+
+The exported network is a plain inference function ``images float32 [N, S, S, 3] in [0, 1]
+-> logits`` with batch norm folded and every weight and bias baked in as a constant:
+
+* a float checkpoint: the BN-folded float weights (``fold_batch_norm``);
+* a quantized checkpoint (``qat8``, ``adjustable``, ``finetune``): its BN-folded weights and
+  biases after their learned quantizers (``QuantizedLayer.quantized_weights()``), so every
+  weight channel holds only its learned ``2^b`` levels.
+
+Quantization modes (docs/export.md):
+
+* ``float``: plain conversion, float32 everywhere;
+* ``dynamic``: dynamic-range PTQ (``Optimize.DEFAULT``), int8 weights, float activations;
+* ``int8``: full-integer PTQ: a representative dataset of training images calibrates every
+  activation; int8 input and output;
+* ``adjustable`` (quantized checkpoints only): full-integer int8 whose activation ranges are
+  the learned ones: at every activation quantizer of the model a
+  ``fake_quant_with_min_max_vars`` (8 bits, per tensor, range = the union of the learned
+  per-channel ranges) tells the converter the range; the tensors the model never quantized
+  (sigmoid, products, sums) are calibrated on the representative dataset.
+
+See docs/export.md for what TFLite can and cannot represent exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adj_quant.errors import UserError
+
+# --------------------------------------------------------------------------- the inference network
+
+
+class ExportNet:
+    """The BN-folded network as constants: what gets converted.
+
+    ``layers[scope] = (kind, stride, weights, biases)`` (numpy); ``act_ranges`` maps an
+    activation-quantizer site (``<scope>/input``, ``/swish_input``, ``/sigmoid_input``) to the per-tensor
+    ``(min, max)`` a ``fake_quant_with_min_max_vars`` op imposes there (``adjustable``).
+    """
+
+    def __init__(self, arch, layers: dict, act_ranges: dict | None = None):
+        self.arch = arch
+        self.layers = layers
+        self.act_ranges = act_ranges or {}
+
+    def _fake_quant(self, name: str, x):
+        import tensorflow as tf
+
+        if name not in self.act_ranges:
+            return x
+        lo, hi = self.act_ranges[name]
+        return tf.quantization.fake_quant_with_min_max_vars(
+            x, tf.constant(lo, tf.float32), tf.constant(hi, tf.float32), num_bits=8,
+            narrow_range=False)
+
+    def __call__(self, images):
+        from adj_quant import network as nw
+
+        def layer(scope, x, training=False):
+            kind, stride, weights, biases = self.layers[scope]
+            x = self._fake_quant(f"{scope}/input", x)
+            return nw.apply_linear(kind, x, weights, stride) + biases
+
+        def activation(scope, fn, x):
+            if fn in nw.QUANTIZED_ACTIVATIONS:
+                x = self._fake_quant(f"{scope}/{fn}_input", x)
+            return nw.ACTIVATIONS[fn](x)
+
+        return self.arch.forward(images, layer, activation=activation)
+
+
+def export_net(model, spec, quantization: str) -> ExportNet:
+    """The :class:`ExportNet` of a restored float or quantized model."""
+    from adj_quant.network import fold_batch_norm
+    from adj_quant.qnetwork import ACTIVATION_SITES
+
+    layers = {}
+    for scope, layer in model.layers.items():
+        if spec.kind == "float":
+            weights, biases = fold_batch_norm(layer)
+        else:
+            weights, biases = layer.quantized_weights()
+        layers[scope] = (layer.kind, layer.stride, weights.numpy().astype(np.float32),
+                         biases.numpy().astype(np.float32))
+    act_ranges = None
+    if quantization == "adjustable":
+        act_ranges = {name: union_range(quant)
+                      for name, quant in model.quantizers().items()
+                      if name.endswith(ACTIVATION_SITES)}
+    return ExportNet(model.arch, layers, act_ranges)
+
+
+def union_range(quant) -> tuple[float, float]:
+    """Per-tensor ``(min, max)`` covering every channel's learned range, and 0.
+
+    The adjusted range of channel c is ``[L_c, L_c + W_c]``; TFLite needs 0 representable.
+    """
+    low, width = (t.numpy() for t in quant.adjusted_range())
+    return float(min(low.min(), 0.0)), float(max((low + width).max(), 0.0))
+
+
+def inference_module(net: ExportNet, img_size: int):
+    """A ``tf.Module`` with ``serve(images float32 [None, S, S, 3]) -> logits``."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda images: {"logits": net(images)},
+        input_signature=[tf.TensorSpec([None, img_size, img_size, 3], tf.float32, name="images")])
+    return module
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def convert(module, quantization: str, representative: np.ndarray | None = None) -> bytes:
+    """The .tflite bytes of ``module.serve`` under one of :data:`QUANTIZATIONS`."""
+    import tensorflow as tf
+
+    concrete = module.serve.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], module)
+    if quantization != "float":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization in ("int8", "adjustable"):
+        if representative is None or len(representative) == 0:
+            raise UserError(f"{quantization} quantization needs representative images")
+
+        def dataset():
+            for image in representative:
+                yield [image[np.newaxis].astype(np.float32)]
+
+        converter.representative_dataset = dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    try:
+        return converter.convert()
+    except Exception as err:  # converter errors are long; keep the first line
+        raise UserError(f"TFLite conversion ({quantization}) failed: "
+                        f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+
+
+# --------------------------------------------------------------------------- learned weight levels
+
+# TFLite keeps int8 conv / depthwise / FC weights symmetric per output channel: real value =
+# scale_c * k with k in [-127, 127] and zero point 0. The converter picks
+# scale_c = max|w_c| / 127, which re-rounds a learned grid {q / s_c : q in [z_c, z_c + 2^b - 1]}
+# onto another one (levels move by up to half an int8 step and neighbours can merge). When
+# every |q| <= 127 (b <= 7 and a range around 0) the learned grid itself fits: scale_c = 1/s_c,
+# k = q. :func:`snap_to_learned_levels` rewrites those channels in the converted file.
+
+_LINEAR_OPS = {3: "conv", 4: "dws", 9: "fc"}  # BuiltinOperator CONV_2D, DEPTHWISE_CONV_2D, FC
+_INT8, _INT32 = 9, 2                          # TensorType
+
+
+def learned_grid(quant, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, s)``: the integer level of every fake-quantized value and each channel's scale.
+
+    ``values`` are the quantizer's outputs (``q / s_c``) with channels on ``axis``.
+    """
+    low, width = (t.numpy().astype(np.float64) for t in quant.adjusted_range())
+    bits = quant.bits().numpy().astype(np.float64)
+    scale = (2.0 ** bits - 1.0) / (width + 1e-7)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    q = np.round(values.astype(np.float64) * scale.reshape(shape))
+    return q, scale
+
+
+def _to_tflite_layout(kind: str, values: np.ndarray) -> np.ndarray:
+    """TF weight layout -> TFLite's: conv HWIO -> OHWI, depthwise HWC1 -> 1HWC, FC IO -> OI."""
+    return values.T if kind == "fc" else values.transpose(3, 0, 1, 2)
+
+
+def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes, dict]:
+    """Store each weight channel of a converted int8 model as its learned integer levels.
+
+    For every conv / depthwise / FC op (in execution order, matched to the model's layers
+    and checked against the converter's own values) and every output channel whose learned
+    levels fit in [-127, 127], set the int8 values to the learned levels ``q`` and the
+    channel scale to ``1 / s_c``, and requantize that channel's int32 bias with the new
+    ``input_scale * weight_scale``. Other channels (8-bit grids, ranges away from 0) keep
+    the converter's rounding, which still holds at most ``2^b`` values. Returns the new
+    bytes and ``{"channels", "exact_channels", "layers"}``.
+    """
+    from tensorflow.lite.python import schema_util
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite))
+    graph = fb.subgraphs[0]
+    linear = [op for op in graph.operators if schema_util.get_builtin_code_from_operator_code(
+        fb.operatorCodes[op.opcodeIndex]) in _LINEAR_OPS]
+    scopes = model.arch.layer_names
+    if len(linear) != len(scopes):
+        raise RuntimeError(f"the converted model has {len(linear)} conv/depthwise/FC ops, the "
+                           f"network {len(scopes)} layers")
+    uses: dict[int, int] = {}
+    for tensor in graph.tensors:
+        uses[tensor.buffer] = uses.get(tensor.buffer, 0) + 1
+
+    def read(tensor, dtype):
+        return np.frombuffer(bytes(fb.buffers[tensor.buffer].data), dtype).reshape(tensor.shape)
+
+    def write(tensor, values):
+        data = np.frombuffer(values.tobytes(), np.uint8).copy()
+        if uses[tensor.buffer] > 1:  # a deduplicated buffer: give this tensor its own
+            buffer = type(fb.buffers[tensor.buffer])()
+            fb.buffers.append(buffer)
+            uses[tensor.buffer] -= 1
+            tensor.buffer = len(fb.buffers) - 1
+            uses[tensor.buffer] = 1
+        fb.buffers[tensor.buffer].data = data
+
+    channels = exact = 0
+    layers = {}
+    for op, scope in zip(linear, scopes):
+        kind, _, weights, biases = net.layers[scope]
+        w_t, b_t, x_t = (graph.tensors[i] for i in (op.inputs[1], op.inputs[2], op.inputs[0]))
+        if w_t.type != _INT8 or b_t.type != _INT32:
+            raise RuntimeError(f"{scope}: weights/bias of the converted model are not int8/int32")
+        stored = read(w_t, np.int8)
+        old_scale = np.asarray(w_t.quantization.scale, np.float64)
+        axis = w_t.quantization.quantizedDimension
+        target = _to_tflite_layout(kind, weights)
+        if stored.shape != target.shape or old_scale.size != target.shape[axis]:
+            raise RuntimeError(f"{scope}: converted weights {list(stored.shape)} do not match "
+                               f"the layer's {list(target.shape)}")
+        shape = [1] * target.ndim
+        shape[axis] = -1
+        converted = stored * old_scale.reshape(shape)
+        if np.any(np.abs(converted - target) > 0.5001 * old_scale.reshape(shape) + 1e-6):
+            raise RuntimeError(f"{scope}: converted weights are not this layer's values")
+        q, s = learned_grid(model.layers[scope].weight_quant, target, axis)
+        on_grid = np.abs(q / s.reshape(shape) - target) <= 1e-5 * (np.abs(target) + 1e-3)
+        fits = np.moveaxis((np.abs(q) <= 127) & on_grid, axis, 0).reshape(len(s), -1).all(axis=1)
+        new_ints = np.where(fits.reshape(shape), q, stored).astype(np.int8)
+        new_scale = np.where(fits, 1.0 / s, old_scale).astype(np.float32)
+        x_scale = float(x_t.quantization.scale[0])
+        bias_scale = x_scale * new_scale.astype(np.float64)
+        bias_ints = np.round(biases.astype(np.float64) / bias_scale)
+        if np.any(np.abs(bias_ints) > 2 ** 31 - 1):
+            raise RuntimeError(f"{scope}: a requantized bias overflows int32")
+        write(w_t, new_ints)
+        w_t.quantization.scale = new_scale
+        write(b_t, bias_ints.astype(np.int32))
+        b_t.quantization.scale = bias_scale.astype(np.float32)
+        channels += len(s)
+        exact += int(fits.sum())
+        layers[scope] = {"channels": len(s), "exact": int(fits.sum())}
+    out = flatbuffer_utils.convert_object_to_bytearray(fb)
+    return bytes(out), {"channels": channels, "exact_channels": exact, "layers": layers}
+
+
+def float_linear_ops(tflite: bytes) -> int:
+    """Conv / depthwise / FC ops of a .tflite file whose weights are not int8."""
+    from tensorflow.lite.python import schema_util
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite))
+    graph = fb.subgraphs[0]
+    return sum(1 for op in graph.operators
+               if schema_util.get_builtin_code_from_operator_code(
+                   fb.operatorCodes[op.opcodeIndex]) in _LINEAR_OPS
+               and graph.tensors[op.inputs[1]].type != _INT8)
+
