@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import train as train_cli
+from adj_quant.cli import train as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.lite.tools import flatbuffer_utils
 
-import eval as eval_cli
+from adj_quant.cli import evaluate as eval_cli
 from adj_quant import tflite_export as TE
 from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import resolve_checkpoint

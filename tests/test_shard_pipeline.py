@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import eval as eval_cli
+from adj_quant.cli import evaluate as eval_cli
 from adj_quant.recipe import data
 from conftest import build_tool, train_stage
 

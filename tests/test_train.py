@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import eval as eval_cli
-import train as train_cli
+from adj_quant.cli import evaluate as eval_cli
+from adj_quant.cli import train as train_cli
 from adj_quant.checkpoints import ModelSpec, read_json, restore_model
 
 from conftest import TINY
