@@ -34,7 +34,7 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
                           cwd=outside, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    assert got["params"] == 842_997  # worked out by hand in test_metric.py
+    assert got["params"] == 842_997  # worked out by hand in test_cost.py
     for script in ("adjq-train", "adjq-eval", "adjq-export", "adjq-quantize-checkpoint"):
         help_run = subprocess.run([str(target / "bin" / script), "--help"], cwd=outside,
                                   env=env, capture_output=True, text=True)
