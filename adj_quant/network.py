@@ -35,6 +35,7 @@ normalised with ``input_mean`` / ``input_std``. The last node is the output (the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -104,18 +105,14 @@ class Network:
     def num_classes(self) -> int:
         return int(self.shapes(32)[self.nodes[-1].name].channels)
 
-    def node(self, name: str) -> Node:
-        return self._by_name()[name]
-
-    def _by_name(self) -> dict[str, Node]:
-        return {n.name: n for n in self.nodes}
+    @functools.cached_property
+    def _inputs(self) -> dict[str, tuple[str, ...]]:
+        previous = [IMAGE] + [n.name for n in self.nodes[:-1]]
+        return {n.name: n.inputs or (prev,) for n, prev in zip(self.nodes, previous)}
 
     def inputs_of(self, node: Node) -> tuple[str, ...]:
         """The names of ``node``'s inputs (the previous node, or the image, by default)."""
-        if node.inputs:
-            return node.inputs
-        index = self.nodes.index(node)
-        return (self.nodes[index - 1].name,) if index else (IMAGE,)
+        return self._inputs[node.name]
 
     @property
     def layers(self) -> list[Node]:
@@ -138,6 +135,10 @@ class Network:
 
     def shapes(self, img_size: int) -> dict[str, Shape]:
         """Output shape of every node for ``img_size`` x ``img_size`` RGB images."""
+        return dict(self._shapes(img_size))
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (a frozen, hashable declaration)
+    def _shapes(self, img_size: int) -> dict[str, Shape]:
         shapes = {IMAGE: Shape(img_size, 3)}
         for node in self.nodes:
             first = shapes[self.inputs_of(node)[0]]
