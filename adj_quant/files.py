@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from typing import Callable
 
 
 def write_atomic(path, data: bytes | str) -> None:
@@ -31,3 +33,26 @@ def write_json_atomic(path, data, **dump_kwargs) -> None:
     """``json.dump(data)`` to ``path`` atomically (``indent=2`` unless given)."""
     dump_kwargs.setdefault("indent", 2)
     write_atomic(path, json.dumps(data, **dump_kwargs) + "\n")
+
+
+def write_dir_atomic(path, fill: Callable[[str], None]) -> None:
+    """Create directory ``path`` atomically: ``fill(tmp)`` writes a temporary directory beside
+    it, which then replaces ``path``. An existing directory is renamed away first and deleted
+    only after the new one is in place, so it is never half deleted."""
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        fill(tmp)
+        if os.path.isdir(path) and not os.path.islink(path):
+            old = f"{tmp}.old"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            if os.path.lexists(path):
+                os.remove(path)
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -30,6 +30,9 @@ import numpy as np
 
 from adj_quant.errors import UserError
 
+#: Conversion modes of :func:`convert`.
+QUANTIZATIONS = ("float", "dynamic", "int8", "adjustable")
+
 # --------------------------------------------------------------------------- the inference network
 
 

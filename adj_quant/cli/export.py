@@ -11,15 +11,14 @@ The conversion itself is in :mod:`adj_quant.tflite_export`, the interpreter in
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 
 import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
 from adj_quant.errors import UserError, cli_main
-from adj_quant.files import write_atomic
+from adj_quant.files import write_atomic, write_dir_atomic
 from adj_quant.recipe.config import build_parser
 from adj_quant.tflite_export import (
+    QUANTIZATIONS,
     convert,
     export_net,
     float_linear_ops,
@@ -29,7 +28,6 @@ from adj_quant.tflite_export import (
 from adj_quant.tflite_runner import TFLiteRunner, interpreter_accuracy
 
 FORMATS = ("tflite", "saved_model")
-QUANTIZATIONS = ("float", "dynamic", "int8", "adjustable")
 DATA_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_size", "eval_crop",
                "max_val_images", "config", "progress", "seed"]
 DEFAULT_REPRESENTATIVE = 100
@@ -95,27 +93,6 @@ def check_output(path: str, overwrite: bool) -> None:
                         "--output")
 
 
-def write_saved_model_atomic(module, path: str) -> None:
-    import tensorflow as tf
-
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    try:
-        tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
-        if os.path.isdir(path) and not os.path.islink(path):
-            old = f"{tmp}.old"
-            os.replace(path, old)  # two renames: the old one is never half deleted
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            if os.path.lexists(path):
-                os.remove(path)
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def tree_size(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -168,7 +145,10 @@ def export(cli: dict) -> dict:
     activation_ranges = "learned (per tensor: the union of the channels' ranges)" if (
         quantization == "adjustable") else None
     if fmt == "saved_model":
-        write_saved_model_atomic(module, output)
+        import tensorflow as tf
+
+        write_dir_atomic(output, lambda tmp: tf.saved_model.save(
+            module, tmp, signatures={"serving_default": module.serve}))
     else:
         representative = None
         if quantization in ("int8", "adjustable"):
