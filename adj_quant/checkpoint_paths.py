@@ -8,10 +8,15 @@ Accepted, in this order:
    else the one its TensorFlow ``checkpoint`` state file names, else its only checkpoint;
 3. a run's root directory (``runs/digits``): its last finished stage, in recipe order
    (``finetune`` before ``adjustable`` before ... ``pretrain``), then rule 2.
+
+Reading a checkpoint that turns out damaged (a truncated ``.index`` or ``.data`` file, a
+checksum mismatch) ends in one :class:`CorruptCheckpoint` line naming an earlier checkpoint
+of the same directory: every reader of checkpoints goes through :func:`reading`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -86,3 +91,69 @@ def resolve_checkpoint(path, what: str = "checkpoint") -> str:
         return path
     raise UserError(f"{what} {path}: checkpoint not found (no {path}.index); pass a checkpoint "
                     "prefix, a stage directory or a run directory")
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files cannot be read back."""
+
+    def __init__(self, prefix: str, reason: str):
+        self.prefix, self.reason = prefix, reason
+        earlier = earlier_checkpoint(prefix)
+        hint = (f"restore an earlier one: {earlier}" if earlier else
+                "no earlier checkpoint is listed beside it; train it again")
+        super().__init__(f"checkpoint {prefix} is corrupt ({reason}); {hint}")
+
+
+def listed_checkpoints(directory: str) -> list[str]:
+    """The checkpoint prefixes a directory lists, oldest first (``checkpoints.json``, else
+    the TensorFlow ``checkpoint`` state file), that still have their ``.index``."""
+    names: list[str] = []
+    try:
+        with open(os.path.join(directory, STATE_FILE), encoding="utf-8") as f:
+            names = [e["name"] for e in json.load(f).get("checkpoints", [])]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        try:
+            with open(os.path.join(directory, "checkpoint"), encoding="utf-8",
+                      errors="replace") as f:
+                names = re.findall(r'^all_model_checkpoint_paths:\s*"(.*)"\s*$', f.read(), re.M)
+        except OSError:
+            names = []
+    prefixes = [n if os.path.isabs(n) else os.path.join(directory, n) for n in names]
+    return [p for p in prefixes if os.path.exists(p + ".index")]
+
+
+def earlier_checkpoint(prefix: str) -> str | None:
+    """The checkpoint listed just before ``prefix`` in its directory (else the newest other
+    listed one), or None."""
+    others = listed_checkpoints(os.path.dirname(prefix) or ".")
+    names = [os.path.basename(p) for p in others]
+    base = os.path.basename(prefix)
+    if base in names:
+        index = names.index(base)
+        return others[index - 1] if index > 0 else None
+    return others[-1] if others else None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text).splitlines()[0]
+    text = re.sub(r"^TensorBundle at \S+ shard \d+ \(\d+ bytes\): ", "", text)
+    text = re.sub(r" \[Op:\w+\]$", "", text)
+    return text[:160]
+
+
+@contextlib.contextmanager
+def reading(prefix: str):
+    """Turn the errors of reading a damaged checkpoint into :class:`CorruptCheckpoint`."""
+    import tensorflow as tf  # noqa: PLC0415 (only where checkpoints are read)
+
+    try:
+        yield
+    except (tf.errors.OpError, IndexError) as err:
+        if isinstance(err, tf.errors.NotFoundError) and not os.path.exists(prefix + ".index"):
+            raise UserError(f"checkpoint {prefix} not found (no {prefix}.index); pass a "
+                            "checkpoint prefix, a stage directory or a run directory") from None
+        raise CorruptCheckpoint(prefix, _reason(err)) from None

@@ -12,11 +12,16 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import sys
 
 import tensorflow as tf
 
-from adj_quant.checkpoint_paths import resolve_checkpoint  # noqa: F401  (re-exported)
+from adj_quant.checkpoint_paths import (  # noqa: F401  (re-exported)
+    CorruptCheckpoint,
+    reading,
+    resolve_checkpoint,
+)
 from adj_quant.errors import UserError
 from adj_quant.files import write_atomic, write_json_atomic
 from adj_quant import nets
@@ -94,8 +99,15 @@ class RunCheckpoints:
         self.keep = keep
         os.makedirs(directory, exist_ok=True)
         self.state_path = os.path.join(directory, STATE_FILE)
-        self.state = (read_json(self.state_path) if os.path.exists(self.state_path)
-                      else {"checkpoints": [], "latest": None, "best": None, "finished": False})
+        self.state = {"checkpoints": [], "latest": None, "best": None, "finished": False}
+        if os.path.exists(self.state_path):
+            try:
+                self.state = read_json(self.state_path)
+                if not isinstance(self.state.get("checkpoints"), list):
+                    raise ValueError("no list of checkpoints")
+            except (OSError, ValueError, AttributeError) as err:
+                raise UserError(f"{self.state_path} is unreadable ({err}); restore it, or use "
+                                "another --run_dir") from None
 
     @property
     def finished(self) -> bool:
@@ -122,7 +134,12 @@ class RunCheckpoints:
         tmp_prefix = os.path.join(self.directory, f".tmp-{name}")
         for stale in glob.glob(tmp_prefix + ".*"):
             os.remove(stale)
-        checkpoint.write(tmp_prefix)
+        try:
+            checkpoint.write(tmp_prefix)
+        except BaseException:
+            for path in glob.glob(tmp_prefix + "*"):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            raise
         final = os.path.join(self.directory, name)
         # Data first, index last: a prefix with an .index file is always complete.
         files = sorted(glob.glob(tmp_prefix + ".*"), key=lambda p: p.endswith(".index"))
@@ -150,6 +167,16 @@ class RunCheckpoints:
                     os.remove(path)
         self.state["checkpoints"] = [e for e in entries if e["name"] in kept]
 
+    def discard(self, name: str, best_key=None) -> None:
+        """Forget checkpoint ``name`` (found damaged); its files stay where they are."""
+        self.state["checkpoints"] = [e for e in self.state["checkpoints"] if e["name"] != name]
+        remaining = self.state["checkpoints"]
+        self.state["latest"] = remaining[-1]["name"] if remaining else None
+        if self.state["best"] == name:
+            key = best_key or (lambda e: e.get("top1", 0.0))
+            self.state["best"] = max(remaining, key=key)["name"] if remaining else None
+        self._write_state()
+
     def set_best(self, name: str) -> None:
         self.state["best"] = name
         self._write_state()
@@ -162,9 +189,24 @@ class RunCheckpoints:
     def _write_state(self) -> None:
         write_json_atomic(self.state_path, self.state)
         latest = self.state["latest"]
-        lines = [f'model_checkpoint_path: "{latest}"'] + [
+        lines = [f'model_checkpoint_path: "{latest}"'] * (latest is not None) + [
             f'all_model_checkpoint_paths: "{e["name"]}"' for e in self.state["checkpoints"]]
         write_atomic(os.path.join(self.directory, "checkpoint"), "\n".join(lines) + "\n")
+
+
+def remove_orphans(directory: str) -> list[str]:
+    """Delete what an interrupted save left in a stage directory: ``.tmp-*`` checkpoint files,
+    the ``.tmp-*_temp/`` folders TensorFlow writes shards into, temporary state files. Only
+    the process that holds the directory (its lock) may call this."""
+    removed = []
+    for path in glob.glob(os.path.join(directory, ".tmp-*")) + glob.glob(
+            os.path.join(directory, ".*.tmp")):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.remove(path)
+        removed.append(path)
+    return removed
 
 
 # --------------------------------------------------------------------------- restoring
@@ -182,10 +224,8 @@ def restore_model(model: tf.Module, ckpt_path: str, what: str = "--ckpt_path",
     refused with the first mismatch named. Variables whose names end with one of
     ``allow_missing`` may be absent (a fixed-bit checkpoint into a trainable-bit model).
     """
-    try:
+    with reading(ckpt_path):
         saved = _variable_shapes(ckpt_path)
-    except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as err:
-        raise UserError(f"{what} {ckpt_path}: cannot read checkpoint ({str(err).splitlines()[0]})")
     wanted = checkpoint_keys(model)
     for key, var in wanted.items():
         if key not in saved:
@@ -199,7 +239,16 @@ def restore_model(model: tf.Module, ckpt_path: str, what: str = "--ckpt_path",
                             f"{var.name.split(':')[0]} has shape {list(saved[key])} in the "
                             f"checkpoint but {var.shape.as_list()} in the model (another "
                             "class count or width/depth?)")
-    tf.train.Checkpoint(model=model).read(ckpt_path).expect_partial()
+    with reading(ckpt_path):
+        tf.train.Checkpoint(model=model).read(ckpt_path).expect_partial()
+    if not all_finite(model.variables):
+        raise CorruptCheckpoint(ckpt_path, "it holds NaN or Inf values")
+
+
+def all_finite(variables) -> bool:
+    """Whether every element of every variable is finite (one reduction per variable)."""
+    return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables
+               if v.dtype.is_floating)
 
 
 def checkpoint_keys(model: tf.Module) -> dict[str, tf.Variable]:

@@ -30,6 +30,15 @@ def cli_main(main):
                 raise
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except OSError as err:
+            from adj_quant.files import is_disk_full  # noqa: PLC0415
+
+            if os.environ.get("ADJQ_TRACEBACK") or not is_disk_full(err):
+                raise
+            where = f" writing {err.filename}" if getattr(err, "filename", None) else ""
+            print(f"error: no space left on device{where}; free some space and rerun",
+                  file=sys.stderr)
+            sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

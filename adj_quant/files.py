@@ -7,6 +7,7 @@ the target is left as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -56,3 +57,12 @@ def write_dir_atomic(path, fill: Callable[[str], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` says the disk (or the quota) is full: an ``OSError`` from Python or
+    the message of a TensorFlow file-system error."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text

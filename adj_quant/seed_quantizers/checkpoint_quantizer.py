@@ -392,13 +392,29 @@ def resolve_checkpoint(path):
     return checkpoint_paths.resolve_checkpoint(path)
 
 
+class _CheckedReader:
+    """A checkpoint reader whose reads of damaged files end in one
+    :class:`~adj_quant.checkpoint_paths.CorruptCheckpoint` line."""
+
+    def __init__(self, reader, prefix):
+        self._reader, self._prefix = reader, prefix
+
+    def get_tensor(self, key):
+        with checkpoint_paths.reading(self._prefix):
+            return self._reader.get_tensor(key)
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
+
+
 def load_reader(prefix):
     tf = _tf()
-    try:
-        return tf.train.load_checkpoint(prefix)
-    except (tf.errors.OpError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read checkpoint {prefix}: {first}") from None
+    with checkpoint_paths.reading(prefix):
+        try:
+            return _CheckedReader(tf.train.load_checkpoint(prefix), prefix)
+        except ValueError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot read checkpoint {prefix}: {first}") from None
 
 
 def _write_state_file(directory, basename):

@@ -1,0 +1,143 @@
+"""A stage's checkpoints: damaged files end in one line naming an earlier checkpoint, a
+failed save leaves nothing behind, and a forgotten checkpoint moves the pointers."""
+
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adj_quant.checkpoint_paths import CorruptCheckpoint, earlier_checkpoint
+from adj_quant.checkpoints import RunCheckpoints, remove_orphans, restore_model
+from adj_quant.errors import UserError
+from adj_quant.seed_quantizers.checkpoint_quantizer import load_reader
+
+DATA = ".data-00000-of-00001"
+
+
+class Tiny(tf.Module):
+    def __init__(self, value=0.0):
+        super().__init__()
+        self.w = tf.Variable(np.full((200, 50), value, np.float32), name="w")
+        self.b = tf.Variable(np.full((7,), value, np.float32), name="b")
+
+
+def _stage(tmp_path, values=(1.0, 2.0, 3.0)):
+    """A stage directory with one checkpoint per value, as the trainer writes them."""
+    ckpts = RunCheckpoints(str(tmp_path / "stage"))
+    for i, value in enumerate(values):
+        ckpts.save(tf.train.Checkpoint(model=Tiny(value)), f"me{i + 1:04d}", {"top1": value / 10})
+    return ckpts
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def _flip_middle_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+DAMAGE = {
+    "truncated index": lambda p: _truncate(p + ".index", os.path.getsize(p + ".index") // 2),
+    "empty index": lambda p: _truncate(p + ".index", 0),
+    "truncated data": lambda p: _truncate(p + DATA, 1000),
+    "empty data": lambda p: _truncate(p + DATA, 0),
+    "checksum mismatch": lambda p: _flip_middle_byte(p + DATA),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_one_line_naming_the_earlier_one(tmp_path, damage):
+    ckpts = _stage(tmp_path)
+    latest = ckpts.latest()
+    DAMAGE[damage](latest)
+    model = Tiny()
+    with pytest.raises(CorruptCheckpoint) as info:
+        restore_model(model, latest)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {latest} is corrupt (")
+    assert message.endswith(f"restore an earlier one: {ckpts.path('me0002')}")
+    assert "\n" not in message
+    # The seed quantizers read through the same rule.
+    with pytest.raises(CorruptCheckpoint, match="is corrupt"):
+        reader = load_reader(latest)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    # The earlier one restores.
+    restore_model(model, ckpts.path("me0002"))
+    assert float(model.b[0]) == 2.0
+
+
+def test_a_checkpoint_holding_nan_is_refused(tmp_path):
+    ckpts = _stage(tmp_path, values=(1.0,))
+    ckpts.save(tf.train.Checkpoint(model=Tiny(float("nan"))), "me0002", {"top1": 0.0})
+    with pytest.raises(CorruptCheckpoint, match=r"NaN or Inf.*earlier one: .*me0001"):
+        restore_model(Tiny(), ckpts.latest())
+
+
+def test_earlier_checkpoint_follows_the_listed_order(tmp_path):
+    ckpts = _stage(tmp_path)
+    assert earlier_checkpoint(ckpts.path("me0003")) == ckpts.path("me0002")
+    assert earlier_checkpoint(ckpts.path("me0001")) is None
+    os.remove(ckpts.path("me0002") + ".index")  # a listed checkpoint that is gone is skipped
+    assert earlier_checkpoint(ckpts.path("me0003")) == ckpts.path("me0001")
+
+
+def test_a_failed_save_leaves_no_temporary_files_and_the_pointers_unchanged(tmp_path, monkeypatch):
+    ckpts = _stage(tmp_path, values=(1.0,))
+    before = json.loads((tmp_path / "stage" / "checkpoints.json").read_text())
+    checkpoint = tf.train.Checkpoint(model=Tiny(5.0))
+
+    def disk_full(prefix):
+        os.makedirs(prefix + "_temp")  # what TensorFlow leaves when a shard write fails
+        with open(prefix + ".index", "wb") as f:
+            f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write", disk_full)
+    with pytest.raises(OSError):
+        ckpts.save(checkpoint, "me0002", {"top1": 0.5})
+    leftovers = [n for n in os.listdir(tmp_path / "stage") if n.startswith(".")]
+    assert leftovers == []
+    assert json.loads((tmp_path / "stage" / "checkpoints.json").read_text()) == before
+    assert ckpts.latest() == ckpts.path("me0001")
+
+
+def test_orphans_of_a_killed_save_are_removed(tmp_path):
+    stage = tmp_path / "stage"
+    _stage(tmp_path, values=(1.0,))
+    (stage / ".tmp-me0002_temp").mkdir()
+    (stage / ".tmp-me0002_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x")
+    (stage / ".tmp-me0002.index").write_bytes(b"x")
+    (stage / ".checkpoints.json.abc.tmp").write_text("{")
+    removed = remove_orphans(str(stage))
+    assert len(removed) == 3
+    assert sorted(os.listdir(stage)) == sorted(
+        ["checkpoint", "checkpoints.json", "me0001.index", "me0001" + DATA])
+
+
+def test_discard_moves_latest_and_best_to_intact_checkpoints(tmp_path):
+    ckpts = _stage(tmp_path)  # top-1 0.1, 0.2, 0.3: me0003 is latest and best
+    ckpts.discard("me0003")
+    assert ckpts.state["latest"] == "me0002" and ckpts.state["best"] == "me0002"
+    reread = RunCheckpoints(str(tmp_path / "stage"))
+    assert [e["name"] for e in reread.entries()] == ["me0001", "me0002"]
+    assert tf.train.latest_checkpoint(str(tmp_path / "stage")).endswith("me0002")
+
+
+def test_an_unreadable_state_file_is_one_line(tmp_path):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "checkpoints.json").write_text("{not json")
+    with pytest.raises(UserError, match="checkpoints.json is unreadable"):
+        RunCheckpoints(str(stage))
+    shutil.rmtree(stage)
