@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -295,6 +296,11 @@ class QuantizedNetwork(tf.Module):
             raise UserError(f"thresholds file {path} not found; calibrate the model first (the "
                             "recipe's calibrate stage writes it) "
                             "first or pass the right path") from None
+        except IsADirectoryError:
+            raise UserError(f"thresholds file {path} is a directory; pass its "
+                            "initial_thresholds.json") from None
+        except OSError as err:
+            raise UserError(f"thresholds file {path} cannot be read ({err.strerror})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"thresholds file {path} is not valid JSON ({err})") from None
         self.set_thresholds(data, source=path)
@@ -316,6 +322,16 @@ class QuantizedNetwork(tf.Module):
                     raise UserError(f"{source} does not match the model: {name} {key} has "
                                     f"{got} values, the model needs {quant.channels} (another "
                                     "class count or width?); recalibrate")
+                bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))
+                       or not math.isfinite(v)]
+                if bad:
+                    raise UserError(f"{source}: {name} {key} holds {bad[0]!r}, not a finite "
+                                    "number; recalibrate")
+            low = next((i for i, (a, b) in enumerate(zip(entry["min"], entry["max"])) if a > b),
+                       None)
+            if low is not None:
+                raise UserError(f"{source}: {name} channel {low} has min {entry['min'][low]} > "
+                                f"max {entry['max'][low]}; recalibrate")
         extra = sorted(set(data) - set(quants))
         if extra:
             raise UserError(f"{source} does not match the model: unknown tensor {extra[0]!r} "

@@ -124,6 +124,27 @@ def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
         other.load_thresholds(str(path))
     with pytest.raises(UserError, match="not found"):
         other.load_thresholds(str(tmp_path / "missing.json"))
+    with pytest.raises(UserError, match="is a directory"):
+        other.load_thresholds(str(tmp_path))
+
+
+def test_thresholds_with_strings_or_min_above_max_are_refused(tmp_path, float_and_images):
+    model, images = float_and_images
+    qmodel = QuantizedNetwork.from_float(model, QuantConfig())
+    qmodel.calibrate_activations([images], progress=False)
+    path = tmp_path / "initial_thresholds.json"
+    qmodel.save_thresholds(str(path))
+    good = json.loads(path.read_text())
+    strings = json.loads(path.read_text())
+    strings["Conv/weights"]["max"][3] = "big"
+    path.write_text(json.dumps(strings))
+    with pytest.raises(UserError, match="Conv/weights max holds 'big', not a finite number"):
+        qmodel.load_thresholds(str(path))
+    swapped = good
+    swapped["Logits/weights"]["min"][2] = swapped["Logits/weights"]["max"][2] + 1.0
+    path.write_text(json.dumps(swapped))
+    with pytest.raises(UserError, match="Logits/weights channel 2 has min .* > max"):
+        qmodel.load_thresholds(str(path))
 
 
 def test_bits_trainable_and_swish_modes(float_and_images):

@@ -42,7 +42,7 @@ EXTRA = {
 
 
 def parse(argv=None) -> dict:
-    parser = build_parser("eval.py", __doc__.split("\n\n")[0], extra=EXTRA, fields=EVAL_FIELDS)
+    parser = build_parser("eval.py", __doc__, extra=EXTRA, fields=EVAL_FIELDS)
     return vars(parser.parse_args(argv))
 
 
@@ -68,6 +68,33 @@ def report_lines(result: dict) -> list[str]:
     return lines
 
 
+def make_parent(path: str, flag: str) -> None:
+    """Create the folder ``path`` will be written into, or refuse at once."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot create its folder {parent} ({err.strerror}); "
+                        "pass a path in a writable folder") from None
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory; pass a file name")
+
+
+def quant_info_path(output: str | None, ckpt: str) -> str:
+    """Where ``quant_info.json`` goes: ``--output`` (a file, or a directory: created if it ends
+    with a separator), default beside the checkpoint."""
+    out = output or os.path.dirname(ckpt)
+    if os.path.isdir(out) or out.endswith(os.sep):
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--output {out}: cannot create it ({err.strerror}); pass a "
+                            "writable folder") from None
+        return os.path.join(out, "quant_info.json")
+    make_parent(out, "--output")
+    return out
+
+
 def evaluate_checkpoint(cli: dict) -> dict:
     from adj_quant.checkpoints import ModelSpec, model_spec_for, resolve_checkpoint, restore_model
     from adj_quant.qnetwork import QuantizedNetwork
@@ -80,6 +107,9 @@ def evaluate_checkpoint(cli: dict) -> dict:
     output, plot, thresholds = cli.pop("output", None), cli.pop("plot", None), cli.pop(
         "thresholds", None)
     ckpt = resolve_checkpoint(cli["ckpt_path"], "--ckpt_path")
+    out = quant_info_path(output, ckpt)  # checked (folders made) before the work starts
+    if plot:
+        make_parent(plot, "--plot")
     o = _resolve(cli, ckpt)
     spec = model_spec_for(ckpt, ModelSpec("float", arch_of(o)), "--ckpt_path")
     if spec.arch.num_classes != arch_of(o).num_classes:
@@ -103,10 +133,6 @@ def evaluate_checkpoint(cli: dict) -> dict:
     result.update(validation.scores(bits, model.arch, img), metric_img_size=img, checkpoint=ckpt)
     summary = {k: result[k] for k in ("avg_weight_bits", "avg_act_bits", "params", "ops",
                                       "score_adjq", "score_micronet", "top1", "top5")}
-    out = output or os.path.dirname(ckpt)
-    if os.path.isdir(out) or out.endswith(os.sep):
-        os.makedirs(out, exist_ok=True)
-        out = os.path.join(out, "quant_info.json")
     save_quant_info(out, bits, model.arch, summary)
     result["quant_info"] = out
     if plot:

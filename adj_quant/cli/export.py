@@ -225,7 +225,7 @@ DATA_HELP = {
 
 
 def parse(argv=None) -> dict:
-    parser = build_parser("adjq-export", __doc__.split("\n\n")[0], extra=EXTRA,
+    parser = build_parser("adjq-export", __doc__, extra=EXTRA,
                           fields=DATA_FIELDS)
     for action in parser._actions:  # noqa: SLF001 (export-specific wording of shared flags)
         if action.dest in DATA_HELP:

@@ -28,9 +28,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="adjq-score",
-                description="MicroNet score of EfficientNet-B0 at given bit-widths: the official "
-                            "counting (score_micronet) and the submission's own (score_adjq).")
+    p = _Parser(prog="adjq-score", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img_size", type=int, default=224,
                    help="input image side in pixels (default 224)")
     p.add_argument("--num_classes", type=int, default=1000,

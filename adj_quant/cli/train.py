@@ -4,7 +4,7 @@
     python train.py --stage adjustable --bits_trainable --iter_train --ckpt_path runs/x/qat8
     python train.py --config configs/imagenet.toml --dataset /data/imagenet --stage qat8
 
-Stages: pretrain, calibrate, qat8, adjustable, finetune (see adj_quant/stages.py).
+Stages: pretrain, calibrate, qat8, adjustable, finetune (see adj_quant/recipe/stages.py).
 Installed as ``adjq-train``; ``python train.py`` in a checkout runs the same.
 A config file sets defaults (top level and per-stage tables); flags override them.
 """
@@ -17,7 +17,7 @@ from adj_quant.errors import cli_main
 
 
 def parse(argv=None) -> dict:
-    parser = build_parser("train.py", __doc__.split("\n\n")[0])
+    parser = build_parser("train.py", __doc__)
     return vars(parser.parse_args(argv))
 
 

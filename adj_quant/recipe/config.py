@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 import sys
+import time
 import tomllib
 from typing import Any
 
@@ -84,6 +87,8 @@ class Options:
     swa_freq: float = 0.2
     jit_compile: bool = False
     keep_checkpoints: int = 3
+    max_loss: float | None = None
+    collapse_patience: int = 3
     # --- files
     ckpt_path: str | None = None
     teacher_ckpt: str | None = None
@@ -91,6 +96,7 @@ class Options:
     stage: str | None = None
     config: str | None = None
     progress: bool = True
+    allow_config_change: bool = False
 
 
 HELP = {
@@ -151,7 +157,15 @@ HELP = {
     "run_dir": "run directory holding every stage's output (default: runs/<dataset>)",
     "stage": "run one stage: " + ", ".join(STAGES) + " (default: the whole recipe)",
     "config": "TOML config file (default for the digits recipe: configs/digits.toml)",
-    "progress": "show progress bars",
+    "progress": "show progress bars on a terminal (off a terminal, e.g. in a log file, one "
+                "plain line per mini-epoch is printed instead)",
+    "max_loss": "stop when a training loss exceeds this (default: 1e6 x the stage's first "
+                "mini-epoch mean loss)",
+    "collapse_patience": "stop when validation top-1, after being above chance, stays at chance "
+                         "level for this many mini-epochs (0: never)",
+    "allow_config_change": "resume an interrupted stage with changed training flags (recorded "
+                           "in config_history.json); architecture and data changes are always "
+                           "refused",
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(Options)}
@@ -176,15 +190,29 @@ def _type_of(field: dataclasses.Field):
 
 
 class _Parser(argparse.ArgumentParser):
+    #: ``--lr -1e-3`` and ``--seed -1`` are values, not options: argparse's own pattern
+    #: misses exponents and ``-inf`` (the values are then refused by :func:`validate`).
+    NEGATIVE_NUMBER = re.compile(
+        r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
+
     def error(self, message):  # one line, no usage dump
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
+                     argparse.RawDescriptionHelpFormatter):
+    """Flag help reflowed; the description (the command's docstring, with its example
+    commands) kept as written."""
+
+
 def build_parser(prog: str, description: str, extra: dict[str, dict] | None = None,
                  fields: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter,
                      argument_default=argparse.SUPPRESS)
     for name in fields or FIELDS:
         kind = _type_of(FIELDS[name])
@@ -218,8 +246,14 @@ def load_config(path: str) -> dict[str, Any]:
             data = tomllib.load(f)
     except FileNotFoundError:
         raise UserError(f"config file {path} not found; pass --config FILE.toml") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; pass --config FILE.toml") from None
+    except OSError as err:
+        raise UserError(f"config file {path} cannot be read ({err.strerror}); pass a readable "
+                        "--config FILE.toml") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"config file {path} is not valid TOML ({err}); pass a TOML file "
+                        "such as configs/digits.toml") from None
     _check_keys(data, path)
     for stage in STAGES:
         if stage in data:
@@ -268,21 +302,69 @@ def resolve(cli: dict[str, Any], stage: str | None) -> Options:
             values[name] = value if stage == "pretrain" else 0.0
     if values.get("augment") is None and stage not in (None, "pretrain"):
         values["augment"] = "none"  # pretrain: the dataset's own (see data.default_augment)
+    # Progress bars on a terminal only: in a log file their frames become endless lines
+    # (the trainer prints one plain line per mini-epoch either way).
+    values["progress"] = bool(values.get("progress", True)) and _stderr_is_terminal()
     options = Options(**values)
     validate(options)
     return options
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+#: Numbers that must not be negative (learning rates, loss weights, epochs, counts).
+NON_NEGATIVE = ("lr", "lr_bits", "lr_decay", "alpha", "beta", "metric", "warm_up_epoch",
+                "swa_delay", "labels_offset", "seed", "keep_checkpoints", "collapse_patience")
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_EPOCHS, MAX_MULTIPLIER, MAX_IMG_SIZE = 1e6, 16.0, 4096
+
+
 def validate(o: Options) -> None:
+    """Refuse impossible values with one line each, before anything is written."""
+    for name, field in FIELDS.items():
+        value = getattr(o, name)
+        if _type_of(field) is float and value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} {value} is not a finite number; pass a finite value")
+    for name in NON_NEGATIVE:
+        value = getattr(o, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} {value} must not be negative")
+    for name in ("lr", "lr_bits"):
+        if getattr(o, name) > FLOAT32_MAX:
+            raise UserError(f"--{name} {getattr(o, name)} is beyond float32's range; pass a "
+                            "learning rate such as 1e-3")
+    if not 0.0 <= o.gamma <= 1.0:
+        raise UserError(f"--gamma {o.gamma} is a share of the metric gradient; pass a value "
+                        "in [0, 1]")
+    if not 0.0 <= o.bn_momentum < 1.0:
+        raise UserError(f"--bn_momentum {o.bn_momentum} must be in [0, 1)")
+
     def positive(name):
         if getattr(o, name) is not None and getattr(o, name) <= 0:
             raise UserError(f"--{name} {getattr(o, name)} must be positive")
 
     for name in ("img_size", "batch_size", "calib_images", "reinit", "iter_train_freq",
-                 "max_epoch", "swa_freq", "metric_img_size", "num_classes", "max_val_images"):
+                 "max_epoch", "swa_freq", "metric_img_size", "num_classes", "max_val_images",
+                 "max_loss"):
         positive(name)
     if o.width_multiplier <= 0 or o.depth_multiplier <= 0:
         raise UserError("--width_multiplier and --depth_multiplier must be positive")
+    for name in ("max_epoch", "swa_freq", "swa_delay", "warm_up_epoch"):
+        if (getattr(o, name) or 0) > MAX_EPOCHS:
+            raise UserError(f"--{name} {getattr(o, name)} epochs is more than {MAX_EPOCHS:g}; "
+                            "pass a number of epochs")
+    for name in ("width_multiplier", "depth_multiplier"):
+        if getattr(o, name) > MAX_MULTIPLIER:
+            raise UserError(f"--{name} {getattr(o, name)} is larger than {MAX_MULTIPLIER:g}; "
+                            "pass a multiplier such as 1.0")
+    if o.img_size > MAX_IMG_SIZE:
+        raise UserError(f"--img_size {o.img_size} is larger than {MAX_IMG_SIZE}; pass an image "
+                        "size such as 224")
     if round(o.max_epoch * 10, 6) != round(o.max_epoch * 10):
         raise UserError(f"--max_epoch {o.max_epoch} must be a multiple of 0.1 (one mini-epoch)")
     if round(o.swa_freq * 10) < 1:
@@ -347,3 +429,79 @@ def options_to_json(o: Options) -> dict:
 
 def save_resolved(o: Options, path: str) -> None:
     write_json_atomic(path, options_to_json(o), sort_keys=True)
+
+
+# --------------------------------------------------------------------------- resuming
+
+#: Options that define the model or the data of a stage: an interrupted stage never
+#: resumes with other values (its checkpoints hold another model, or another data split).
+ARCH_DATA_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "eval_crop",
+                    "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
+                    "swish_bits", "bias_bits", "bits_trainable", "range", "bias_range",
+                    "quantize_se_gate")
+#: Options that do not change what a stage computes.
+UNCOMPARED_FIELDS = ("progress", "config", "stage", "run_dir", "allow_config_change")
+CONFIG_FILE, CONFIG_HISTORY = "config.json", "config_history.json"
+
+
+def config_changes(saved: dict, o: Options) -> dict[str, tuple]:
+    """``{key: (saved value, new value)}`` for every compared option that differs (keys a
+    config.json of an older version lacks are not changes)."""
+    new = options_to_json(o)
+    return {k: (saved[k], new[k]) for k in new
+            if k in saved and k not in UNCOMPARED_FIELDS and saved[k] != new[k]}
+
+
+def _describe(changes: dict[str, tuple]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
+
+
+def check_config_change(o: Options, stage_dir: str, resuming: bool) -> dict[str, tuple]:
+    """Compare ``o`` with the ``config.json`` of a stage being resumed; returns the changes
+    to record. A change of the model or the data is refused; other changes need
+    ``--allow_config_change``. Writes nothing (see :func:`record_config`)."""
+    path = os.path.join(stage_dir, CONFIG_FILE)
+    if not resuming or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is unreadable ({err}); it records how this stage was started: "
+                        "restore it, or use another --run_dir") from None
+    changes = config_changes(saved, o)
+    fixed = {k: v for k, v in changes.items() if k in ARCH_DATA_FIELDS}
+    if fixed:
+        raise UserError(f"{stage_dir} was started with another model or data ({_describe(fixed)}); "
+                        "resume it with its own flags, or use another --run_dir")
+    if changes and not o.allow_config_change:
+        raise UserError(f"{stage_dir} was started with other flags ({_describe(changes)}); "
+                        "resume with the same flags, or pass --allow_config_change to record "
+                        "the change in config_history.json")
+    return changes
+
+
+def record_config(o: Options, stage_dir: str, changes: dict[str, tuple]) -> None:
+    """Save ``o`` as the stage's ``config.json``; ``changes`` (from
+    :func:`check_config_change`) are appended to ``config_history.json`` first: the original
+    options, then each resumed change with its time."""
+    path = os.path.join(stage_dir, CONFIG_FILE)
+    if changes:
+        history_path = os.path.join(stage_dir, CONFIG_HISTORY)
+        history = []
+        if os.path.exists(history_path):
+            with open(history_path, encoding="utf-8") as f:
+                history = json.load(f)
+        if not history:
+            with open(path, encoding="utf-8") as f:
+                history.append({"time": None, "config": json.load(f), "changed": {}})
+        history.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "config": options_to_json(o),
+                        "changed": {k: {"from": old, "to": new}
+                                    for k, (old, new) in changes.items()}})
+        write_json_atomic(history_path, history, sort_keys=True)
+        print(f"note: {stage_dir} resumes with changed flags ({_describe(changes)}); recorded "
+              f"in {history_path}", file=sys.stderr)
+    save_resolved(o, path)

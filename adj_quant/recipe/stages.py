@@ -13,25 +13,36 @@ says otherwise. A finished stage is not run again; an interrupted one resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import sys
 
 from adj_quant import nets
 from adj_quant.checkpoints import (
     ModelSpec,
+    RunCheckpoints,
     model_spec_for,
     read_json,
+    remove_orphans,
     resolve_checkpoint,
     restore_model,
     save_spec,
     write_json_atomic,
 )
+from adj_quant.directory_lock import DirectoryLock
 from adj_quant.errors import UserError
 from adj_quant.network import Network
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 from adj_quant.quant_info import save_quant_info
 from adj_quant.recipe import data as data_lib
 from adj_quant.recipe import validation
-from adj_quant.recipe.config import STAGES, Options, resolve, save_resolved
+from adj_quant.recipe.config import (
+    STAGES,
+    Options,
+    check_config_change,
+    record_config,
+    resolve,
+)
 from adj_quant.recipe.trainer import Trainer, data_args, num_classes, validation_data
 
 THRESHOLDS = "initial_thresholds.json"
@@ -85,7 +96,20 @@ class Stage:
             self.o = dataclasses.replace(self.o, finetune=True)
         self.run_dir = self.o.run_dir or default_run_dir(self.o)
         self.dir = os.path.join(self.run_dir, name)
+        for path in (self.run_dir, self.dir):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise UserError(f"--run_dir: {path} is a file, not a directory; pass a "
+                                "directory for the run's stages")
         self.arch = arch_of(self.o)  # checks the dataset before anything else happens
+        self.config_changes: dict = {}
+
+    def check_resume(self) -> None:
+        """Called holding the stage's lock, before anything is written: clean up what an
+        interrupted save left, and refuse a resume with another model or data."""
+        remove_orphans(self.dir)
+        resuming = os.path.exists(os.path.join(self.dir, "checkpoints.json")) and bool(
+            RunCheckpoints(self.dir).entries())
+        self.config_changes = check_config_change(self.o, self.dir, resuming)
 
     def build(self, spec: ModelSpec):
         return spec.build(seed=self.o.seed, dropout_rate=self.o.dropout,
@@ -113,9 +137,34 @@ class Stage:
         restore_model(model, path, what, allow_missing=())
         return model
 
+    def source_run_stage(self, stage: str) -> str | None:
+        """``stage``'s directory in the run that ``--ckpt_path`` comes from, when that is
+        another run than this one and it has the stage."""
+        if not self.o.ckpt_path:
+            return None
+        prefix = resolve_checkpoint(self.o.ckpt_path, "--ckpt_path")
+        stage_dir = os.path.dirname(os.path.abspath(prefix))
+        if os.path.basename(stage_dir) not in STAGES:
+            return None
+        candidate = os.path.join(os.path.dirname(stage_dir), stage)
+        own = os.path.abspath(os.path.join(self.run_dir, stage))
+        return candidate if os.path.isdir(candidate) and candidate != own else None
+
     def teacher(self):
-        path = (resolve_checkpoint(self.o.teacher_ckpt, "--teacher_ckpt") if self.o.teacher_ckpt
-                else self.previous("pretrain"))
+        """The float teacher: ``--teacher_ckpt``, else this run's pretrain stage, else the
+        pretrain stage of the run ``--ckpt_path`` comes from."""
+        if self.o.teacher_ckpt:
+            path = resolve_checkpoint(self.o.teacher_ckpt, "--teacher_ckpt")
+        elif os.path.isdir(os.path.join(self.run_dir, "pretrain")):
+            path = self.previous("pretrain")
+        elif (other := self.source_run_stage("pretrain")) is not None:
+            path = resolve_checkpoint(other, "teacher")
+            print(f"[{self.name}] distilling from {path}, the float model of --ckpt_path's run "
+                  "(--teacher_ckpt picks another)", file=sys.stderr)
+        else:
+            raise UserError(f"[{self.name}] needs a float teacher for distillation and "
+                            f"{os.path.join(self.run_dir, 'pretrain')} does not exist; pass "
+                            "--teacher_ckpt PRETRAIN_CHECKPOINT")
         return self.load_float(path, "--teacher_ckpt")
 
     def _check_arch(self, spec: ModelSpec, path: str, what: str) -> None:
@@ -145,7 +194,12 @@ class Stage:
         return model
 
     def thresholds_path(self) -> str:
-        return os.path.join(self.run_dir, "calibrate", THRESHOLDS)
+        """This run's calibrated thresholds, else those of ``--ckpt_path``'s run."""
+        own = os.path.join(self.run_dir, "calibrate", THRESHOLDS)
+        other = self.source_run_stage("calibrate")
+        if not os.path.exists(own) and other and os.path.exists(os.path.join(other, THRESHOLDS)):
+            return os.path.join(other, THRESHOLDS)
+        return own
 
     def already_finished(self) -> dict | None:
         result = os.path.join(self.dir, RESULT)
@@ -157,7 +211,7 @@ class Stage:
 
     def start(self, spec: ModelSpec | None) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        save_resolved(self.o, os.path.join(self.dir, "config.json"))
+        record_config(self.o, self.dir, self.config_changes)
         if spec is not None:
             save_spec(self.dir, spec)
 
@@ -176,10 +230,24 @@ class Stage:
 # --------------------------------------------------------------------------- stages
 
 
-def pretrain(cli: dict) -> dict:
-    st = Stage("pretrain", cli)
+def run_stage(name: str, body, cli: dict) -> dict:
+    """Run ``body(stage)`` holding the stage directory's lock; a finished stage is skipped."""
+    st = Stage(name, cli)
     if (done := st.already_finished()) is not None:
         return done
+    created = not os.path.exists(st.dir)
+    try:
+        with DirectoryLock(st.dir, f"[{name}] stage directory"):
+            if (done := st.already_finished()) is not None:  # finished while we waited
+                return done
+            st.check_resume()
+            return body(st)
+    finally:
+        if created and os.path.isdir(st.dir) and not os.listdir(st.dir):
+            os.rmdir(st.dir)  # refused before writing anything: leave no trace
+
+
+def _pretrain(st: Stage) -> dict:
     arch = st.arch
     model = st.build(ModelSpec("float", arch))
     if st.o.ckpt_path:
@@ -190,10 +258,7 @@ def pretrain(cli: dict) -> dict:
     return st.finish(st.train(model))
 
 
-def calibrate(cli: dict) -> dict:
-    st = Stage("calibrate", cli)
-    if (done := st.already_finished()) is not None:
-        return done
+def _calibrate(st: Stage) -> dict:
     o = st.o
     path = resolve_checkpoint(o.ckpt_path, "--ckpt_path") if o.ckpt_path else st.previous("pretrain")
     float_model = st.load_float(path, "--ckpt_path")
@@ -217,11 +282,9 @@ def calibrate(cli: dict) -> dict:
     return st.finish(result)
 
 
-def _quantized_stage(name: str, cli: dict, *, bits_trainable: bool | None, source: str,
+def _quantized_stage(st: Stage, *, bits_trainable: bool | None, source: str,
                      best_key=None) -> dict:
-    st = Stage(name, cli)
-    if (done := st.already_finished()) is not None:
-        return done
+    name = st.name
     o = st.o
     teacher = st.teacher()
     if o.ckpt_path:
@@ -240,18 +303,15 @@ def _quantized_stage(name: str, cli: dict, *, bits_trainable: bool | None, sourc
     return st.finish(result)
 
 
-def qat8(cli: dict) -> dict:
-    return _quantized_stage("qat8", cli, bits_trainable=False, source="calibrate")
-
-
-def adjustable(cli: dict) -> dict:
-    return _quantized_stage("adjustable", cli, bits_trainable=None, source="qat8",
-                            best_key=lambda o: near_target_key(o.metric))
-
-
-def finetune(cli: dict) -> dict:
-    return _quantized_stage("finetune", cli, bits_trainable=None, source="adjustable")
-
+pretrain = functools.partial(run_stage, "pretrain", _pretrain)
+calibrate = functools.partial(run_stage, "calibrate", _calibrate)
+qat8 = functools.partial(run_stage, "qat8", functools.partial(
+    _quantized_stage, bits_trainable=False, source="calibrate"))
+adjustable = functools.partial(run_stage, "adjustable", functools.partial(
+    _quantized_stage, bits_trainable=None, source="qat8",
+    best_key=lambda o: near_target_key(o.metric)))
+finetune = functools.partial(run_stage, "finetune", functools.partial(
+    _quantized_stage, bits_trainable=None, source="adjustable"))
 
 STAGE_FUNCTIONS = {"pretrain": pretrain, "calibrate": calibrate, "qat8": qat8,
                    "adjustable": adjustable, "finetune": finetune}

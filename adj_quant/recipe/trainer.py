@@ -8,24 +8,40 @@ optimizer slots, same data order and dropout stream.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
 import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant import cost as cost_lib
 from adj_quant import training_rules as rules
-from adj_quant.checkpoints import RunCheckpoints
+from adj_quant.checkpoints import CorruptCheckpoint, RunCheckpoints, all_finite, reading
 from adj_quant.errors import UserError
+from adj_quant.files import is_disk_full
 from adj_quant.recipe import data as data_lib
 from adj_quant.recipe import validation
 from adj_quant.recipe.config import Options
 from adj_quant.recipe.plots import per_layer_bits_png
 
 LOG_EVERY = 10
+#: Without ``--max_loss``, a loss above this multiple of the stage's first mini-epoch mean
+#: loss counts as divergence.
+DIVERGENCE_FACTOR = 1e6
 
 
 class TrainingDiverged(UserError):
-    """The loss became NaN or Inf."""
+    """The loss or the weights became NaN or Inf, or training diverged while finite."""
+
+
+def collapsed(top1_history: list[float], num_classes: int, patience: int) -> bool:
+    """Validation top-1 was above chance once and has been at chance level (at most
+    1.5 / num_classes) for the last ``patience`` mini-epochs."""
+    chance = 1.5 / num_classes
+    if patience <= 0 or len(top1_history) <= patience:
+        return False
+    earlier, recent = top1_history[:-patience], top1_history[-patience:]
+    return max(earlier) > 2 * chance and all(t <= chance for t in recent)
 
 
 @dataclasses.dataclass
@@ -73,6 +89,7 @@ class Trainer:
             warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
             iter_train_freq=options.iter_train_freq)
         self._train_step = {}
+        self.top1_history: list[float] = []
         self._eval_step = validation.make_eval_step(model)
         self.writer = tf.summary.create_file_writer(stage_dir)
         self.val_data = validation_data(options, self.info.num_classes)
@@ -122,12 +139,51 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def restore_if_resuming(self) -> bool:
-        latest = self.ckpts.latest()
-        if latest is None or self.ckpts.finished:
+        """Resume from the latest checkpoint; a damaged one (unreadable, or holding NaN/Inf)
+        is skipped for the one before it, with a line saying so."""
+        if self.ckpts.finished:
             return False
-        self.checkpoint.read(latest).assert_consumed()
-        print(f"[{self.stage}] resuming from {latest} (mini-epoch {int(self.mini_epoch)})")
-        return True
+        while (latest := self.ckpts.latest()) is not None:
+            try:
+                with reading(latest):
+                    self.checkpoint.read(latest).assert_consumed()
+                if not all_finite(self.model.variables):
+                    raise CorruptCheckpoint(latest, "it holds NaN or Inf values")
+            except CorruptCheckpoint as err:
+                self.ckpts.discard(os.path.basename(latest), self.best_key)
+                earlier = self.ckpts.latest()
+                if earlier is None:
+                    raise UserError(f"[{self.stage}] cannot resume: {latest} is corrupt "
+                                    f"({err.reason}) and no earlier checkpoint is intact; delete "
+                                    f"{self.stage_dir} (or use another --run_dir) to start the "
+                                    "stage over") from None
+                print(f"[{self.stage}] {latest} is corrupt ({err.reason}); resuming from "
+                      f"{earlier} instead", file=sys.stderr)
+                continue
+            print(f"[{self.stage}] resuming from {latest} (mini-epoch {int(self.mini_epoch)})")
+            return True
+        return False
+
+    def _last_good(self) -> str:
+        return self.ckpts.latest() or "none (nothing was saved yet)"
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"[{self.stage}] {what}; training stopped. The last good checkpoint is "
+            f"{self._last_good()}; lower --lr / --lr_bits and rerun")
+
+    def _save(self, name: str, info: dict) -> None:
+        """Write a checkpoint, but only of a finite model; a full disk ends in one line."""
+        if not all_finite(self.model.variables):
+            raise self._diverged("the weights became NaN or Inf")
+        try:
+            self.ckpts.save(self.checkpoint, name, info, best_key=self.best_key)
+        except (OSError, tf.errors.OpError) as err:
+            if not is_disk_full(err):
+                raise
+            raise UserError(f"[{self.stage}] no space left on device while writing "
+                            f"{self.stage_dir}; the last intact checkpoint is {self._last_good()}."
+                            " Free some space and rerun the same command to resume") from None
 
     def run(self) -> StageResult:
         o = self.o
@@ -142,14 +198,20 @@ class Trainer:
             if batches is None or k == 0:
                 batches = self._epoch_batches(epoch, bounds[k])
             train_bits = rules.train_bits_in(epoch, k, self.flags)
-            self._train_mini_epoch(i, total, batches, bounds[k + 1] - bounds[k], train_bits)
+            mean_loss = self._train_mini_epoch(i, total, batches, bounds[k + 1] - bounds[k],
+                                               train_bits)
+            if not all_finite(self.model.variables):
+                raise self._diverged(f"the weights became NaN or Inf in mini-epoch {i + 1}")
             self.mini_epoch.assign(i + 1)
             last = self.validate()
             if rules.swa_snapshot_due(epoch, k, o.swa_delay, o.swa_freq):
                 self.swa.snapshot(self.model.trainable_variables)
             name = f"me{i + 1:04d}_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
-            self.ckpts.save(self.checkpoint, name, dict(last, mini_epoch=i + 1),
-                            best_key=self.best_key)
+            info = dict(last, mini_epoch=i + 1, mean_loss=mean_loss)
+            if self.ckpts.state.get("reference_loss") is None and mean_loss is not None:
+                self.ckpts.state["reference_loss"] = mean_loss
+            self._save(name, info)
+            self._check_collapse(last["top1"])
             self._summaries(last, i + 1)
             print(f"[{self.stage}] mini-epoch {i + 1}/{total}: top-1 {100 * last['top1']:.2f}%  "
                   f"metric {last['metric']:.4f}  bits w/a {last['avg_weight_bits']:.2f}/"
@@ -160,8 +222,7 @@ class Trainer:
         if swa_due and self.swa.assign_average(self.model.trainable_variables):
             last = self.validate()
             name = f"swa_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
-            self.ckpts.save(self.checkpoint, name, dict(last, swa=int(self.swa.count)),
-                            best_key=self.best_key)
+            self._save(name, dict(last, swa=int(self.swa.count)))
             self.ckpts.set_best(name)
             self._summaries(last, total + 1)
             print(f"[{self.stage}] SWA of {int(self.swa.count)} snapshots: top-1 "
@@ -172,9 +233,26 @@ class Trainer:
         best = next((e for e in self.ckpts.entries() if e["name"] == best_name), {})
         return StageResult(self.ckpts.best(), best, last)
 
-    def _train_mini_epoch(self, index, total, batches, steps, train_bits):
+    def loss_bound(self) -> float | None:
+        """The divergence bound: ``--max_loss``, else a multiple of the first mean loss."""
+        if self.o.max_loss is not None:
+            return self.o.max_loss
+        reference = self.ckpts.state.get("reference_loss")
+        return None if reference is None else DIVERGENCE_FACTOR * max(abs(reference), 1e-3)
+
+    def _check_collapse(self, top1: float) -> None:
+        self.top1_history.append(top1)
+        if collapsed(self.top1_history, self.info.num_classes, self.o.collapse_patience):
+            raise self._diverged(
+                f"validation top-1 fell to chance level ({100 * top1:.2f}%) for "
+                f"{self.o.collapse_patience} mini-epochs (--collapse_patience)")
+
+    def _train_mini_epoch(self, index, total, batches, steps, train_bits) -> float | None:
+        """Train one mini-epoch; returns its mean loss (None if it had no steps)."""
         o = self.o
         step_fn = self.train_step(train_bits)
+        bound = self.loss_bound()
+        losses = []
         bar = tqdm(total=steps, desc=f"{self.stage} {index + 1}/{total}", unit="step",
                    disable=not o.progress, leave=False)
         for _ in range(steps):
@@ -193,10 +271,12 @@ class Trainer:
                             tf.constant(lr_bits, tf.float32))
             loss = float(parts["loss"].numpy())
             if not rules.is_finite(loss):
-                latest = self.ckpts.latest() or "none (nothing was saved yet)"
-                raise TrainingDiverged(
-                    f"[{self.stage}] the loss became {loss} at step {step}; training stopped. "
-                    f"The last good checkpoint is {latest}; lower --lr / --lr_bits and rerun")
+                raise self._diverged(f"the loss became {loss} at step {step}")
+            if bound is not None and loss > bound:
+                raise self._diverged(
+                    f"the loss reached {loss:.4g} at step {step}, above the divergence bound "
+                    f"{bound:.4g} (--max_loss, default 1e6 x the first mini-epoch's mean loss)")
+            losses.append(loss)
             self.global_step.assign_add(1)
             if step % LOG_EVERY == 0:
                 with self.writer.as_default(step=step):
@@ -207,6 +287,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update(1)
         bar.close()
+        return sum(losses) / len(losses) if losses else None
 
     # ------------------------------------------------------------------ validation
 

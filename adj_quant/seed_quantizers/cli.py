@@ -34,6 +34,8 @@ def build_parser():
             "<checkpoint dir>/bin_<B>bits/, <checkpoint dir>/fixed-point_<B>bits/ or "
             "<checkpoint dir>/uint8/."
         ),
+        epilog=__doc__.split("\n\n", 1)[1],  # the example command and what it writes
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "checkpoint",
@@ -121,7 +123,8 @@ def main(argv=None):
         from tqdm import tqdm  # noqa: PLC0415
 
         def progress(keys):
-            return tqdm(keys, desc="variables", unit="var", file=sys.stderr)
+            return tqdm(keys, desc="variables", unit="var", file=sys.stderr,
+                        disable=not sys.stderr.isatty())  # no bar frames in log files
 
     result = ckpt_quant.quantize_checkpoint(
         prefix,

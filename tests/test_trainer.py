@@ -1,0 +1,179 @@
+"""The trainer's guards: no non-finite checkpoint, divergence and collapse stop the run,
+a damaged latest checkpoint is skipped on resume, a full disk and a held stage are one
+line, logs off a terminal are plain lines, and a single stage finds its teacher."""
+
+import errno
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adj_quant import training_rules
+from adj_quant.checkpoints import RunCheckpoints, read_json
+from adj_quant.cli import train as train_cli
+from adj_quant.directory_lock import LOCK_FILE
+from adj_quant.recipe.trainer import collapsed
+
+from conftest import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = ".data-00000-of-00001"
+
+
+def _train(capsys, *argv):
+    """``train.py`` in-process: (exit code, stdout, stderr)."""
+    try:
+        train_cli.main([*TINY, *argv])
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _values(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {k: reader.get_tensor(k) for k in reader.get_variable_to_shape_map()
+            if k.startswith("model/")}
+
+
+def test_collapse_is_chance_level_after_being_above_it():
+    # Hand-made top-1 histories, 10 classes: chance level is at most 15%.
+    assert collapsed([0.5, 0.1, 0.1, 0.1], 10, 3)
+    assert not collapsed([0.5, 0.1, 0.2, 0.1], 10, 3)       # one mini-epoch above chance
+    assert not collapsed([0.1, 0.1, 0.1, 0.1, 0.1], 10, 3)  # never above chance: still learning
+    assert not collapsed([0.5, 0.1, 0.1], 10, 3)            # not yet 3 mini-epochs at chance
+    assert not collapsed([0.5, 0.1, 0.1, 0.1], 10, 0)       # 0 turns the check off
+
+
+@pytest.mark.slow
+def test_weights_that_become_nan_are_never_saved(tmp_path, capsys, monkeypatch):
+    # One step per mini-epoch, and an update that turns the weights NaN while the loss it
+    # was computed from is finite (the issue's `--lr nan`, which the flags now refuse).
+    monkeypatch.setattr(training_rules, "step_learning_rates",
+                        lambda step, **kw: (float("nan"), float("nan")) if step >= 1 else (
+                            kw["lr"], kw["lr_bits"]))
+    run = tmp_path / "nan"
+    code, out, err = _train(capsys, "--stage", "pretrain", "--run_dir", str(run),
+                            "--batch_size", "143", "--max_epoch", "0.3", "--lr_fixed")
+    assert code == 2
+    line = _one_error(err)
+    assert "the weights became NaN or Inf in mini-epoch 2" in line
+    state = read_json(run / "pretrain" / "checkpoints.json")
+    assert [e["mini_epoch"] for e in state["checkpoints"]] == [1]
+    assert state["latest"] == state["best"] == state["checkpoints"][0]["name"]
+    assert f"last good checkpoint is {run / 'pretrain' / state['latest']}" in line
+    for name, value in _values(str(run / "pretrain" / state["latest"])).items():
+        assert np.all(np.isfinite(value)), name
+
+
+@pytest.mark.slow
+def test_a_loss_above_max_loss_stops_the_run(tmp_path, capsys):
+    code, _, err = _train(capsys, "--stage", "pretrain", "--run_dir", str(tmp_path),
+                          "--max_epoch", "0.2", "--max_loss", "0.5")
+    assert code == 2
+    line = _one_error(err)
+    assert "above the divergence bound 0.5" in line and "last good checkpoint is none" in line
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_latest_checkpoint_and_matches_an_uninterrupted_run(
+        tmp_path, capsys):
+    args = ["--stage", "pretrain", "--max_epoch", "0.3"]
+    code, _, _ = _train(capsys, *args, "--run_dir", str(tmp_path / "ref"))
+    assert code == 0
+    ref = tmp_path / "ref" / "pretrain"
+    # The same run, interrupted after its third checkpoint was written damaged.
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "ref", run)
+    os.remove(run / "pretrain" / "result.json")
+    state = read_json(run / "pretrain" / "checkpoints.json")
+    (run / "pretrain" / "checkpoints.json").write_text(json.dumps(dict(state, finished=False)))
+    damaged = run / "pretrain" / state["latest"]
+    with open(str(damaged) + DATA, "r+b") as f:
+        f.truncate(1000)
+    # Off a terminal (a pipe), with progress bars not turned off: plain lines only.
+    proc = subprocess.run([sys.executable, "train.py", *(a for a in TINY if a != "--no-progress"), *args, "--run_dir", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{damaged} is corrupt (" in proc.stderr and "resuming from" in proc.stderr
+    assert "\r" not in proc.stdout + proc.stderr
+    assert "[pretrain] mini-epoch 3/3" in proc.stdout
+    a, b = _values(str(ref / state["latest"])), _values(str(damaged))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_last_intact_checkpoint(tmp_path, capsys,
+                                                                   monkeypatch):
+    original = RunCheckpoints.save
+
+    def save(self, checkpoint, name, info, best_key=None):
+        if self.entries():  # the second save finds the disk full
+            os.makedirs(os.path.join(self.directory, f".tmp-{name}_temp"))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, checkpoint, name, info, best_key)
+
+    monkeypatch.setattr(RunCheckpoints, "save", save)
+    run = tmp_path / "run"
+    code, _, err = _train(capsys, "--stage", "pretrain", "--run_dir", str(run),
+                          "--max_epoch", "0.3")
+    assert code == 2
+    first = read_json(run / "pretrain" / "checkpoints.json")["latest"]
+    line = _one_error(err)
+    assert line.startswith("error: [pretrain] no space left on device while writing")
+    assert f"last intact checkpoint is {run / 'pretrain' / first}" in line
+    # The next start (disk freed) removes the orphaned folder and resumes.
+    monkeypatch.setattr(RunCheckpoints, "save", original)
+    code, out, _ = _train(capsys, "--stage", "pretrain", "--run_dir", str(run),
+                          "--max_epoch", "0.3")
+    assert code == 0 and "resuming from" in out
+    assert not [n for n in os.listdir(run / "pretrain") if n.startswith(".tmp-")]
+
+
+def test_a_stage_held_by_a_live_process_is_refused(tmp_path, capsys):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stage = tmp_path / "pretrain"
+        stage.mkdir()
+        (stage / LOCK_FILE).write_text(json.dumps({"pid": sleeper.pid,
+                                                   "host": socket.gethostname()}))
+        code, _, err = _train(capsys, "--stage", "pretrain", "--run_dir", str(tmp_path))
+        assert code == 2
+        assert f"is in use by process {sleeper.pid}" in _one_error(err)
+        assert os.listdir(stage) == [LOCK_FILE]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_single_stage_without_a_teacher_names_teacher_ckpt(tmp_path, capsys):
+    code, _, err = _train(capsys, "--stage", "qat8", "--run_dir", str(tmp_path / "new"))
+    assert code == 2
+    assert "--teacher_ckpt" in _one_error(err)
+    assert not (tmp_path / "new" / "qat8").exists()
+
+
+def test_the_documented_single_stage_command_takes_the_teacher_from_ckpt_path(
+        digits_run, tmp_path, capsys):
+    new = tmp_path / "new"
+    code, out, err = _train(capsys, "--stage", "adjustable", "--bits_trainable", "--iter_train",
+                            "--ckpt_path", str(digits_run / "qat8"), "--run_dir", str(new),
+                            "--max_epoch", "0.1")
+    assert code == 0, err
+    assert f"distilling from {digits_run / 'pretrain'}" in err
+    assert "[adjustable] done" in out and (new / "adjustable" / "result.json").exists()
