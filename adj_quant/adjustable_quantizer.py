@@ -17,9 +17,17 @@ it: elements above the range send their gradient to the upper bound ``2^b - 1`` 
 it to the bits (``bits_grad="original"``, the default). ``bits_grad="scale_only"`` gives the
 bound no gradient (the estimator as the original's ``ClipByValue`` override was written,
 which never fired); the bits then learn only through the scale ``s``.
+
+The quantizer is total on finite inputs: its output is finite whenever ``x``, the range and
+the bits are. Where the formula above would overflow float32 (ranges near +-3e38, a near-zero
+width beyond ~1e27) its terms are bounded; elsewhere the bounds are inactive and the result
+is bit for bit the formula's (see :func:`fake_quantize`). A negative width counts as zero.
+The computation runs in float32 for every floating dtype; the result is cast back.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import numpy as np
 import tensorflow as tf
@@ -28,6 +36,12 @@ from adj_quant.bits import MAX_BITS, MIN_BITS, is_bit_width  # noqa: F401  (re-e
 from adj_quant.errors import UserError
 
 EPSILON = 1e-7
+#: Largest finite float32, and the smallest normal one (smaller ones may be flushed to 0).
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+#: Bound on the zero point ``|round(L s)|``: ``s`` is lowered to ``_MAX_CODE / |L|`` where
+#: ``|L| s`` would exceed it (a near-zero width at a magnitude above ~1e27).
+_MAX_CODE = 2.0 ** 124
 #: ``--bits_grad``: does the upper clip bound ``2^b - 1`` pass gradient to the bits?
 BITS_GRAD_MODES = ("original", "scale_only")
 
@@ -64,6 +78,48 @@ def check_bits_grad(mode: str) -> str:
     return mode
 
 
+def check_axis(axis, rank: int, who: str) -> int:
+    """``axis`` of a rank-``rank`` tensor as an index in ``[0, rank)``; else a UserError."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise UserError(f"{who}: axis {axis!r} is not an integer; use one from {-rank} to "
+                        f"{rank - 1} (x has rank {rank})")
+    if not -rank <= axis < rank:
+        raise UserError(f"{who}: axis {axis} is out of range for x of rank {rank}; use an axis "
+                        f"from {-rank} to {rank - 1}")
+    return int(axis) % rank
+
+
+def _float_input(x, who: str) -> tf.Tensor:
+    """``x`` as a tensor of its own floating dtype; Python numbers and lists become float32.
+    Integer, bool, string (...) tensors and arrays are refused."""
+    if isinstance(x, (tf.Tensor, tf.Variable, np.ndarray, np.generic)):
+        try:
+            dtype = tf.as_dtype(x.dtype).base_dtype
+        except TypeError:
+            dtype = None
+        if dtype is None or not dtype.is_floating:
+            name = dtype.name if dtype is not None else str(x.dtype)
+            raise UserError(f"{who}: x has dtype {name}; the quantizer takes floating-point "
+                            "values (bfloat16, float16, float32, float64): cast x first")
+        return tf.convert_to_tensor(x, dtype)
+    try:
+        return tf.convert_to_tensor(x, tf.float32)
+    except (TypeError, ValueError):
+        raise UserError(f"{who}: x is not a tensor, an array or a list of numbers") from None
+
+
+def _numeric_input(v, who: str, name: str) -> tf.Tensor:
+    """A range or bits argument as a float32 tensor (a tensor of any real dtype is cast)."""
+    if isinstance(v, (tf.Tensor, tf.Variable)):
+        if not (v.dtype.is_floating or v.dtype.is_integer):
+            raise UserError(f"{who}: {name} has dtype {v.dtype.name}; pass real numbers")
+        return tf.cast(v, tf.float32)
+    try:
+        return tf.convert_to_tensor(v, tf.float32)
+    except (TypeError, ValueError):
+        raise UserError(f"{who}: {name} {v!r} is not a number or a list of numbers") from None
+
+
 # --------------------------------------------------------------------------- estimators
 
 
@@ -91,10 +147,23 @@ def _sum_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
     return tf.reduce_sum(t, axes, keepdims=True) if axes else t
 
 
+def _max_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """``t`` reduced by max over the axes along which ``like`` broadcasts (cf. ``_sum_to``)."""
+    if t.shape.rank == 0:
+        return t
+    if like.shape.rank != t.shape.rank:
+        return tf.reduce_max(t)
+    axes = [i for i, d in enumerate(like.shape) if d == 1 and t.shape[i] != 1]
+    return tf.reduce_max(t, axes, keepdims=True) if axes else t
+
+
 def _forward_math(x, scale, zero, levels):
     r = tf.round(x * scale)
     c = tf.minimum(tf.maximum(r, zero), zero + levels)
-    return c / scale, tf.equal(r, c)
+    # The clamp only acts where a grid point lies beyond the float32 range (a range
+    # reaching within half a step of +-3.4e38); it keeps those outputs finite.
+    out = tf.minimum(tf.maximum(c / scale, -_F32_MAX), _F32_MAX)
+    return out, tf.equal(r, c)
 
 
 def _backward_math(g, x, out, inside, scale, zero, levels):
@@ -166,20 +235,80 @@ def fake_quantize(x: tf.Tensor, low: tf.Tensor, width: tf.Tensor, bits: tf.Tenso
     ``low``, ``width`` and ``bits`` are scalars or vectors along ``axis``; this is the
     forward pass of the method with its straight-through gradients. ``bits_grad`` picks the
     estimator of the upper clip bound (:data:`BITS_GRAD_MODES`).
+
+    Total on finite inputs (the output is finite), by bounds that are inactive, so leave
+    values and gradients bit for bit unchanged, except where the formula would overflow:
+
+    * a negative ``width`` counts as zero (and passes no gradient); a width beyond float32
+      (``inf``, e.g. an overflowed ``max - min``) counts as the float32 maximum, so the grid
+      then covers ``[low, low + 3.4e38]``;
+    * ``low`` is clipped to the float32 range;
+    * the scale ``s`` is kept at or above the smallest normal float32 (otherwise flushed to
+      zero: 2 bits on a width above ~2.5e38) and at or below ``2**124 / |low|`` (a near-zero
+      width at a magnitude above ~1e27), so that the zero point ``round(low s)`` stays
+      finite; no gradient flows through these bounds;
+    * outputs beyond float32 (a grid point within half a step of +-3.4e38) are clamped to it.
+
+    ``x`` may have any floating dtype; the quantizer computes in float32 and casts the
+    result back, so a bfloat16/float16/float64 result equals the float32 one cast.
     """
     core = _CORE[check_bits_grad(bits_grad)]
+    x = _float_input(x, "fake_quantize")
+    dtype = x.dtype
     rank = len(x.shape)
-    axis = axis % rank if rank else 0
+    axis = check_axis(axis, rank, "fake_quantize") if rank else 0
+    if dtype != tf.float32:
+        x = tf.cast(x, tf.float32)
 
     def per_channel(v):
-        v = tf.cast(v, x.dtype)
+        v = tf.cast(v, tf.float32)
         return tf.reshape(v, _channel_shape(rank, axis)) if v.shape.rank == 1 else v
 
     low, width, bits = per_channel(low), per_channel(width), per_channel(bits)
-    levels = tf.pow(tf.constant(2.0, x.dtype), bits) - 1.0
+    low = tf.clip_by_value(low, -_F32_MAX, _F32_MAX)
+    width = tf.clip_by_value(width, 0.0, _F32_MAX)
+    levels = tf.pow(tf.constant(2.0, tf.float32), bits) - 1.0
     scale = levels / (width + EPSILON)
+    scale = tf.minimum(tf.maximum(scale, _F32_TINY),
+                       tf.stop_gradient(_MAX_CODE / _max_to(tf.abs(low), scale)))
     zero = round_ste(low * scale)
-    return core(x, scale, zero, levels)
+    out = core(x, scale, zero, levels)
+    return out if dtype == tf.float32 else tf.cast(out, dtype)
+
+
+def _check_range(minimum, maximum, axis) -> None:
+    """Refuse ``minimum > maximum`` or a NaN bound (values known when tracing or eager)."""
+    lo, hi = tf.get_static_value(minimum), tf.get_static_value(maximum)
+    if lo is None or hi is None:
+        return
+    lo, hi = np.broadcast_arrays(np.atleast_1d(lo), np.atleast_1d(hi))
+    bad = np.flatnonzero(~(lo <= hi))
+    if not bad.size:
+        return
+    c = int(bad[0])
+    where = f" for channel {c} of axis {axis}" if lo.size > 1 else ""
+    more = f" (and {bad.size - 1} more channels)" if bad.size > 1 else ""
+    if np.isnan(lo[c]) or np.isnan(hi[c]):
+        raise UserError(f"quantize: the range [{lo[c]!s}, {hi[c]!s}]{where} is NaN{more}; pass "
+                        "numbers")
+    raise UserError(f"quantize: minimum {lo[c]!s} > maximum {hi[c]!s}{where}{more}; pass "
+                    "minimum <= maximum (swapped arguments?)")
+
+
+def _check_bits_tensor(bits: tf.Tensor) -> tf.Tensor:
+    """Bits known when tracing (or eager) are checked now; others get a runtime assertion."""
+    known = tf.get_static_value(bits)
+    if known is not None:
+        if (np.any(known < MIN_BITS) or np.any(known > MAX_BITS)
+                or np.any(known != np.round(known))):
+            raise UserError(f"quantize: bits {np.unique(known).tolist()} must be integers in "
+                            f"[{MIN_BITS}, {MAX_BITS}]")
+        return bits
+    ok = tf.reduce_all((bits >= MIN_BITS) & (bits <= MAX_BITS) & (tf.round(bits) == bits))
+    check = tf.debugging.Assert(
+        ok, [f"quantize: bits must be integers in [{MIN_BITS}, {MAX_BITS}], got", bits])
+    with tf.control_dependencies([check]):
+        return tf.identity(bits)
 
 
 def quantize(x, minimum, maximum, bits, axis: int = -1, bits_grad: str = "original") -> tf.Tensor:
@@ -187,23 +316,29 @@ def quantize(x, minimum, maximum, bits, axis: int = -1, bits_grad: str = "origin
 
     Returns the dequantized tensor. Equals
     ``tf.quantization.fake_quant_with_min_max_vars_per_channel`` up to rounding ties.
+
+    ``x`` keeps its floating dtype (bfloat16, float16, float32, float64; computed in float32,
+    see :func:`fake_quantize`); Python numbers and lists give float32; other dtypes are a
+    :class:`UserError`. Ranges and bits whose values are known (eagerly, or constants when
+    tracing) are checked: ``minimum > maximum`` or non-integer bits are a UserError. Bits
+    only known when a ``tf.function`` runs are checked then by a ``tf.debugging.Assert``
+    (an ``InvalidArgumentError``; XLA-compiled functions skip it); a range only known then
+    with ``minimum > maximum`` is quantized as a zero-width range at ``minimum``.
     """
-    x = tf.convert_to_tensor(x, tf.float32)
-    minimum = tf.convert_to_tensor(minimum, tf.float32)
-    maximum = tf.convert_to_tensor(maximum, tf.float32)
-    bits = tf.convert_to_tensor(bits, tf.float32)
+    x = _float_input(x, "quantize")
     if x.shape.rank == 0:
         raise UserError("quantize: x must have at least one dimension")
+    check_axis(axis, x.shape.rank, "quantize")
+    minimum = _numeric_input(minimum, "quantize", "minimum")
+    maximum = _numeric_input(maximum, "quantize", "maximum")
+    bits = _numeric_input(bits, "quantize", "bits")
     channels = x.shape[axis]
     for name, v in (("minimum", minimum), ("maximum", maximum), ("bits", bits)):
         if v.shape.rank > 1 or (v.shape.rank == 1 and v.shape[0] not in (1, channels)):
             raise UserError(f"quantize: {name} has shape {v.shape.as_list()}, expected a scalar "
                             f"or [{channels}] (the size of axis {axis} of x)")
-    bits_np = bits.numpy() if tf.executing_eagerly() else None
-    if bits_np is not None and (np.any(bits_np < MIN_BITS) or np.any(bits_np > MAX_BITS)
-                                or np.any(bits_np != np.round(bits_np))):
-        raise UserError(f"quantize: bits {np.unique(bits_np).tolist()} must be integers in "
-                        f"[{MIN_BITS}, {MAX_BITS}]")
+    bits = _check_bits_tensor(bits)
+    _check_range(minimum, maximum, axis)
     return fake_quantize(x, minimum, maximum - minimum, bits, axis, bits_grad)
 
 
@@ -262,16 +397,26 @@ class AdjustableQuantizer(tf.Module):
         """``(L, W)``: the adjusted per-channel minimum and width (of ``x``'s live range
         with ``live_range``; pass the tensor being quantized)."""
         minimum, maximum = self.base_range(x)
-        width = maximum - minimum
+        # Capped so that an overflowed width (calibrated at +-3e38) times a zero shift
+        # stays finite; no effect on any width float32 can hold.
+        width = tf.minimum(maximum - minimum, _F32_MAX)
         scale = clip_ste(self.range_scale, self.alpha_lo, self.alpha_hi)
         shift = clip_ste(self.range_shift, self.beta_lo, self.beta_hi)
         return minimum + width * shift, width * scale
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        """Quantize ``x`` (any floating dtype: computed in float32, returned in ``x``'s)."""
+        x = _float_input(x, f"quantizer {self.scope}")
+        if len(x.shape) or self.channels != 1:
+            check_axis(self.axis, len(x.shape), f"quantizer {self.scope}")
+        dtype = x.dtype
+        x = tf.cast(x, tf.float32)
         low, width = self.adjusted_range(x)
         if self.channels == 1:
-            return fake_quantize(x, low[0], width[0], self.bits()[0], self.axis, self.bits_grad)
-        return fake_quantize(x, low, width, self.bits(), self.axis, self.bits_grad)
+            out = fake_quantize(x, low[0], width[0], self.bits()[0], self.axis, self.bits_grad)
+        else:
+            out = fake_quantize(x, low, width, self.bits(), self.axis, self.bits_grad)
+        return out if dtype == tf.float32 else tf.cast(out, dtype)
 
     def set_range(self, minimum, maximum) -> None:
         """Set the calibrated per-channel range ``[minimum, maximum]``."""

@@ -17,6 +17,10 @@ class UserError(ValueError):
     """Bad input: the message names the value and the fix. A ``ValueError``, so library
     users can catch it as one."""
 
+    # Exception's own constructor: AutoGraph then re-raises a UserError raised while tracing
+    # a tf.function as a UserError (it rebuilds only such exception types).
+    __init__ = Exception.__init__
+
 
 def cli_main(main):
     """Decorate a CLI ``main``: turn :class:`UserError` into one line and exit code 2."""

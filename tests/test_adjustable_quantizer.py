@@ -257,3 +257,149 @@ def test_live_range_follows_the_tensor_with_gradient():
     g_live, g_frozen = tape.gradient(loss, b).numpy(), tape2.gradient(loss2, b).numpy()
     assert g_live[0] != g_frozen[0] and g_live[3] != g_frozen[3]   # the min and max elements
     np.testing.assert_allclose(g_live[1:3], g_frozen[1:3], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the whole domain
+# (issue 13, item 5; tests/test_quantizer_properties.py fuzzes the same properties)
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _eager_and_traced(fn, *args):
+    """``fn(*args)`` eagerly and inside tf.function (fused XLA kernels), as numpy."""
+    return fn(*args).numpy(), tf.function(fn)(*args).numpy()
+
+
+@pytest.mark.parametrize("lo, hi, bits", [
+    (2e29, 2e29, 8),              # zero width at 2e29: round(L s) overflowed (NaN)
+    (-1.1342745e31, -1.1342745e31, 2),
+    (-3e38, 3e38, 8),             # max - min overflows float32
+    (-3e38, 3e38, 2),             # ... and the scale would be subnormal
+    (3e38, F32_MAX, 8),           # top grid point beyond float32
+    (-F32_MAX, -3.4e38, 3),
+])
+def test_overflowing_ranges_give_finite_outputs(lo, hi, bits):
+    x = tf.constant([[1e29, -1e30, 0.5], [2e29, 1e30, 3e38], [0.0, -3e38, F32_MAX]], tf.float32)
+    lo32, hi32 = np.float64(np.float32(lo)), np.float64(np.float32(hi))
+    step = (hi32 - lo32 + 1e-7) / (2**bits - 1) + 2 * np.spacing(np.float32(min(max(-lo, hi), 3e38)))
+    for out in _eager_and_traced(lambda x: q.quantize(x, lo, hi, bits), x):
+        assert np.isfinite(out).all()
+        assert (out >= lo32 - step).all() and (out <= hi32 + 1e-7 + step).all()
+        assert len(np.unique(out)) <= 2**bits
+    with tf.GradientTape() as tape:  # the gradient wrt x stays the 0/1 "inside" mask
+        tape.watch(x)
+        out = q.quantize(x, lo, hi, bits)
+    np.testing.assert_array_equal(np.isin(tape.gradient(out, x).numpy(), [0.0, 1.0]), True)
+    if lo == hi:
+        np.testing.assert_allclose(out.numpy(), lo, rtol=1e-6)
+
+
+def test_overflowing_calibrated_range_in_the_module_is_finite():
+    quant = q.AdjustableQuantizer("t", 2, init_bits=4, bits_trainable=True)
+    quant.set_range([-3e38, 2e29], [3e38, 2e29])  # width inf (times shift 0: NaN) and 0 at 2e29
+    x = tf.constant([[1e30, -1e30], [0.0, 2e29], [-3e38, 3e38]], tf.float32)
+    for out in _eager_and_traced(quant, x):
+        assert np.isfinite(out).all()
+        np.testing.assert_allclose(out[:, 1], 2e29, rtol=1e-6)
+
+
+def test_minimum_above_maximum_is_a_user_error():
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(UserError, match=r"minimum 1.0 > maximum 0.9999999; pass minimum <= max"):
+        q.quantize(x, 1.0, 1.0 - 1e-7, 8)
+    with pytest.raises(UserError, match=r"minimum 2.0 > maximum 1.0 for channel 1 of axis -1"):
+        q.quantize(x, [0.0, 2.0, 0.0], [1.0, 1.0, 1.0], 8)
+    # Constants are checked when tracing. (With autograph on, TF re-raises a UserError from
+    # traced code as a StagingError carrying the message.)
+    traced = tf.function(lambda: q.quantize(x, [1.0, 0.0], 0.0, 4, 0), autograph=False)
+    with pytest.raises(UserError, match="minimum 1.0 > maximum 0.0 for channel 0 of axis 0"):
+        traced()
+    with pytest.raises(UserError, match=r"range \[nan, 1.0\] is NaN"):
+        q.quantize(x, float("nan"), 1.0, 8)
+
+
+@pytest.mark.parametrize("width", [-1e-7, -1.0, -1e30])
+def test_negative_width_when_traced_or_in_the_module_is_a_zero_width(width):
+    """Inside traced code the range is not known until run time: a negative width (width
+    -1e-7 made the scale infinite: all NaN) quantizes as a zero-width range."""
+    x = tf.constant(np.linspace(-2, 2, 12).reshape(4, 3), tf.float32)
+    low = tf.constant([0.3, -0.2, 1.0])
+    zero_width = q.fake_quantize(x, low, tf.zeros(3), 4.0).numpy()
+    assert np.isfinite(zero_width).all()
+    for out in _eager_and_traced(lambda x: q.fake_quantize(x, low, tf.fill([3], width), 4.0), x):
+        np.testing.assert_array_equal(out, zero_width)
+    traced = tf.function(lambda x, lo, hi: q.quantize(x, lo, hi, 4))
+    np.testing.assert_array_equal(traced(x, low, low + width).numpy(), zero_width)
+    quant = q.AdjustableQuantizer("t", 3, init_bits=4, range_preset_id=7)  # range_scale < 0 allowed
+    quant.set_range([0.3, -0.2, 1.0], [1.3, 0.8, 2.0])
+    quant.range_scale.assign([width] * 3)
+    np.testing.assert_array_equal(quant(x).numpy(), zero_width)
+
+
+def test_low_precision_and_float64_inputs_compute_in_float32():
+    """bfloat16 computed in bfloat16 gave 3 values spanning [100.5, 101.5] for [100, 101]."""
+    x32 = tf.constant(np.linspace(99.0, 102.0, 40), tf.float32)
+    for dtype in (tf.bfloat16, tf.float16, tf.float64):
+        x = tf.cast(x32, dtype)
+        expected = tf.cast(q.quantize(tf.cast(x, tf.float32), 100.0, 101.0, 4), dtype).numpy()
+        out = q.quantize(x, 100.0, 101.0, 4)
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(out.numpy(), expected)
+        fq = q.fake_quantize(x, tf.constant(100.0), tf.constant(1.0), tf.constant(4.0))
+        np.testing.assert_array_equal(fq.numpy(), expected)
+        quant = q.AdjustableQuantizer("t", 1, init_bits=4)
+        quant.set_range([100.0], [101.0])
+        np.testing.assert_array_equal(quant(x).numpy(), expected)
+        values = np.unique(out.numpy().astype(np.float64))
+        assert values.min() >= 100.0 - 1e-4 and values.max() <= 101.0 + 1e-4
+    assert set(np.unique(q.quantize(tf.cast(x32, tf.bfloat16), 100.0, 101.0, 4).numpy()
+                         .astype(np.float32))) == {100.0, 100.5, 101.0}
+
+
+@pytest.mark.parametrize("x, dtype", [(tf.constant([1, 2]), "int32"),
+                                      (np.array([True, False]), "bool"),
+                                      (tf.constant(["a", "b"]), "string"),
+                                      (np.arange(3), "int64")])
+def test_non_float_inputs_are_a_one_line_user_error(x, dtype):
+    with pytest.raises(UserError, match=f"x has dtype {dtype}; .*cast x first") as err:
+        q.quantize(x, 0.0, 1.0, 8)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match=f"x has dtype {dtype}"):
+        q.fake_quantize(x, 0.0, 1.0, 8.0)
+
+
+def test_non_integer_bits_are_refused_inside_tf_function():
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(UserError, match=r"bits \[3.5\] must be integers"):  # checked when tracing
+        tf.function(lambda: q.quantize(x, 0.0, 1.0, 3.5), autograph=False)()
+    with pytest.raises(Exception, match=r"bits \[3.5\] must be integers"):  # autograph: StagingError
+        tf.function(lambda: q.quantize(x, 0.0, 1.0, 3.5))()
+    traced = tf.function(lambda b: q.quantize(x, 0.0, 1.0, b))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bits must be integers"):
+        traced(tf.constant(3.5))  # only known at run time: a runtime assertion
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bits must be integers"):
+        traced(tf.constant(9.0))
+    np.testing.assert_array_equal(traced(tf.constant(3.0)).numpy(), q.quantize(x, 0.0, 1.0, 3))
+
+
+@pytest.mark.parametrize("bits", [3.5, np.float32(3.5), float("nan"), float("inf"), True, "4"])
+def test_init_bits_must_be_an_integer_bit_width(bits):
+    with pytest.raises(UserError, match="is not a bit-width"):
+        q.AdjustableQuantizer("t", 1, init_bits=bits)
+
+
+def test_integer_valued_float_bits_are_accepted():
+    assert q.AdjustableQuantizer("t", 1, init_bits=4.0).init_bits == 4
+    assert q.is_bit_width(4.0) and not q.is_bit_width(3.5) and not q.is_bit_width(float("nan"))
+
+
+def test_axis_out_of_range_is_a_user_error():
+    x = np.zeros((2, 3), np.float32)
+    for axis in (2, -3):
+        with pytest.raises(UserError, match=f"axis {axis} is out of range for x of rank 2"):
+            q.quantize(x, 0.0, 1.0, 8, axis=axis)
+    with pytest.raises(UserError, match="axis 5 is out of range for x of rank 2"):
+        q.fake_quantize(tf.constant(x), tf.zeros([3]), tf.ones([3]), 8.0, axis=5)  # wrapped to 1
+    quant = q.AdjustableQuantizer("t", 3, axis=3)
+    with pytest.raises(UserError, match="quantizer t: axis 3 is out of range for x of rank 2"):
+        quant(tf.constant(x))
