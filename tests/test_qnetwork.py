@@ -99,12 +99,19 @@ def test_calibration_records_per_channel_min_max(float_and_images):
     assert "Conv/input" not in qmodel.quantizers()  # the stem's input is the 8-bit image
 
 
-def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
+def _calibrated_thresholds(float_and_images, path):
+    """A calibrated quantized model and its thresholds file at ``path``."""
     model, images = float_and_images
     qmodel = QuantizedNetwork.from_float(model, QuantConfig())
     qmodel.calibrate_activations([images], progress=False)
-    path = tmp_path / "initial_thresholds.json"
     qmodel.save_thresholds(str(path))
+    return qmodel
+
+
+def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
+    model, _ = float_and_images
+    path = tmp_path / "initial_thresholds.json"
+    qmodel = _calibrated_thresholds(float_and_images, path)
     other = QuantizedNetwork(model.arch, QuantConfig())
     other.load_thresholds(str(path))
     for name, quant in other.quantizers().items():
@@ -129,11 +136,8 @@ def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
 
 
 def test_thresholds_with_strings_or_min_above_max_are_refused(tmp_path, float_and_images):
-    model, images = float_and_images
-    qmodel = QuantizedNetwork.from_float(model, QuantConfig())
-    qmodel.calibrate_activations([images], progress=False)
     path = tmp_path / "initial_thresholds.json"
-    qmodel.save_thresholds(str(path))
+    qmodel = _calibrated_thresholds(float_and_images, path)
     good = json.loads(path.read_text())
     strings = json.loads(path.read_text())
     strings["Conv/weights"]["max"][3] = "big"
