@@ -44,8 +44,10 @@ def test_negative_values_parse_with_a_space_and_are_refused(flag, capsys, tmp_pa
 
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "1e39"], "beyond float32's range"),
+    (["--alpha", "1e39"], "--alpha 1e+39 is beyond float32's range"),
+    (["--metric", "-1e39"], "--metric -1e+39 is beyond float32's range"),
     (["--gamma", "1.5"], "--gamma 1.5"),
-    (["--max_epoch", "1e300"], "--max_epoch 1e+300 epochs"),
+    (["--max_epoch", "1e30"], "--max_epoch 1e+30 epochs"),
     (["--width_multiplier", "1e30"], "--width_multiplier 1e+30"),
     (["--img_size", "100000"], "--img_size 100000"),
     (["--max_loss", "0"], "--max_loss 0.0 must be positive"),

@@ -330,14 +330,13 @@ def validate(o: Options) -> None:
         value = getattr(o, name)
         if _type_of(field) is float and value is not None and not math.isfinite(value):
             raise UserError(f"--{name} {value} is not a finite number; pass a finite value")
+        if _type_of(field) is float and value is not None and abs(value) > FLOAT32_MAX:
+            raise UserError(f"--{name} {value} is beyond float32's range (the training runs in "
+                            "float32); pass a smaller value")
     for name in NON_NEGATIVE:
         value = getattr(o, name)
         if value is not None and value < 0:
             raise UserError(f"--{name} {value} must not be negative")
-    for name in ("lr", "lr_bits"):
-        if getattr(o, name) > FLOAT32_MAX:
-            raise UserError(f"--{name} {getattr(o, name)} is beyond float32's range; pass a "
-                            "learning rate such as 1e-3")
     if not 0.0 <= o.gamma <= 1.0:
         raise UserError(f"--gamma {o.gamma} is a share of the metric gradient; pass a value "
                         "in [0, 1]")
