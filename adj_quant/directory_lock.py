@@ -73,7 +73,11 @@ class DirectoryLock:
         return tmp
 
     def acquire(self) -> "DirectoryLock":
-        os.makedirs(self.directory, exist_ok=True)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except (FileExistsError, NotADirectoryError, PermissionError) as err:
+            raise UserError(f"{self.what} {self.directory} cannot be created ({err.strerror}: "
+                            f"{err.filename}); pass a --run_dir in a writable folder") from None
         tmp = self._write_temp()
         try:
             for _ in range(3):

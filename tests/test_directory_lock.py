@@ -69,3 +69,9 @@ def test_a_reused_pid_is_stale_and_another_host_is_never_taken_over(tmp_path):
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere-host"}))
     with pytest.raises(UserError, match=r"elsewhere-host.*delete .*lock if that process is gone"):
         DirectoryLock(str(tmp_path)).acquire()
+
+
+def test_a_directory_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match=r"cannot be created \(Not a directory"):
+        DirectoryLock(str(tmp_path / "notes.txt" / "run" / "pretrain")).acquire()

@@ -168,13 +168,14 @@ def test_kill_and_resume_continues_exactly(tmp_path):
     (["--eval_crop", "1.5"], "--eval_crop 1.5"),
     (["--dropout", "1"], "--dropout 1.0 must be in [0, 1)"),
 ])
-def test_bad_input_one_line_and_outputs_untouched(run_dir, extra, message):
+def test_bad_input_one_line_and_outputs_untouched(run_dir, extra, message, capsys):
     before = _tree_digest(str(run_dir))
-    proc = _run(["train.py", "--stage", "adjustable", "--run_dir", str(run_dir), *TINY, *extra])
-    assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--stage", "adjustable", "--run_dir", str(run_dir), *TINY, *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert _tree_digest(str(run_dir)) == before
 
 

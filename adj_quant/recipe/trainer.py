@@ -172,9 +172,10 @@ class Trainer:
             f"[{self.stage}] {what}; training stopped. The last good checkpoint is "
             f"{self._last_good()}; lower --lr / --lr_bits and rerun")
 
-    def _save(self, name: str, info: dict) -> None:
-        """Write a checkpoint, but only of a finite model; a full disk ends in one line."""
-        if not all_finite(self.model.variables):
+    def _save(self, name: str, info: dict, checked: bool = False) -> None:
+        """Write a checkpoint, but only of a finite model (``checked``: the caller has just
+        checked); a full disk ends in one line."""
+        if not checked and not all_finite(self.model.variables):
             raise self._diverged("the weights became NaN or Inf")
         try:
             self.ckpts.save(self.checkpoint, name, info, best_key=self.best_key)
@@ -210,7 +211,7 @@ class Trainer:
             info = dict(last, mini_epoch=i + 1, mean_loss=mean_loss)
             if self.ckpts.state.get("reference_loss") is None and mean_loss is not None:
                 self.ckpts.state["reference_loss"] = mean_loss
-            self._save(name, info)
+            self._save(name, info, checked=True)
             self._check_collapse(last["top1"])
             self._summaries(last, i + 1)
             print(f"[{self.stage}] mini-epoch {i + 1}/{total}: top-1 {100 * last['top1']:.2f}%  "
