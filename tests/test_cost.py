@@ -472,6 +472,9 @@ def test_cli_quant_info_in_process(tmp_path, capsys, monkeypatch):
     (["--quant_info", "qi.json", "--weight_bits", "4"], "--quant_info and --weight_bits"),
     (["--quant_info", "missing_qi.json"], "missing_qi.json: no such file"),
     (["--img_size", "0"], "--img_size 0"),
+    (["--img_size", "99999"], "--img_size 99999"),
+    (["--width_multiplier", "inf"], "--width_multiplier inf"),
+    (["--depth_multiplier", "nan"], "--depth_multiplier nan"),
     (["--num_classes", "-3"], "--num_classes -3"),
     (["--json", "--per_layer"], "--json and --per_layer"),
 ])

@@ -65,15 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
-    if args.img_size <= 0:
-        raise UserError(f"--img_size {args.img_size}: give a positive image size, e.g. 224")
+    from adj_quant.recipe.config import MAX_IMG_SIZE, MAX_MULTIPLIER
+
+    if not 0 < args.img_size <= MAX_IMG_SIZE:
+        raise UserError(f"--img_size {args.img_size}: give an image size from 1 to "
+                        f"{MAX_IMG_SIZE}, e.g. 224")
     if args.num_classes <= 0:
         raise UserError(f"--num_classes {args.num_classes}: give a positive number of classes, "
                         f"e.g. 1000")
     for flag in ("width_multiplier", "depth_multiplier"):
         value = getattr(args, flag)
-        if not value > 0:
-            raise UserError(f"--{flag} {value}: give a positive multiplier, e.g. 1.0")
+        if not 0 < value <= MAX_MULTIPLIER:  # also refuses nan and inf
+            raise UserError(f"--{flag} {value}: give a positive multiplier up to "
+                            f"{MAX_MULTIPLIER:g}, e.g. 1.0")
     if args.json and args.per_layer:
         raise UserError("--json and --per_layer both given: --json prints only the totals; "
                         "drop one of them")
