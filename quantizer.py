@@ -7,10 +7,9 @@ checkpoint. ALGORITHM 1 = bin, 2 = fixed-point. This runs
 ``adjq-quantize-checkpoint CHECKPOINT --algorithm ... --bits BITS``.
 """
 
-import argparse
 import sys
 
-from adj_quant.errors import UserError, cli_main
+from adj_quant.errors import OneLineParser, UserError, cli_main
 from adj_quant.seed_quantizers import cli as quantize_checkpoint
 
 OLD_ALGORITHMS = {"1": "bin", "2": "fixed-point"}
@@ -18,7 +17,7 @@ OLD_ALGORITHMS = {"1": "bin", "2": "fixed-point"}
 
 @cli_main
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python quantizer.py",
         description="Old form of adjq-quantize-checkpoint (see docs/checkpoint_quantization.md).",
     )

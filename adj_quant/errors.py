@@ -8,6 +8,7 @@ Set ``ADJQ_TRACEBACK=1`` to see the full traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import sys
@@ -20,6 +21,14 @@ class UserError(ValueError):
     # Exception's own constructor: AutoGraph then re-raises a UserError raised while tracing
     # a tf.function as a UserError (it rebuilds only such exception types).
     __init__ = Exception.__init__
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors (a missing argument, a bad choice) are one
+    :class:`UserError` line instead of the usage block and a second line."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 def cli_main(main):

@@ -578,3 +578,15 @@ def test_old_quantizer_form(tmp_path, capsys):
             quantizer.main(argv)
         assert exc.value.code == 2
         assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [[], ["--algorithm", "bin"], ["ckpt", "--algorithm", "int3"]])
+def test_missing_or_bad_arguments_are_one_line(argv, capsys):
+    from adj_quant.seed_quantizers import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "usage:" not in err
+    assert "adjq-quantize-checkpoint --help" in err

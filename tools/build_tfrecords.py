@@ -25,10 +25,10 @@ import sys
 from dataclasses import dataclass
 
 try:
-    from adj_quant.errors import UserError, cli_main
+    from adj_quant.errors import OneLineParser, UserError, cli_main
 except ImportError:  # run as a script from a checkout: python tools/build_tfrecords.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from adj_quant.errors import UserError, cli_main
+    from adj_quant.errors import OneLineParser, UserError, cli_main
 from adj_quant.files import write_atomic
 
 import numpy as np
@@ -318,7 +318,8 @@ def class_level(k: int, num_classes: int) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        prog="tools/build_tfrecords.py",
         description="Build slim-format TFRecord shards (train-*-of-* / validation-*-of-*) and labels.txt "
                     "from a folder with one sub-folder of JPEG/PNG images per class.")
     parser.add_argument("--input_dir", required=True,

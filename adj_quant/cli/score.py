@@ -17,18 +17,13 @@ import os
 import sys
 
 from adj_quant.bits import is_bit_width
-from adj_quant.errors import UserError, cli_main
+from adj_quant.errors import OneLineParser, UserError, cli_main
 
 _DEFAULT_BITS = 8
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (through cli_main)
-        raise UserError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="adjq-score", description=__doc__,
+    p = OneLineParser(prog="adjq-score", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--img_size", type=int, default=224,
                    help="input image side in pixels (default 224)")

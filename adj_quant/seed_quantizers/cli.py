@@ -21,11 +21,11 @@ import sys
 from collections import Counter
 
 from adj_quant.seed_quantizers.checkpoint_quantizer import ALGORITHMS, UINT8_MIN_SIZE  # numpy only; TensorFlow is imported lazily
-from adj_quant.errors import UserError, cli_main
+from adj_quant.errors import OneLineParser, UserError, cli_main
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="adjq-quantize-checkpoint",
         description=(
             "Quantize every trainable float variable of a checkpoint (TF2 object or TF1/slim "
