@@ -264,6 +264,9 @@ def load_quant_info(path, arch: Network) -> BitAssignment:
     except OSError as err:
         raise UserError(f"{path}: cannot read it ({err.strerror}) — pass a readable "
                         f"quant_info.json") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file — pass the quant_info.json written by "
+                        "training") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

@@ -408,6 +408,10 @@ def test_load_quant_info_file_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="bad.json: not valid JSON"):
         QI.load_quant_info(bad, B0)
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="model.bin: not a text file"):
+        QI.load_quant_info(binary, B0)
 
 
 # --------------------------------------------------------------------------- CLI
