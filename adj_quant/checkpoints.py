@@ -85,7 +85,14 @@ def load_spec(ckpt_path: str) -> ModelSpec | None:
     path = os.path.join(os.path.dirname(ckpt_path), SPEC_FILE)
     if not os.path.exists(path):
         return None
-    return ModelSpec.from_json(read_json(path), path)
+    try:
+        data = read_json(path)
+        if not isinstance(data, dict) or "kind" not in data:
+            raise ValueError("not a model spec")
+        return ModelSpec.from_json(data, path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path} is unreadable ({err}); it says which model the checkpoints "
+                        "beside it hold: restore it from the run that wrote them") from None
 
 
 # --------------------------------------------------------------------------- run checkpoints

@@ -141,3 +141,14 @@ def test_an_unreadable_state_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match="checkpoints.json is unreadable"):
         RunCheckpoints(str(stage))
     shutil.rmtree(stage)
+
+
+def test_an_unreadable_model_spec_is_one_line(tmp_path):
+    from adj_quant.checkpoints import load_spec
+
+    (tmp_path / "model_spec.json").write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="model_spec.json is unreadable"):
+        load_spec(str(tmp_path / "ckpt"))
+    (tmp_path / "model_spec.json").write_text('{"kind": "float"}')
+    with pytest.raises(UserError, match="model_spec.json is unreadable"):
+        load_spec(str(tmp_path / "ckpt"))
