@@ -233,6 +233,7 @@ def restore_model(model: tf.Module, ckpt_path: str, what: str = "--ckpt_path",
     """
     with reading(ckpt_path):
         saved = _variable_shapes(ckpt_path)
+        verify_checksums(ckpt_path)
     wanted = checkpoint_keys(model)
     for key, var in wanted.items():
         if key not in saved:
@@ -250,6 +251,15 @@ def restore_model(model: tf.Module, ckpt_path: str, what: str = "--ckpt_path",
         tf.train.Checkpoint(model=model).read(ckpt_path).expect_partial()
     if not all_finite(model.variables):
         raise CorruptCheckpoint(ckpt_path, "it holds NaN or Inf values")
+
+
+def verify_checksums(ckpt_path: str) -> None:
+    """Read every tensor of a checkpoint once, so that TensorFlow checks each one's checksum:
+    a damaged file is refused even where the damage lies in tensors the caller does not
+    restore (optimizer slots). One tensor is held at a time."""
+    reader = tf.train.load_checkpoint(ckpt_path)
+    for key in reader.get_variable_to_shape_map():
+        reader.get_tensor(key)
 
 
 def all_finite(variables) -> bool:

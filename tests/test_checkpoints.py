@@ -152,3 +152,12 @@ def test_an_unreadable_model_spec_is_one_line(tmp_path):
     (tmp_path / "model_spec.json").write_text('{"kind": "float"}')
     with pytest.raises(UserError, match="model_spec.json is unreadable"):
         load_spec(str(tmp_path / "ckpt"))
+
+
+def test_damage_in_a_tensor_the_model_does_not_restore_is_refused_too(tmp_path):
+    # An optimizer-slot-like tensor 20x the model's size: the file's middle byte is in it.
+    extra = tf.Variable(np.ones((1000, 200), np.float32))
+    prefix = tf.train.Checkpoint(model=Tiny(1.0), slot=extra).write(str(tmp_path / "c"))
+    _flip_middle_byte(prefix + DATA)
+    with pytest.raises(CorruptCheckpoint, match="Checksum does not match"):
+        restore_model(Tiny(), prefix)
