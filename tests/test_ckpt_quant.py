@@ -182,6 +182,23 @@ def _run_tool(*args):
     )
 
 
+def _run_tool_in_process(*args):
+    """The tool's ``main`` in this process (no TensorFlow start-up per call), with the exit
+    code, stdout and stderr of a finished process."""
+    import contextlib
+    import io
+
+    from adj_quant.seed_quantizers.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(map(str, args))) or 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 def _assert_one_line_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -447,19 +464,19 @@ def test_uint8_min_size_cli_report(tmp_path):
 
 
 @pytest.mark.slow  # several TensorFlow subprocesses
-def test_min_size_cli_errors_subprocess(tmp_path):
+def test_min_size_cli_errors_in_process(tmp_path):
     missing = tmp_path / "nope" / "model.ckpt-1"  # the flag is checked first, before the checkpoint
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "-1"),
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "-1"),
                            "--min_size -1 is negative", ">= 0")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size=-5"), "--min_size -5 is negative")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "1.5"),
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size=-5"), "--min_size -5 is negative")
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "1.5"),
                            "--min_size '1.5' is not an integer", "default 1024")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "abc"), "'abc' is not an integer")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "bin", "--bits", "8", "--min_size", "1024"),
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "abc"), "'abc' is not an integer")
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin", "--bits", "8", "--min_size", "1024"),
                            "--min_size applies only to --algorithm uint8", "bin")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "fixed-point", "--bits", "8", "--min_size", "0"),
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "fixed-point", "--bits", "8", "--min_size", "0"),
                            "--min_size applies only to --algorithm uint8", "fixed-point")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "uint8", "--min_size", "0"), "checkpoint not found")
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "0"), "checkpoint not found")
 
 
 def test_tf2_object_checkpoint_round_trip(tmp_path, capsys):
@@ -531,13 +548,13 @@ def test_keras_model_with_optimizer(tmp_path, capsys):
 
 
 @pytest.mark.slow  # several TensorFlow subprocesses
-def test_cli_errors_subprocess(tmp_path):
+def test_cli_errors_in_process(tmp_path):
     missing = tmp_path / "nope" / "model.ckpt-1"
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "bin", "--bits", "8"), "checkpoint not found", str(missing))
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "bin", "--bits", "17"), "--bits 17", "1..16")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "fixed-point", "--bits", "1"), "--bits 1", "2..32")
-    _assert_one_line_error(_run_tool(missing, "--algorithm", "bin"), "--bits is required")
-    proc = _run_tool(missing, "--algorithm", "ternary", "--bits", "8")
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin", "--bits", "8"), "checkpoint not found", str(missing))
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin", "--bits", "17"), "--bits 17", "1..16")
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "fixed-point", "--bits", "1"), "--bits 1", "2..32")
+    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin"), "--bits is required")
+    proc = _run_tool_in_process(missing, "--algorithm", "ternary", "--bits", "8")
     _assert_one_line_error(proc, "invalid choice", "ternary")
 
 

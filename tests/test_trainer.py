@@ -161,19 +161,10 @@ def test_a_stage_held_by_a_live_process_is_refused(tmp_path, capsys):
         sleeper.wait()
 
 
+# The documented single-stage command with --ckpt_path into another run (the teacher comes
+# from that run) is run by tests/test_documented_commands.py.
 def test_a_single_stage_without_a_teacher_names_teacher_ckpt(tmp_path, capsys):
     code, _, err = _train(capsys, "--stage", "qat8", "--run_dir", str(tmp_path / "new"))
     assert code == 2
     assert "--teacher_ckpt" in _one_error(err)
     assert not (tmp_path / "new" / "qat8").exists()
-
-
-def test_the_documented_single_stage_command_takes_the_teacher_from_ckpt_path(
-        digits_run, tmp_path, capsys):
-    new = tmp_path / "new"
-    code, out, err = _train(capsys, "--stage", "adjustable", "--bits_trainable", "--iter_train",
-                            "--ckpt_path", str(digits_run / "qat8"), "--run_dir", str(new),
-                            "--max_epoch", "0.1")
-    assert code == 0, err
-    assert f"distilling from {digits_run / 'pretrain'}" in err
-    assert "[adjustable] done" in out and (new / "adjustable" / "result.json").exists()
