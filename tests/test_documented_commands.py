@@ -5,7 +5,7 @@ README or to a help text is tested without touching this file. Each runs in-proc
 copy of the tiny trained digits run, placed where the command expects it (``runs/digits``,
 ``runs/x``), with the tiny-model flags added; placeholders (``CKPT``, ``B``, ``{a,b}``)
 become real values. Commands on ImageNet shards that are not here are parsed and their
-configuration resolved, not run.
+configuration resolved, not run. ``ADJQ_TIME_COMMANDS=1`` prints each command's time.
 """
 
 import contextlib
@@ -16,6 +16,7 @@ import runpy
 import shlex
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -227,8 +228,12 @@ def test_every_documented_command_runs(digits_run, tmp_path, monkeypatch, capsys
         cwd = x_cwd if any("runs/x" in w for w in words) else main_cwd
         monkeypatch.chdir(cwd)
         words = _placeholders(words, cwd)
+        started = time.perf_counter()
         code = _run(words)
         err = capsys.readouterr().err
+        if os.environ.get("ADJQ_TIME_COMMANDS"):
+            with capsys.disabled():
+                print(f"{time.perf_counter() - started:6.1f}s  {' '.join(words)}")
         if code != 0 or "Traceback" in err:
             failures.append(f"{' '.join(words)} -> exit {code}: {err.strip()[-300:]}")
         elif "runs/x/qat8" in words and "distilling from" not in err:

@@ -218,7 +218,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
         assert not read_json(state_file)["finished"]
 
 
-def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, tmp_path):
+def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, tmp_path, capsys):
     """A quantized stage written before the SE-gate quantizer, live bias ranges and
     --bits_grad existed (model_spec.json without those keys, no sigmoid_quant variables)
     is rebuilt as it was trained, says so in one line, and evaluates to the same top-1."""
@@ -240,12 +240,12 @@ def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, t
     old.mkdir()
     prefix = tf.train.Checkpoint(model=model).write(str(old / "ckpt"))
     (old / "model_spec.json").write_text(json.dumps({**new_spec, "quant": old_quant}))
-    proc = _run(["eval.py", "--ckpt_path", prefix, *TINY, "--json", "--output", str(tmp_path)])
-    assert proc.returncode == 0, proc.stderr
-    notes = [l for l in proc.stderr.splitlines() if l.startswith("note:")]
-    assert len(notes) == 1 and "quantize_se_gate=False" in notes[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-    result = json.loads(proc.stdout)
+    capsys.readouterr()
+    eval_cli.main(["--ckpt_path", prefix, *TINY, "--json", "--output", str(tmp_path)])
+    out, err = capsys.readouterr()
+    notes = [l for l in err.splitlines() if l.startswith("note:")]
+    assert len(notes) == 1 and "quantize_se_gate=False" in notes[0], err
+    result = json.loads(out)
     from adj_quant.recipe import validation
     from adj_quant.recipe.config import resolve
     from adj_quant.recipe.trainer import validation_data
