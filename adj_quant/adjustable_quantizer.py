@@ -34,6 +34,9 @@ import tensorflow as tf
 
 from adj_quant.bits import MAX_BITS, MIN_BITS, is_bit_width  # noqa: F401  (re-exported)
 from adj_quant.errors import UserError
+from adj_quant import xla_config
+
+xla_config.configure()  # faster XLA compilation and an on-disk kernel cache (see there)
 
 EPSILON = 1e-7
 #: Largest finite float32, and the smallest normal one (smaller ones may be flushed to 0).
@@ -163,34 +166,7 @@ def _forward_math(x, scale, zero, levels):
     # The clamp only acts where a grid point lies beyond the float32 range (a range
     # reaching within half a step of +-3.4e38); it keeps those outputs finite.
     out = tf.minimum(tf.maximum(c / scale, -_F32_MAX), _F32_MAX)
-    return out, tf.equal(r, c)
-
-
-def _backward_math(g, x, out, inside, scale, zero, levels):
-    g_in = tf.where(inside, g, tf.zeros_like(g))
-    d_scale = _sum_to(g_in * x - g * out, scale) / scale
-    d_zero = _sum_to(g - g_in, zero) / scale
-    above = tf.round(x * scale) > zero + levels
-    d_levels = _sum_to(tf.where(above, g, tf.zeros_like(g)) / scale, levels)
-    return g_in, d_scale, d_zero, d_levels
-
-
-# Inside a tf.function (training, evaluation) the elementwise forward and the backward are
-# each compiled by XLA into one fused kernel, while the convolutions stay on the regular
-# kernels: one compilation per tensor shape. Eagerly (tests, calibration bookkeeping) the
-# same math runs op by op. ``use_fused_kernels(False)`` turns the XLA kernels off (e.g.
-# for graphs handed to the TFLite converter).
-_forward_xla = tf.function(_forward_math, jit_compile=True)
-_backward_xla = tf.function(_backward_math, jit_compile=True)
-_FUSED = {"on": True}
-
-
-def use_fused_kernels(enabled: bool) -> None:
-    _FUSED["on"] = bool(enabled)
-
-
-def _fused() -> bool:
-    return _FUSED["on"] and tf.inside_function()
+    return out, r, tf.equal(r, c)
 
 
 def _make_core(bound_gradient: bool):
@@ -204,19 +180,27 @@ def _make_core(bound_gradient: bool):
         d out/dx = m,   d out/ds = (m x - out) / s,   d out/dz = (1 - m) / s,
         d out/dn = u / s            (only with ``bound_gradient``; else 0)
 
+    The backward recomputes ``out`` and the masks from ``x`` instead of keeping them: inside
+    one compiled kernel that costs a few flops per element and saves two tensors per
+    quantizer from being held between the forward and the backward pass.
+
     ``zero`` has ``scale``'s shape or ``scale`` is a scalar, so the per-channel sums can be
     divided by ``scale``; ``levels`` is a scalar or has ``scale``'s shape.
     """
 
     @tf.custom_gradient
     def core(x, scale, zero, levels):
-        fused = _fused()
-        out, inside = (_forward_xla if fused else _forward_math)(x, scale, zero, levels)
+        out, _, _ = _forward_math(x, scale, zero, levels)
 
         def grad(g):
-            backward = _backward_xla if fused else _backward_math
-            g_in, d_scale, d_zero, d_levels = backward(g, x, out, inside, scale, zero, levels)
-            if not bound_gradient:
+            out, r, inside = _forward_math(x, scale, zero, levels)
+            g_in = tf.where(inside, g, tf.zeros_like(g))
+            d_scale = _sum_to(g_in * x - g * out, scale) / scale
+            d_zero = _sum_to(g - g_in, zero) / scale
+            if bound_gradient:
+                above = r > zero + levels
+                d_levels = _sum_to(tf.where(above, g, tf.zeros_like(g)) / scale, levels)
+            else:
                 d_levels = tf.zeros_like(levels)
             return g_in, d_scale, d_zero, d_levels
 
@@ -226,6 +210,45 @@ def _make_core(bound_gradient: bool):
 
 
 _CORE = {"original": _make_core(True), "scale_only": _make_core(False)}
+
+
+def _fake_quantize_math(x, low, width, bits, axis: int, bits_grad: str):
+    """:func:`fake_quantize` on a float32 ``x`` with a checked ``axis`` (the formula)."""
+    rank = len(x.shape)
+
+    def per_channel(v):
+        v = tf.cast(v, tf.float32)
+        return tf.reshape(v, _channel_shape(rank, axis)) if v.shape.rank == 1 else v
+
+    low, width, bits = per_channel(low), per_channel(width), per_channel(bits)
+    low = tf.clip_by_value(low, -_F32_MAX, _F32_MAX)
+    width = tf.clip_by_value(width, 0.0, _F32_MAX)
+    levels = tf.pow(tf.constant(2.0, tf.float32), bits) - 1.0
+    scale = levels / (width + EPSILON)
+    scale = tf.minimum(tf.maximum(scale, _F32_TINY),
+                       tf.stop_gradient(_MAX_CODE / _max_to(tf.abs(low), scale)))
+    zero = round_ste(low * scale)
+    return _CORE[bits_grad](x, scale, zero, levels)
+
+
+# Inside a tf.function (training, evaluation) a whole quantizer -- range adjustment, bits,
+# quantize-dequantize, and its backward -- runs as one XLA-compiled function, traced and
+# compiled once per distinct signature (shapes, axis, settings) and shared by every call
+# site with that signature. The graph of a network then holds one call per quantizer
+# instead of dozens of ops, and the elementwise work is one fused kernel each way, while
+# the convolutions stay on the regular kernels. Eagerly (tests, calibration bookkeeping)
+# the same math runs op by op. ``use_fused_kernels(False)`` turns the compiled functions
+# off (plain TF ops in the caller's graph).
+_fake_quantize_xla = tf.function(_fake_quantize_math, jit_compile=True)
+_FUSED = {"on": True}
+
+
+def use_fused_kernels(enabled: bool) -> None:
+    _FUSED["on"] = bool(enabled)
+
+
+def _fused() -> bool:
+    return _FUSED["on"] and tf.inside_function()
 
 
 def fake_quantize(x: tf.Tensor, low: tf.Tensor, width: tf.Tensor, bits: tf.Tensor,
@@ -252,27 +275,16 @@ def fake_quantize(x: tf.Tensor, low: tf.Tensor, width: tf.Tensor, bits: tf.Tenso
     ``x`` may have any floating dtype; the quantizer computes in float32 and casts the
     result back, so a bfloat16/float16/float64 result equals the float32 one cast.
     """
-    core = _CORE[check_bits_grad(bits_grad)]
+    bits_grad = check_bits_grad(bits_grad)
     x = _float_input(x, "fake_quantize")
     dtype = x.dtype
     rank = len(x.shape)
     axis = check_axis(axis, rank, "fake_quantize") if rank else 0
     if dtype != tf.float32:
         x = tf.cast(x, tf.float32)
-
-    def per_channel(v):
-        v = tf.cast(v, tf.float32)
-        return tf.reshape(v, _channel_shape(rank, axis)) if v.shape.rank == 1 else v
-
-    low, width, bits = per_channel(low), per_channel(width), per_channel(bits)
-    low = tf.clip_by_value(low, -_F32_MAX, _F32_MAX)
-    width = tf.clip_by_value(width, 0.0, _F32_MAX)
-    levels = tf.pow(tf.constant(2.0, tf.float32), bits) - 1.0
-    scale = levels / (width + EPSILON)
-    scale = tf.minimum(tf.maximum(scale, _F32_TINY),
-                       tf.stop_gradient(_MAX_CODE / _max_to(tf.abs(low), scale)))
-    zero = round_ste(low * scale)
-    out = core(x, scale, zero, levels)
+    low, width, bits = (tf.cast(v, tf.float32) for v in (low, width, bits))
+    kernel = _fake_quantize_xla if _fused() else _fake_quantize_math
+    out = kernel(x, low, width, bits, axis, bits_grad)
     return out if dtype == tf.float32 else tf.cast(out, dtype)
 
 
@@ -345,6 +357,64 @@ def quantize(x, minimum, maximum, bits, axis: int = -1, bits_grad: str = "origin
 # --------------------------------------------------------------------------- the module
 
 
+def _bits_math(bits_scale, init_bits: int) -> tf.Tensor:
+    """``clip(round(bits_scale * init_bits), 2, 8)`` with straight-through round and clip."""
+    return clip_ste(round_ste(bits_scale * init_bits), float(MIN_BITS), float(MAX_BITS))
+
+
+def _live_range_math(x, axis: int, per_tensor: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """``x``'s own min/max: per tensor (shape ``[1]``) or per channel along ``axis``."""
+    if per_tensor:
+        return tf.reshape(tf.reduce_min(x), [1]), tf.reshape(tf.reduce_max(x), [1])
+    axes = [i for i in range(len(x.shape)) if i != axis]
+    return tf.reduce_min(x, axes), tf.reduce_max(x, axes)
+
+
+def _adjusted_range_math(minimum, maximum, range_scale, range_shift, alpha, beta):
+    """``(L, W) = (m + w clip(range_shift, beta), w clip(range_scale, alpha))``, ``w = M - m``."""
+    # Capped so that an overflowed width (calibrated at +-3e38) times a zero shift
+    # stays finite; no effect on any width float32 can hold.
+    width = tf.minimum(maximum - minimum, _F32_MAX)
+    scale = clip_ste(range_scale, *alpha)
+    shift = clip_ste(range_shift, *beta)
+    return minimum + width * shift, width * scale
+
+
+def _quantizer_math(x, init_min, init_max, range_scale, range_shift, bits_scale, *, axis: int,
+                    init_bits: int, alpha, beta, bits_grad: str, live_range: bool,
+                    per_tensor: bool) -> tf.Tensor:
+    """One :class:`AdjustableQuantizer` call on a float32 ``x``, from its variables' values.
+
+    ``bits_scale`` is None for fixed bits. The keyword arguments are the quantizer's
+    settings; compiled (:data:`_quantizer_xla`) they are part of the function's signature.
+    """
+    if live_range:
+        minimum, maximum = _live_range_math(x, axis, per_tensor)
+    else:
+        minimum, maximum = init_min, init_max
+    low, width = _adjusted_range_math(minimum, maximum, range_scale, range_shift, alpha, beta)
+    if bits_scale is None:
+        bits = tf.fill(tf.shape(low), float(init_bits))
+    else:
+        bits = _bits_math(bits_scale, init_bits)
+    if per_tensor:
+        low, width, bits = low[0], width[0], bits[0]
+    return _fake_quantize_math(x, low, width, bits, axis, bits_grad)
+
+
+#: :func:`_quantizer_math` as one XLA-compiled function per signature (see ``_fused``):
+#: for activations, where one fused pass over a large tensor each way pays for the
+#: compilation.
+_quantizer_xla = tf.function(_quantizer_math, jit_compile=True)
+#: The same as a plain function whose traces generalise over shapes: weights, biases and
+#: small activations (the SE layers' 1x1 maps), where the elementwise work is small and a
+#: compilation per shape would cost more than it saves. One trace serves every call site of
+#: a rank and setting; TensorFlow inlines it into the caller's graph.
+_quantizer_shared = tf.function(_quantizer_math, reduce_retracing=True)
+#: Activations with fewer elements than this run :data:`_quantizer_shared`.
+COMPILE_MIN_ELEMENTS = 1 << 16
+
+
 class AdjustableQuantizer(tf.Module):
     """Per-channel quantizer with trainable range and (optionally) trainable bits.
 
@@ -356,12 +426,15 @@ class AdjustableQuantizer(tf.Module):
     every call (its per-channel min/max, with gradient through them) instead of the
     calibrated ``init_min`` / ``init_max``; the original used this for biases.
     ``bits_grad`` is the estimator of the upper clip bound (:data:`BITS_GRAD_MODES`).
+    ``compiled=False`` keeps the quantizer out of the per-shape XLA kernels (for weights
+    and biases: many distinct small shapes); the result is the same either way.
     """
 
     def __init__(self, scope: str, channels: int, *, axis: int = -1, init_bits: int = 8,
                  bits_trainable: bool = False, range_preset_id: int = 5,
-                 bits_grad: str = "original", live_range: bool = False):
+                 bits_grad: str = "original", live_range: bool = False, compiled: bool = True):
         super().__init__(name=None)
+        self.compiled = bool(compiled)
         self.scope, self.channels, self.axis = scope, channels, axis
         self.init_bits = check_bits(init_bits)
         (self.alpha_lo, self.alpha_hi), (self.beta_lo, self.beta_hi) = range_preset(range_preset_id)
@@ -377,45 +450,51 @@ class AdjustableQuantizer(tf.Module):
         self.bits_scale = (tf.Variable(tf.ones([channels]), name=f"{scope}/bits_scale")
                            if bits_trainable else None)
 
+    @property
+    def _settings(self) -> dict:
+        """The static arguments of :func:`_quantizer_math` (part of the compiled signature)."""
+        return dict(init_bits=self.init_bits, alpha=(self.alpha_lo, self.alpha_hi),
+                    beta=(self.beta_lo, self.beta_hi), bits_grad=self.bits_grad,
+                    live_range=self.live_range, per_tensor=self.channels == 1)
+
     def bits(self) -> tf.Tensor:
         """Current per-channel bits ``[channels]`` (float, integer-valued, differentiable)."""
         if self.bits_scale is None:
             return tf.fill([self.channels], float(self.init_bits))
-        return clip_ste(round_ste(self.bits_scale * self.init_bits), float(MIN_BITS), float(MAX_BITS))
+        return _bits_math(self.bits_scale, self.init_bits)
 
     def base_range(self, x: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """``(m, M)`` per channel: calibrated, or ``x``'s own min/max with ``live_range``."""
         if not self.live_range or x is None:
             return self.init_min, self.init_max
-        if self.channels == 1:
-            return tf.reshape(tf.reduce_min(x), [1]), tf.reshape(tf.reduce_max(x), [1])
-        rank = len(x.shape)
-        axes = [i for i in range(rank) if i != self.axis % rank]
-        return tf.reduce_min(x, axes), tf.reduce_max(x, axes)
+        return _live_range_math(x, self.axis % max(len(x.shape), 1), self.channels == 1)
 
     def adjusted_range(self, x: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """``(L, W)``: the adjusted per-channel minimum and width (of ``x``'s live range
         with ``live_range``; pass the tensor being quantized)."""
         minimum, maximum = self.base_range(x)
-        # Capped so that an overflowed width (calibrated at +-3e38) times a zero shift
-        # stays finite; no effect on any width float32 can hold.
-        width = tf.minimum(maximum - minimum, _F32_MAX)
-        scale = clip_ste(self.range_scale, self.alpha_lo, self.alpha_hi)
-        shift = clip_ste(self.range_shift, self.beta_lo, self.beta_hi)
-        return minimum + width * shift, width * scale
+        return _adjusted_range_math(minimum, maximum, self.range_scale, self.range_shift,
+                                    (self.alpha_lo, self.alpha_hi), (self.beta_lo, self.beta_hi))
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         """Quantize ``x`` (any floating dtype: computed in float32, returned in ``x``'s)."""
         x = _float_input(x, f"quantizer {self.scope}")
-        if len(x.shape) or self.channels != 1:
-            check_axis(self.axis, len(x.shape), f"quantizer {self.scope}")
+        rank = len(x.shape)
+        axis = 0
+        if rank or self.channels != 1:
+            axis = check_axis(self.axis, rank, f"quantizer {self.scope}")
         dtype = x.dtype
         x = tf.cast(x, tf.float32)
-        low, width = self.adjusted_range(x)
-        if self.channels == 1:
-            out = fake_quantize(x, low[0], width[0], self.bits()[0], self.axis, self.bits_grad)
+        if not _fused():
+            kernel = _quantizer_math
+        elif self.compiled and (x.shape.num_elements() or 0) >= COMPILE_MIN_ELEMENTS:
+            kernel = _quantizer_xla
         else:
-            out = fake_quantize(x, low, width, self.bits(), self.axis, self.bits_grad)
+            kernel = _quantizer_shared
+        # Values, not variables, so that one trace serves quantizers of any channel count.
+        values = [None if v is None else tf.convert_to_tensor(v) for v in (
+            self.init_min, self.init_max, self.range_scale, self.range_shift, self.bits_scale)]
+        out = kernel(x, *values, axis=axis, **self._settings)
         return out if dtype == tf.float32 else tf.cast(out, dtype)
 
     def set_range(self, minimum, maximum) -> None:

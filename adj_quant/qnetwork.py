@@ -84,12 +84,12 @@ class QuantizedLayer(tf.Module):
                       bits_grad=qcfg.bits_grad)
         self.weight_quant = AdjustableQuantizer(
             f"{full}/weight_quant", cout, axis=2 if kind == "dws" else -1,
-            init_bits=qcfg.weight_bits, **common)
+            init_bits=qcfg.weight_bits, compiled=False, **common)
         self.act_quant = None if stem else AdjustableQuantizer(
             f"{full}/act_quant", cin, axis=-1, init_bits=qcfg.act_bits, **common)
         self.bias_quant = None if qcfg.bias_bits == 0 else AdjustableQuantizer(
             f"{full}/bias_quant", 1, init_bits=qcfg.bias_bits, range_preset_id=qcfg.range_preset,
-            bits_grad=qcfg.bits_grad, live_range=qcfg.bias_range == "live")
+            bits_grad=qcfg.bits_grad, live_range=qcfg.bias_range == "live", compiled=False)
 
     def load_float(self, layer: nw.ConvLayer) -> None:
         weights, biases = nw.fold_batch_norm(layer)
