@@ -264,14 +264,29 @@ class BatchNorm(tf.Module):
                                            name=f"{scope}/BatchNorm/moving_variance")
 
     def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        if len(x.shape) == 4:  # NHWC feature maps: TensorFlow's fused kernel, both ways
+            if not training:
+                return tf.compat.v1.nn.fused_batch_norm(
+                    x, self.gamma, self.beta, self.moving_mean, self.moving_variance,
+                    epsilon=self.epsilon, is_training=False)[0]
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x, self.gamma, self.beta, epsilon=self.epsilon, is_training=True)
+            # The kernel returns the Bessel-corrected variance; the moving average keeps
+            # the batch variance that normalised the batch (as tf.nn.moments gives it).
+            n = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+            self._update_moving(mean, variance * ((n - 1.0) / n))
+            return y
         if training:
             mean, variance = tf.nn.moments(x, axes=list(range(len(x.shape) - 1)))
-            self.moving_mean.assign(self.momentum * self.moving_mean + (1 - self.momentum) * mean)
-            self.moving_variance.assign(
-                self.momentum * self.moving_variance + (1 - self.momentum) * variance)
+            self._update_moving(mean, variance)
         else:
             mean, variance = self.moving_mean, self.moving_variance
         return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, self.epsilon)
+
+    def _update_moving(self, mean: tf.Tensor, variance: tf.Tensor) -> None:
+        self.moving_mean.assign(self.momentum * self.moving_mean + (1 - self.momentum) * mean)
+        self.moving_variance.assign(
+            self.momentum * self.moving_variance + (1 - self.momentum) * variance)
 
     def folding_factors(self) -> tuple[tf.Tensor, tf.Tensor]:
         """``(scale, shift)`` such that ``BN(y) = y * scale + shift`` in inference mode."""
