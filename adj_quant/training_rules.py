@@ -96,15 +96,27 @@ class Adam(tf.Module):
                   for i, v in enumerate(variables)]
 
     def apply(self, grads: list[tf.Tensor | None], variables: list[tf.Variable], lr) -> None:
+        """One Adam step of every variable with a gradient (``None`` gradients are skipped).
+
+        Each update is TensorFlow's fused ``ResourceApplyAdam`` kernel, the one TF1's
+        ``AdamOptimizer`` ran: one op per variable instead of a dozen, which matters with
+        a thousand small quantizer variables (graph size, tracing and per-op overhead).
+        It computes ``m += (g - m)(1 - b1)``, the same moment as ``b1 m + (1 - b1) g`` up to
+        float32 rounding.
+        """
         self.iterations.assign_add(1)
         t = tf.cast(self.iterations, tf.float32)
-        correction = tf.sqrt(1.0 - tf.pow(self.beta_2, t)) / (1.0 - tf.pow(self.beta_1, t))
+        beta_1, beta_2 = tf.constant(self.beta_1, tf.float32), tf.constant(self.beta_2, tf.float32)
+        beta_1_power, beta_2_power = tf.pow(beta_1, t), tf.pow(beta_2, t)
+        lr = tf.cast(lr, tf.float32)
+        epsilon = tf.constant(self.epsilon, tf.float32)
         for g, var, m, v in zip(grads, variables, self.m, self.v):
             if g is None:
                 continue
-            m.assign(self.beta_1 * m + (1.0 - self.beta_1) * g)
-            v.assign(self.beta_2 * v + (1.0 - self.beta_2) * tf.square(g))
-            var.assign_sub(lr * correction * m / (tf.sqrt(v) + self.epsilon))
+            tf.raw_ops.ResourceApplyAdam(
+                var=var.handle, m=m.handle, v=v.handle, beta1_power=beta_1_power,
+                beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
+                grad=tf.convert_to_tensor(g))
 
     def reset(self) -> None:
         """Re-initialise the slots: Adam starts afresh, bias correction included."""
