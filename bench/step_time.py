@@ -141,12 +141,27 @@ def build_models(args, modes):
     return {m: models[m] for m in modes}
 
 
-def make_step(model: tf.Module, jit: bool):
-    """A compiled training step and the number of variables it trains."""
+def make_step(model: tf.Module, jit: bool, optimizer: str = "keras"):
+    """A compiled training step and the number of variables it trains.
+
+    ``optimizer``: ``"keras"`` (Keras 3's Adam) or ``"adjq"`` (the recipe's own Adam,
+    :class:`adj_quant.training_rules.Adam`: one fused ``ResourceApplyAdam`` per variable).
+    """
     variables = list(model.trainable_variables)
     # Small lr: the weights should stay finite over the few dozen steps of the benchmark.
-    opt = tf.keras.optimizers.Adam(learning_rate=1e-5)
-    opt.build(variables)  # slots are created eagerly, outside the traced function
+    if optimizer == "adjq":
+        from adj_quant.training_rules import Adam
+
+        adam = Adam(variables, "bench_adam")
+
+        def update(grads):
+            adam.apply(grads, variables, 1e-5)
+    else:
+        opt = tf.keras.optimizers.Adam(learning_rate=1e-5)
+        opt.build(variables)  # slots are created eagerly, outside the traced function
+
+        def update(grads):
+            opt.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
 
     @tf.function(jit_compile=jit, reduce_retracing=True)
     def step(images, labels):
@@ -154,8 +169,7 @@ def make_step(model: tf.Module, jit: bool):
             logits = model(images, training=True)
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
-        grads = tape.gradient(loss, variables)
-        opt.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        update(tape.gradient(loss, variables))
         return loss
 
     return step, len(variables)
