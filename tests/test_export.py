@@ -239,7 +239,10 @@ def test_saved_model_adjustable(exported, tmp_path):
     images = tf.constant(exported["images"][:16])
     got = serve(images=images)["logits"].numpy()
     net = TE.export_net(exported["finetune_model"], exported["finetune_spec"], "adjustable")
-    np.testing.assert_allclose(got, net(images).numpy(), rtol=1e-5, atol=1e-5)
+    # The same graph before saving: run eagerly instead, a last-bit difference of a conv
+    # can move one activation across a fake-quant rounding boundary (seen on one image).
+    before = TE.inference_module(net, images.shape[1]).serve(images)["logits"].numpy()
+    np.testing.assert_allclose(got, before, rtol=1e-5, atol=1e-5)
 
 
 def _error(capsys, *argv):
