@@ -402,15 +402,65 @@ def _quantizer_math(x, init_min, init_max, range_scale, range_shift, bits_scale,
     return _fake_quantize_math(x, low, width, bits, axis, bits_grad)
 
 
-#: :func:`_quantizer_math` as one XLA-compiled function per signature (see ``_fused``):
-#: for activations, where one fused pass over a large tensor each way pays for the
-#: compilation.
+def _quantizer_vjp_math(g, x, init_min, init_max, range_scale, range_shift, bits_scale,
+                        **settings) -> list[tf.Tensor]:
+    """The gradients of :func:`_quantizer_math` given the output gradient ``g``: for ``x``,
+    ``init_min``, ``init_max``, ``range_scale``, ``range_shift`` and (if not None)
+    ``bits_scale``. The forward is recomputed from ``x``; nothing of it is kept."""
+    params = [init_min, init_max, range_scale, range_shift]
+    params += [] if bits_scale is None else [bits_scale]
+    with tf.GradientTape() as tape:
+        tape.watch([x] + params)
+        out = _quantizer_math(x, *params[:4], bits_scale if bits_scale is None else params[4],
+                              **settings)
+    return tape.gradient(out, [x] + params, output_gradients=g,
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+
+#: :func:`_quantizer_math` and its gradients as XLA-compiled functions, one per signature
+#: (see ``_fused``): for activations, where one fused pass over a large tensor each way pays
+#: for the compilation.
 _quantizer_xla = tf.function(_quantizer_math, jit_compile=True)
-#: The same as a plain function whose traces generalise over shapes: weights, biases and
+_quantizer_vjp_xla = tf.function(_quantizer_vjp_math, jit_compile=True)
+#: The same as plain functions whose traces generalise over shapes: weights, biases and
 #: small activations (the SE layers' 1x1 maps), where the elementwise work is small and a
 #: compilation per shape would cost more than it saves. One trace serves every call site of
-#: a rank and setting; TensorFlow inlines it into the caller's graph.
-_quantizer_shared = tf.function(_quantizer_math, reduce_retracing=True)
+#: a rank and setting. Not inlined: TensorFlow would otherwise copy the shape-generic body
+#: into the caller's graph at every call site and optimise each copy (about 16 s of start-up
+#: for EfficientNet-B0's weights and biases).
+_NOINLINE = {"_noinline": True}
+_quantizer_shared = tf.function(_quantizer_math, reduce_retracing=True,
+                                experimental_attributes=_NOINLINE)
+_quantizer_vjp_shared = tf.function(_quantizer_vjp_math, reduce_retracing=True,
+                                    experimental_attributes=_NOINLINE)
+
+
+def _quantizer_call(forward, vjp, x, init_min, init_max, range_scale, range_shift, bits_scale,
+                    **settings) -> tf.Tensor:
+    """One call of the function ``forward``; its gradient is one call of ``vjp``.
+
+    The gradient is attached here rather than differentiated through ``forward``:
+    TensorFlow would then make the forward return the tensors its backward needs (``x``
+    itself, copied out of a compiled kernel); this way the backward reads ``x`` directly.
+    """
+    params = [init_min, init_max, range_scale, range_shift]
+    params += [] if bits_scale is None else [bits_scale]
+
+    def unpack(values):
+        return list(values[:4]) + [values[4] if len(values) > 4 else None]
+
+    @tf.custom_gradient
+    def site(x, *values):
+        out = forward(x, *unpack(values), **settings)
+
+        def grad(g):
+            return vjp(g, x, *unpack(values), **settings)
+
+        return out, grad
+
+    return site(x, *params)
+
+
 #: Activations with fewer elements than this run :data:`_quantizer_shared`.
 COMPILE_MIN_ELEMENTS = 1 << 16
 
@@ -485,16 +535,17 @@ class AdjustableQuantizer(tf.Module):
             axis = check_axis(self.axis, rank, f"quantizer {self.scope}")
         dtype = x.dtype
         x = tf.cast(x, tf.float32)
-        if not _fused():
-            kernel = _quantizer_math
-        elif self.compiled and (x.shape.num_elements() or 0) >= COMPILE_MIN_ELEMENTS:
-            kernel = _quantizer_xla
-        else:
-            kernel = _quantizer_shared
         # Values, not variables, so that one trace serves quantizers of any channel count.
         values = [None if v is None else tf.convert_to_tensor(v) for v in (
             self.init_min, self.init_max, self.range_scale, self.range_shift, self.bits_scale)]
-        out = kernel(x, *values, axis=axis, **self._settings)
+        if not _fused():
+            out = _quantizer_math(x, *values, axis=axis, **self._settings)
+        elif self.compiled and (x.shape.num_elements() or 0) >= COMPILE_MIN_ELEMENTS:
+            out = _quantizer_call(_quantizer_xla, _quantizer_vjp_xla, x, *values, axis=axis,
+                                  **self._settings)
+        else:
+            out = _quantizer_call(_quantizer_shared, _quantizer_vjp_shared, x, *values,
+                                  axis=axis, **self._settings)
         return out if dtype == tf.float32 else tf.cast(out, dtype)
 
     def set_range(self, minimum, maximum) -> None:
