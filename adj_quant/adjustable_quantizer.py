@@ -232,13 +232,14 @@ def _fake_quantize_math(x, low, width, bits, axis: int, bits_grad: str):
 
 
 # Inside a tf.function (training, evaluation) a whole quantizer -- range adjustment, bits,
-# quantize-dequantize, and its backward -- runs as one XLA-compiled function, traced and
-# compiled once per distinct signature (shapes, axis, settings) and shared by every call
-# site with that signature. The graph of a network then holds one call per quantizer
-# instead of dozens of ops, and the elementwise work is one fused kernel each way, while
-# the convolutions stay on the regular kernels. Eagerly (tests, calibration bookkeeping)
-# the same math runs op by op. ``use_fused_kernels(False)`` turns the compiled functions
-# off (plain TF ops in the caller's graph).
+# quantize-dequantize -- runs as one function call forward and one backward, traced (and,
+# for activations, XLA-compiled) once per distinct signature (shapes, axis, settings) and
+# shared by every call site with that signature (AdjustableQuantizer.__call__). The graph
+# of a network then holds two calls per quantizer instead of dozens of ops, and the
+# elementwise work of an activation is one fused kernel each way, while the convolutions
+# stay on the regular kernels. Eagerly (tests, calibration bookkeeping) the same math runs
+# op by op. ``use_fused_kernels(False)`` turns the functions off (plain TF ops in the
+# caller's graph); the functional ``fake_quantize`` compiles its own kernel per signature.
 _fake_quantize_xla = tf.function(_fake_quantize_math, jit_compile=True)
 _FUSED = {"on": True}
 
