@@ -412,7 +412,7 @@ def _quantizer_vjp_math(g, x, init_min, init_max, range_scale, range_shift, bits
     params += [] if bits_scale is None else [bits_scale]
     with tf.GradientTape() as tape:
         tape.watch([x] + params)
-        out = _quantizer_math(x, *params[:4], bits_scale if bits_scale is None else params[4],
+        out = _quantizer_math(x, init_min, init_max, range_scale, range_shift, bits_scale,
                               **settings)
     return tape.gradient(out, [x] + params, output_gradients=g,
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
