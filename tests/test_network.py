@@ -178,3 +178,44 @@ def test_readme_example_runs_on_a_network_of_its_own(tmp_path, monkeypatch):
     assert info["bias_bits"] == 8 and "block" in info
     assert float(namespace["cost"].score) > 0
     assert all(g is not None for g in namespace["grads"])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_matches_the_formula_with_tf_moments(training):
+    """The fused kernel against plain TF: ``(x - mean) / sqrt(var + eps) * gamma + beta`` with
+    ``tf.nn.moments`` (biased variance) in training, the moving statistics otherwise; the
+    moving averages follow the momentum rule with the biased batch variance; gradients equal
+    plain-TF autodiff of the same formula."""
+    from adj_quant.network import BatchNorm
+
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.normal(1.0, 3.0, (4, 5, 5, 6)).astype(np.float32))
+    bn = BatchNorm("s", 6, epsilon=1e-3, momentum=0.9)
+    bn.gamma.assign(rng.uniform(0.5, 1.5, 6).astype(np.float32))
+    bn.beta.assign(rng.normal(0, 0.3, 6).astype(np.float32))
+    bn.moving_mean.assign(rng.normal(0, 0.5, 6).astype(np.float32))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, 6).astype(np.float32))
+    mean0, var0 = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+    g = tf.constant(rng.normal(size=(4, 5, 5, 6)).astype(np.float32))
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = bn(x, training)
+    got = tape.gradient(y, [x, bn.gamma, bn.beta], output_gradients=g)
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        mean, var = tf.nn.moments(x, [0, 1, 2]) if training else (mean0, var0)
+        want = (x - mean) * tf.math.rsqrt(var + 1e-3) * bn.gamma + bn.beta
+    expected = tape.gradient(want, [x, bn.gamma, bn.beta], output_gradients=g)
+
+    np.testing.assert_allclose(y.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    if training:
+        m, v = tf.nn.moments(x, [0, 1, 2])
+        np.testing.assert_allclose(bn.moving_mean.numpy(), 0.9 * mean0 + 0.1 * m.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(bn.moving_variance.numpy(), 0.9 * var0 + 0.1 * v.numpy(),
+                                   rtol=1e-5)
+    else:
+        np.testing.assert_array_equal(bn.moving_mean.numpy(), mean0)
