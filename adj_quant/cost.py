@@ -50,7 +50,8 @@ P_REF, O_REF = 6.9e6, 1170e6
 IMAGE_BITS = 8
 STYLES = ("micronet", "adjq")
 LAYER_KINDS = ("conv", "dws", "fc")
-ELEMENT_KINDS = ("swish", "sigmoid", "relu", "relu6", "gap", "se_scale", "residual_add")
+ELEMENT_KINDS = ("swish", "sigmoid", "relu", "relu6", "hard_swish", "gap", "maxpool", "se_scale",
+                 "residual_add")
 
 _DTYPE = tf.float64
 
@@ -101,6 +102,7 @@ class ElementOp:
     scope: str
     hw: int
     channels: int
+    kernel: int = 1  # maxpool: the window side (``hw`` is then the output side)
 
 
 def _same_out(size: int, stride: int) -> int:
@@ -118,7 +120,7 @@ def network_layers(net: Network, img_size: int) -> list[LayerSpec]:
     return layers
 
 
-_ELEMENT_KINDS_OF = {"gap": "gap", "mul": "se_scale", "add": "residual_add"}
+_ELEMENT_KINDS_OF = {"gap": "gap", "maxpool": "maxpool", "mul": "se_scale", "add": "residual_add"}
 
 
 def element_ops(net: Network, img_size: int) -> list[ElementOp]:
@@ -136,7 +138,8 @@ def element_ops(net: Network, img_size: int) -> list[ElementOp]:
         elif node.op in _ELEMENT_KINDS_OF:
             out = shapes[node.name]
             hw = source.hw if node.op == "gap" else out.hw
-            ops.append(ElementOp(_ELEMENT_KINDS_OF[node.op], node.name, hw, out.channels))
+            ops.append(ElementOp(_ELEMENT_KINDS_OF[node.op], node.name, hw, out.channels,
+                                 node.kernel if node.op == "maxpool" else 1))
     return ops
 
 
@@ -352,6 +355,11 @@ def micronet_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
                 "adds": per_element}
     if op.kind in ("relu", "relu6"):  # the official table: 1 per element, as a multiply
         return {"params": _zero(), "multiplies": const(elements), "adds": _zero()}
+    if op.kind == "hard_swish":  # x * relu6(x + 3) / 6: the relu6 and 2 products; the + 3
+        return {"params": _zero(), "multiplies": const(3 * elements), "adds": const(elements)}
+    if op.kind == "maxpool":  # k*k - 1 comparisons per output element, counted as adds
+        return {"params": _zero(), "multiplies": _zero(),
+                "adds": const((op.kernel * op.kernel - 1) * elements)}
     if op.kind == "gap":
         return {"params": _zero(), "multiplies": const(c), "adds": const((op.hw * op.hw - 1) * c)}
     if op.kind == "se_scale":

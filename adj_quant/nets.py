@@ -1,19 +1,21 @@
 """The network registry: every module of ``slim_nets`` that declares a network.
 
-A network module defines ``NAME`` and ``network(num_classes=..., **params) -> Network``;
-adding a file to ``slim_nets/`` is all it takes to make ``build(NAME)`` and
-``train.py --model NAME`` know it. A declaration of your own needs no registration: pass
-the :class:`~adj_quant.network.Network` itself wherever a network is expected.
+A network module defines ``NAME`` and ``network(num_classes=..., **params) -> Network``
+(or ``NETWORKS = {name: function}`` for several variants); adding a file to ``slim_nets/``
+is all it takes to make ``build(NAME)`` and ``train.py --model NAME`` know it. A
+declaration of your own needs no registration: pass the :class:`~adj_quant.network.Network`
+itself wherever a network is expected; :func:`to_json` then stores the whole declaration.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import pkgutil
 
 from adj_quant.errors import UserError
-from adj_quant.network import Network
+from adj_quant.network import Network, Node
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,6 +27,7 @@ def _registry() -> dict:
         module = importlib.import_module(f"slim_nets.{info.name}")
         if hasattr(module, "NAME") and callable(getattr(module, "network", None)):
             found[module.NAME] = module.network
+        found.update(getattr(module, "NETWORKS", {}))
     return found
 
 
@@ -44,10 +47,43 @@ def build(name: str, **params) -> Network:
 
 
 def to_json(net: Network) -> dict:
-    """What rebuilds ``net``: its name and parameters."""
-    return {"name": net.name, **dict(net.params)}
+    """What rebuilds ``net``: its name and parameters for a registered network, else the
+    whole declaration (an imported or hand-written network)."""
+    if net.name in _registry():
+        try:
+            if build(net.name, **dict(net.params)) == net:
+                return {"name": net.name, **dict(net.params)}
+        except (UserError, ValueError):
+            pass
+    return {"name": net.name, "scope": net.scope, "params": [list(p) for p in net.params],
+            "input_mean": list(net.input_mean), "input_std": list(net.input_std),
+            "bn_epsilon": net.bn_epsilon,
+            "nodes": [_node_json(node) for node in net.nodes]}
+
+
+_DEFAULT_NODE = Node("", "act")
+
+
+def _node_json(node: Node) -> dict:
+    """The fields of ``node`` that differ from the defaults."""
+    data = {"name": node.name, "op": node.op}
+    for field in dataclasses.fields(Node)[2:]:
+        value = getattr(node, field.name)
+        if value != getattr(_DEFAULT_NODE, field.name):
+            data[field.name] = list(value) if isinstance(value, tuple) else value
+    return data
 
 
 def from_json(data: dict) -> Network:
     params = dict(data)
-    return build(params.pop("name"), **params)
+    if "nodes" not in params:
+        return build(params.pop("name"), **params)
+    try:
+        nodes = tuple(Node(**{k: tuple(v) if isinstance(v, list) else v for k, v in n.items()})
+                      for n in params["nodes"])
+        return Network(params["name"], params["scope"], nodes,
+                       tuple(tuple(p) for p in params.get("params", ())),
+                       tuple(params["input_mean"]), tuple(params["input_std"]),
+                       float(params["bn_epsilon"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"network declaration {params.get('name')!r} cannot be read: {err}") from None

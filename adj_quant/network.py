@@ -10,16 +10,25 @@ keys (:mod:`adj_quant.quant_info`) and the TFLite export (:mod:`adj_quant.cli.ex
 Operations (``Node.op``):
 
 ``conv``, ``dws``, ``fc``
-    The weight layers: a convolution (SAME padding, weights ``[k, k, cin, filters]``), a
-    depthwise convolution (``[k, k, C, 1]``, slim name ``depthwise_weights``) or a fully
-    connected layer (``[cin, filters]``). Followed by a slim ``BatchNorm`` scope when
-    ``batch_norm`` is true, else by ``biases``. Their output is the pre-activation.
+    The weight layers: a convolution (weights ``[k, k, cin, filters]``), a depthwise
+    convolution (``[k, k, C, 1]``, slim name ``depthwise_weights``) or a fully connected
+    layer (``[cin, filters]``; ``conv_weights`` stores them as a 1x1 convolution kernel
+    ``[1, 1, cin, filters]``, as slim's MobileNet and ResNet logits do). Convolutions use
+    ``padding`` ``"SAME"`` (default) or ``"VALID"``. Followed by a slim ``BatchNorm`` scope
+    when ``batch_norm`` is true, else by ``biases``. Their output is the pre-activation.
 ``act``
-    An activation function ``fn``: ``swish``, ``sigmoid``, ``relu`` or ``relu6``. The
+    An activation function ``fn``: ``swish``, ``sigmoid``, ``relu``, ``relu6`` or
+    ``hard_swish`` (``x * relu6(x + 3) / 6``). The
     inputs of ``swish`` and ``sigmoid`` are quantizer sites; a site is keyed by the scope of
     the node that feeds it (``expanded_conv/dws`` for the swish after the depthwise conv).
 ``gap``
     Global average pooling over H and W (``keepdims`` keeps a 1x1 map).
+``maxpool``
+    Max pooling, ``kernel`` x ``kernel`` windows at ``stride``, ``padding`` SAME or VALID.
+``pad``
+    Zero padding of H and W by ``pads = (top, bottom, left, right)`` (slim's
+    ``conv2d_same`` and Keras' ``ZeroPadding2D``; a VALID convolution follows). Images are
+    square, so ``top + bottom`` must equal ``left + right``.
 ``mul``
     Elementwise product of two inputs (the squeeze-excitation scale).
 ``add``
@@ -49,10 +58,12 @@ ACTIVATIONS = {
     "sigmoid": tf.sigmoid,
     "relu": tf.nn.relu,
     "relu6": tf.nn.relu6,
+    "hard_swish": lambda x: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
 }
 #: Activation functions whose input is quantized (``--swish_bits`` applies to both).
 QUANTIZED_ACTIVATIONS = ("swish", "sigmoid")
-OPS = LINEAR_OPS + ("act", "gap", "mul", "add", "dropout")
+OPS = LINEAR_OPS + ("act", "gap", "maxpool", "pad", "mul", "add", "dropout")
+PADDINGS = ("SAME", "VALID")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +80,9 @@ class Node:
     fn: str | None = None            # act: a key of ACTIVATIONS
     keepdims: bool = True            # gap
     drop_path: tuple[int, int] | None = None  # add: (index, total) of drop-connect
+    padding: str = "SAME"            # conv, dws, maxpool: "SAME" or "VALID"
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # pad: (top, bottom, left, right)
+    conv_weights: bool = False       # fc: weights stored as [1, 1, cin, filters]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +138,22 @@ class Network:
         return [n.name for n in self.layers]
 
     def is_stem(self, node: Node) -> bool:
-        """A layer that multiplies with the 8-bit image (it has no input quantizer)."""
-        return node.op in LINEAR_OPS and self.inputs_of(node)[0] == IMAGE
+        """A layer that multiplies with the 8-bit image (it has no input quantizer); zero
+        padding of the image in between still leaves the image."""
+        if node.op not in LINEAR_OPS:
+            return False
+        source = self.inputs_of(node)[0]
+        while source != IMAGE and self.node(source).op == "pad":
+            source = self.inputs_of(self.node(source))[0]
+        return source == IMAGE
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``."""
+        return self._by_name[name]
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
 
     def activation_sites(self, fn: str) -> list[str]:
         """Scopes whose output feeds an activation ``fn`` (the keys of its quantizers)."""
@@ -143,9 +171,11 @@ class Network:
         for node in self.nodes:
             first = shapes[self.inputs_of(node)[0]]
             if node.op == "conv":
-                shape = Shape(-(-first.hw // node.stride), node.filters)
-            elif node.op == "dws":
-                shape = Shape(-(-first.hw // node.stride), first.channels)
+                shape = Shape(_out_side(first.hw, node), node.filters)
+            elif node.op in ("dws", "maxpool"):
+                shape = Shape(_out_side(first.hw, node), first.channels)
+            elif node.op == "pad":
+                shape = Shape(first.hw + node.pads[0] + node.pads[1], first.channels)
             elif node.op == "fc":
                 shape = Shape(1, node.filters)
             elif node.op == "gap":
@@ -194,6 +224,11 @@ class Network:
                 y = activation(names[0], node.fn, x)
             elif node.op == "gap":
                 y = tf.reduce_mean(x, axis=[1, 2], keepdims=node.keepdims)
+            elif node.op == "maxpool":
+                y = tf.nn.max_pool2d(x, node.kernel, node.stride, node.padding)
+            elif node.op == "pad":
+                top, bottom, left, right = node.pads
+                y = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]])
             elif node.op == "mul":
                 y = x * values[names[1]]
             elif node.op == "add":
@@ -212,6 +247,14 @@ class Network:
                 if last_use[name] == i:
                     del values[name]
         return values[self.nodes[-1].name]
+
+
+def _out_side(side: int, node: Node) -> int:
+    """Output side of a strided window op: SAME ``ceil(side / stride)``, VALID
+    ``floor((side - kernel) / stride) + 1``."""
+    if node.padding == "SAME":
+        return -(-side // node.stride)
+    return (side - node.kernel) // node.stride + 1
 
 
 def _check(net: Network) -> None:
@@ -233,6 +276,14 @@ def _check(net: Network) -> None:
             raise ValueError(f"{where}: {node.op} takes {wanted} input(s)")
         if node.op in ("conv", "fc") and not node.filters:
             raise ValueError(f"{where}: {node.op} needs filters")
+        if node.padding not in PADDINGS:
+            raise ValueError(f"{where}: padding {node.padding!r}; use SAME or VALID")
+        if node.op == "pad" and (len(node.pads) != 4 or min(node.pads) < 0
+                                 or node.pads[0] + node.pads[1] != node.pads[2] + node.pads[3]):
+            raise ValueError(f"{where}: pads {node.pads!r} must be four non-negative "
+                             "(top, bottom, left, right) with top + bottom == left + right")
+        if node.conv_weights and node.op != "fc":
+            raise ValueError(f"{where}: conv_weights applies to fc layers only")
         if node.op == "act" and node.fn not in ACTIVATIONS:
             raise ValueError(f"{where}: activation {node.fn!r}; use one of "
                              f"{', '.join(ACTIVATIONS)}")
@@ -294,7 +345,10 @@ class BatchNorm(tf.Module):
         return scale, self.beta - self.moving_mean * scale
 
 
-def weight_shape(kind: str, kernel: int, cin: int, cout: int) -> list[int]:
+def weight_shape(kind: str, kernel: int, cin: int, cout: int,
+                 conv_weights: bool = False) -> list[int]:
+    if kind == "fc" and conv_weights:
+        return [1, 1, cin, cout]
     return {"conv": [kernel, kernel, cin, cout], "dws": [kernel, kernel, cin, 1],
             "fc": [cin, cout]}[kind]
 
@@ -307,11 +361,12 @@ class ConvLayer(tf.Module):
     """A slim layer scope: ``weights`` plus either ``BatchNorm`` or ``biases``."""
 
     def __init__(self, scope: str, kind: str, kernel: int, cin: int, cout: int, stride: int,
-                 batch_norm: bool, rng: tf.random.Generator, bn_epsilon: float = 1e-3):
+                 batch_norm: bool, rng: tf.random.Generator, bn_epsilon: float = 1e-3,
+                 padding: str = "SAME", conv_weights: bool = False):
         super().__init__(name=None)
         self.scope, self.kind, self.kernel, self.stride = scope, kind, kernel, stride
-        self.cin, self.cout = cin, cout
-        shape = weight_shape(kind, kernel, cin, cout)
+        self.cin, self.cout, self.padding = cin, cout, padding
+        shape = weight_shape(kind, kernel, cin, cout, conv_weights)
         if kind == "conv":
             init = _truncated_normal(rng, shape, math.sqrt(2.0 / (kernel * kernel * cout)))
         elif kind == "dws":
@@ -324,18 +379,22 @@ class ConvLayer(tf.Module):
         self.biases = None if batch_norm else tf.Variable(tf.zeros([cout]), name=f"{scope}/biases")
 
     def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
-        y = apply_linear(self.kind, x, self.weights, self.stride)
+        y = apply_linear(self.kind, x, self.weights, self.stride, self.padding)
         if self.bn is not None:
             return self.bn(y, training)
         return y + self.biases
 
 
-def apply_linear(kind: str, x: tf.Tensor, weights: tf.Tensor, stride: int = 1) -> tf.Tensor:
-    """The linear part of a layer: conv, depthwise conv (SAME padding) or matmul."""
+def apply_linear(kind: str, x: tf.Tensor, weights: tf.Tensor, stride: int = 1,
+                 padding: str = "SAME") -> tf.Tensor:
+    """The linear part of a layer: conv, depthwise conv or matmul (of ``[N, cin]``
+    features; 1x1-kernel-shaped FC weights are reshaped)."""
     if kind == "conv":
-        return tf.nn.conv2d(x, weights, strides=stride, padding="SAME")
+        return tf.nn.conv2d(x, weights, strides=stride, padding=padding)
     if kind == "dws":
-        return tf.nn.depthwise_conv2d(x, weights, strides=[1, stride, stride, 1], padding="SAME")
+        return tf.nn.depthwise_conv2d(x, weights, strides=[1, stride, stride, 1], padding=padding)
+    if len(weights.shape) == 4:
+        weights = tf.reshape(weights, weights.shape[2:])
     return tf.matmul(x, weights)
 
 
@@ -356,7 +415,7 @@ def fold_batch_norm(layer: ConvLayer) -> tuple[tf.Tensor, tf.Tensor]:
 def _layer(node: Node, cin: int, cout: int, *, rng: tf.random.Generator, scope: str,
            bn_epsilon: float) -> ConvLayer:
     return ConvLayer(f"{scope}/{node.name}", node.op, node.kernel, cin, cout, node.stride,
-                     node.batch_norm, rng, bn_epsilon)
+                     node.batch_norm, rng, bn_epsilon, node.padding, node.conv_weights)
 
 
 def build_layers(net: Network, rng: tf.random.Generator) -> dict[str, ConvLayer]:

@@ -76,8 +76,9 @@ class QuantizedLayer(tf.Module):
         scope, kind = node.name, node.op
         full = f"{net_scope}/{scope}"
         self.scope, self.kind, self.kernel, self.stride = scope, kind, node.kernel, node.stride
-        self.cin, self.cout = cin, cout
-        self.weights = tf.Variable(tf.zeros(nw.weight_shape(kind, node.kernel, cin, cout)),
+        self.cin, self.cout, self.padding = cin, cout, node.padding
+        self.weights = tf.Variable(tf.zeros(nw.weight_shape(kind, node.kernel, cin, cout,
+                                                            node.conv_weights)),
                                    name=f"{full}/{nw.weight_name(kind)}")
         self.biases = tf.Variable(tf.zeros([cout]), name=f"{full}/biases")
         common = dict(bits_trainable=qcfg.bits_trainable, range_preset_id=qcfg.range_preset,
@@ -104,13 +105,14 @@ class QuantizedLayer(tf.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         weights, biases = self.quantized_weights()
-        return nw.apply_linear(self.kind, x, weights, self.stride) + biases
+        return nw.apply_linear(self.kind, x, weights, self.stride, self.padding) + biases
 
     def float_call(self, x: tf.Tensor, observe) -> tf.Tensor:
         """Unquantized forward that reports its input to ``observe`` (for calibration)."""
         if self.act_quant is not None:
             observe(f"{self.scope}/input", x)
-        return nw.apply_linear(self.kind, x, self.weights, self.stride) + self.biases
+        return nw.apply_linear(self.kind, x, self.weights, self.stride,
+                               self.padding) + self.biases
 
 
 class QuantizedNetwork(tf.Module):

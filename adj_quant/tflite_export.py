@@ -65,7 +65,8 @@ class ExportNet:
         def layer(scope, x, training=False):
             kind, stride, weights, biases = self.layers[scope]
             x = self._fake_quant(f"{scope}/input", x)
-            return nw.apply_linear(kind, x, weights, stride) + biases
+            padding = self.arch.node(scope).padding
+            return nw.apply_linear(kind, x, weights, stride, padding) + biases
 
         def activation(scope, fn, x):
             if fn in nw.QUANTIZED_ACTIVATIONS:
