@@ -87,3 +87,11 @@ def from_json(data: dict) -> Network:
                        float(params["bn_epsilon"]))
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"network declaration {params.get('name')!r} cannot be read: {err}") from None
+
+
+def from_keras(model, **options):
+    """A float Keras 3 functional model as ``(Network, {slim variable name: array})``: see
+    :func:`adj_quant.keras_import.from_keras`."""
+    from adj_quant.keras_import import from_keras as convert
+
+    return convert(model, **options)

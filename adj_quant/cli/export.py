@@ -29,7 +29,7 @@ from adj_quant.tflite_runner import TFLiteRunner, interpreter_accuracy
 
 FORMATS = ("tflite", "saved_model")
 DATA_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_size", "eval_crop",
-               "max_val_images", "config", "progress", "seed"]
+               "model", "width_multiplier", "depth_multiplier", "max_val_images", "config", "progress", "seed"]
 DEFAULT_REPRESENTATIVE = 100
 EXTRA = {
     "--ckpt_path": dict(metavar="PATH", required=True,

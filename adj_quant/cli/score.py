@@ -1,4 +1,4 @@
-"""Score a (quantized) EfficientNet-B0 with the MicroNet cost.
+"""Score a (quantized) network with the MicroNet cost (EfficientNet-B0 by default; --model).
 
     adjq-score --weight_bits 32 --act_bits 32        # the float model
     adjq-score --weight_bits 4 --act_bits 4
@@ -25,14 +25,17 @@ _DEFAULT_BITS = 8
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="adjq-score", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="efficientnet_b0", metavar="NAME",
+                   help="the declared network to count (default efficientnet_b0; also "
+                        "mobilenet_v2, mobilenet_v2_140, resnet_v1_50, ...)")
     p.add_argument("--img_size", type=int, default=224,
                    help="input image side in pixels (default 224)")
     p.add_argument("--num_classes", type=int, default=1000,
                    help="classes of the Logits layer (default 1000)")
     p.add_argument("--width_multiplier", type=float, default=1.0,
-                   help="EfficientNet width multiplier (default 1.0 = B0)")
+                   help="channel multiplier of the network (default 1.0 = as published)")
     p.add_argument("--depth_multiplier", type=float, default=1.0,
-                   help="EfficientNet depth multiplier (default 1.0 = B0)")
+                   help="multiplier of the blocks per stage (default 1.0 = as published)")
     p.add_argument("--weight_bits", type=int, default=None,
                    help="bits of every weight, 2..8, or 32 together with --act_bits 32 for the "
                         "float model (default 8)")
@@ -73,6 +76,11 @@ def _validate(args) -> None:
         if not 0 < value <= MAX_MULTIPLIER:  # also refuses nan and inf
             raise UserError(f"--{flag} {value}: give a positive multiplier up to "
                             f"{MAX_MULTIPLIER:g}, e.g. 1.0")
+    from adj_quant import nets
+
+    if args.model not in nets.names():
+        raise UserError(f"--model {args.model!r} is not a known network; known networks: "
+                        f"{', '.join(nets.names())}")
     if args.json and args.per_layer:
         raise UserError("--json and --per_layer both given: --json prints only the totals; "
                         "drop one of them")
@@ -142,7 +150,7 @@ def main(argv=None) -> int:
         from adj_quant.checkpoints import ModelSpec
         arch = ModelSpec.from_json(args.network).arch
     else:
-        arch = nets.build("efficientnet_b0", num_classes=args.num_classes,
+        arch = nets.build(args.model, num_classes=args.num_classes,
                           width_multiplier=args.width_multiplier,
                           depth_multiplier=args.depth_multiplier)
     if args.quant_info is not None:

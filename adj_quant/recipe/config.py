@@ -48,6 +48,8 @@ class Options:
     augment: str | None = None
     eval_crop: float = 0.875
     # --- model
+    model: str = "efficientnet_b0"
+    pretrained: str | None = None
     width_multiplier: float = 1.0
     depth_multiplier: float = 1.0
     dropout: float | None = None
@@ -108,8 +110,15 @@ HELP = {
     "batch_size": "images per training batch",
     "seed": "random seed for initialisation, shuffling, augmentation and dropout",
     "max_val_images": "validate on at most this many images (default: the whole split)",
-    "width_multiplier": "EfficientNet width multiplier",
-    "depth_multiplier": "EfficientNet depth multiplier",
+    "model": "the network: a declared name (efficientnet_b0, mobilenet_v2, mobilenet_v2_140, "
+             "resnet_v1_50, resnet_v1_50_keras, ...) or keras:PATH, a float Keras model file "
+             "(.keras) imported with its weights",
+    "pretrained": "start from public float weights: a Keras applications weights file, an "
+                  "official TPU EfficientNet checkpoint or a slim checkpoint (converted into "
+                  "the run, see pretrained/README.md); the recipe then starts at calibrate",
+    "width_multiplier": "channel multiplier of the network (slim's MobileNet 'depth "
+                        "multiplier'); 1.0 is the published network",
+    "depth_multiplier": "multiplier of the blocks per stage (1.0 is the published network)",
     "augment": "training augmentation: inception (random 8-100% crop + flip), shift (small "
                "random translation) or none (default: the dataset's own for pretrain -- "
                "shift for digits, inception for TFRecords -- and none for the quantized stages)",
@@ -351,6 +360,7 @@ def validate(o: Options) -> None:
                  "max_epoch", "swa_freq", "metric_img_size", "num_classes", "max_val_images",
                  "max_loss"):
         positive(name)
+    check_model(o.model)
     if o.width_multiplier <= 0 or o.depth_multiplier <= 0:
         raise UserError("--width_multiplier and --depth_multiplier must be positive")
     for name in ("max_epoch", "swa_freq", "swa_delay", "warm_up_epoch"):
@@ -401,10 +411,24 @@ def validate(o: Options) -> None:
                 o.bits_grad, o.bias_range, o.quantize_se_gate)
 
 
+def check_model(model: str) -> None:
+    """A declared network name, or ``keras:PATH`` of an existing file."""
+    from adj_quant import nets
+
+    if model.startswith("keras:"):
+        path = model[len("keras:"):]
+        if not os.path.isfile(path):
+            raise UserError(f"--model {model}: no Keras model file {path!r}; pass keras:PATH "
+                            "of a saved .keras model")
+    elif model not in nets.names():
+        raise UserError(f"--model {model!r} is not a known network; known networks: "
+                        f"{', '.join(nets.names())} (or keras:PATH)")
+
+
 #: Options that describe the data and the model, which evaluation and export take from the
 #: run that trained a checkpoint (its ``config.json``) unless given on the command line.
 TRAINED_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "batch_size",
-                  "eval_crop", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
+                  "eval_crop", "model", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
                   "swish_bits", "bias_bits", "range", "bias_range", "quantize_se_gate",
                   "calib_images", "metric_img_size", "seed")
 
@@ -435,7 +459,7 @@ def save_resolved(o: Options, path: str) -> None:
 #: Options that define the model or the data of a stage: an interrupted stage never
 #: resumes with other values (its checkpoints hold another model, or another data split).
 ARCH_DATA_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "eval_crop",
-                    "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
+                    "model", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
                     "swish_bits", "bias_bits", "bits_trainable", "range", "bias_range",
                     "quantize_se_gate")
 #: Options that do not change what a stage computes.

@@ -56,9 +56,32 @@ def default_run_dir(o: Options) -> str:
 
 
 def arch_of(o: Options) -> Network:
-    """The declared network the options ask for (EfficientNet-B0 and its multipliers)."""
-    return nets.build("efficientnet_b0", num_classes=num_classes(o),
+    """The network the options ask for: ``--model`` (a declared name, with the multipliers
+    and the dataset's class count, or ``keras:PATH``, imported)."""
+    if o.model.startswith("keras:"):
+        net = keras_model(o.model)[0]
+        if net.num_classes != num_classes(o):
+            raise UserError(f"--model {o.model} has {net.num_classes} outputs but the dataset "
+                            f"has {num_classes(o)} classes; save the Keras model with "
+                            f"{num_classes(o)} classes or pass --num_classes")
+        return net
+    return nets.build(o.model, num_classes=num_classes(o),
                       width_multiplier=o.width_multiplier, depth_multiplier=o.depth_multiplier)
+
+
+@functools.lru_cache(maxsize=2)
+def keras_model(model: str) -> tuple[Network, dict]:
+    """``(declaration, weights)`` of ``keras:PATH`` (imported once per process)."""
+    import keras
+
+    path = model[len("keras:"):]
+    try:
+        loaded = keras.saving.load_model(path, compile=False)
+    except Exception as err:  # noqa: BLE001 (Keras raises many kinds for a bad file)
+        raise UserError(f"--model {model}: Keras cannot load {path} "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    name = os.path.splitext(os.path.basename(path))[0]
+    return nets.from_keras(loaded, name=name)
 
 
 def quant_config(o: Options, bits_trainable: bool | None = None) -> QuantConfig:
@@ -254,6 +277,12 @@ def _pretrain(st: Stage) -> dict:
         path = resolve_checkpoint(st.o.ckpt_path, "--ckpt_path")
         st.float_spec(path, "--ckpt_path")
         restore_model(model, path, allow_missing=())
+    elif st.o.model.startswith("keras:"):  # start from the Keras model's own weights
+        from adj_quant.keras_import import load_weights
+
+        load_weights(model, keras_model(st.o.model)[1])
+        print(f"[pretrain] starting from the weights of {st.o.model[len('keras:'):]}",
+              file=sys.stderr)
     st.start(ModelSpec("float", arch))
     return st.finish(st.train(model))
 

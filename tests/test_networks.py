@@ -1,0 +1,203 @@
+"""The declared networks beyond EfficientNet-B0: MobileNetV2 and ResNet-V1-50.
+
+Oracles: ``keras.applications`` (parameter counts and feature-map shapes of the same
+architectures), hand-computed MicroNet counts for the new element ops (max pool, hard
+swish, ReLU), TensorFlow's own padding rules for VALID / explicitly padded layers, and the
+recipe itself: every stage of the digits recipe runs for each network at a tiny size.
+(ResNet's variable names and shapes against tf-slim's own ``resnet_v1_50``:
+``tests/test_slim_names.py``.)
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import adj_quant as aq
+from adj_quant import cost as M
+from adj_quant import nets
+from adj_quant.network import FloatNetwork, Node
+
+from conftest import TINY, train_stage
+
+
+def _variable_count(net) -> int:
+    return sum(int(v.shape.num_elements()) for v in FloatNetwork(net).slim_variables().values())
+
+
+@pytest.mark.parametrize("name, alpha", [("mobilenet_v2", 1.0), ("mobilenet_v2_140", 1.4)])
+def test_mobilenet_v2_has_the_keras_parameter_count(name, alpha):
+    import keras
+
+    reference = keras.applications.MobileNetV2(alpha=alpha, weights=None, classes=1000,
+                                               input_shape=(224, 224, 3))
+    # Both hold conv weights, BN (gamma, beta, mean, variance) and the logits with biases.
+    assert _variable_count(nets.build(name, num_classes=1000)) == reference.count_params()
+
+
+def test_resnet_v1_50_has_the_keras_parameter_count_less_the_conv_biases():
+    import keras
+
+    reference = keras.applications.ResNet50(weights=None, classes=1000)
+    conv_biases = sum(int(np.prod(layer.bias.shape)) for layer in reference.layers
+                      if isinstance(layer, keras.layers.Conv2D) and layer.use_bias)
+    for name in ("resnet_v1_50", "resnet_v1_50_keras"):
+        assert _variable_count(nets.build(name)) == reference.count_params() - conv_biases
+
+
+def test_resnet_keras_arrangement_has_the_keras_feature_map_sizes():
+    import keras
+
+    reference = keras.applications.ResNet50(weights=None, classes=1000)
+    shapes = nets.build("resnet_v1_50_keras").shapes(224)
+    for keras_name, ours in [("pool1_pool", "pool1"),
+                             ("conv2_block3_out", "block1/unit_3/bottleneck_v1/add"),
+                             ("conv3_block1_out", "block2/unit_1/bottleneck_v1/add"),
+                             ("conv4_block6_out", "block3/unit_6/bottleneck_v1/add"),
+                             ("conv5_block3_out", "block4/unit_3/bottleneck_v1/add")]:
+        _, hw, _, channels = reference.get_layer(keras_name).output.shape
+        assert (shapes[ours].hw, shapes[ours].channels) == (hw, channels), keras_name
+    # slim's arrangement strides at the end of blocks 1-3 instead: same output size.
+    slim = nets.build("resnet_v1_50").shapes(224)
+    assert slim["block1/unit_3/bottleneck_v1/add"].hw == 28
+    assert slim["block4/unit_3/bottleneck_v1/add"].hw == 7
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v2_140", "resnet_v1_50",
+                                  "resnet_v1_50_keras"])
+def test_declared_shapes_equal_the_computed_ones(name):
+    """Every node's declared output shape equals what TensorFlow computes (VALID, padded,
+    pooled and strided nodes included), at an odd image size."""
+    net = nets.build(name, num_classes=7, width_multiplier=0.25, depth_multiplier=0.34)
+    model = FloatNetwork(net)
+    seen = {}
+
+    def layer(scope, x, training):
+        y = model.layers[scope](x, training)
+        seen[scope] = y.shape
+        return y
+
+    def activation(scope, fn, x):
+        seen[f"act:{scope}"] = x.shape
+        return aq.network.ACTIVATIONS[fn](x)
+
+    logits = net.forward(tf.random.uniform([2, 45, 45, 3]), layer, activation=activation)
+    assert logits.shape == (2, 7)
+    declared = net.shapes(45)
+    for scope, shape in seen.items():
+        if scope.startswith("act:"):
+            continue
+        if len(shape) == 4:
+            assert (shape[1], shape[2], shape[3]) == (declared[scope].hw, declared[scope].hw,
+                                                      declared[scope].channels), scope
+
+
+def test_padding_and_pooling_follow_tensorflow():
+    """A zero pad followed by a VALID conv equals the same conv on an explicitly padded
+    tensor; a SAME max pool equals tf.nn.max_pool2d."""
+    net = aq.Network("padded", "padded", (
+        Node("pad", "pad", pads=(1, 2, 1, 2)),
+        Node("conv", "conv", kernel=3, filters=4, stride=2, padding="VALID"),
+        Node("conv/hs", "act", fn="hard_swish"),
+        Node("pool", "maxpool", kernel=3, stride=2),
+        Node("gap", "gap", keepdims=False),
+        Node("logits", "fc", filters=3, batch_norm=False, conv_weights=True),
+    ))
+    model = FloatNetwork(net)
+    images = tf.random.uniform([2, 9, 9, 3], seed=1)
+    layer = model.layers["conv"]
+    x = tf.pad((images - 0.0) / 1.0, [[0, 0], [1, 2], [1, 2], [0, 0]])
+    y = layer.bn(tf.nn.conv2d(x, layer.weights, 2, "VALID"), False)
+    y = y * tf.nn.relu6(y + 3) / 6
+    y = tf.nn.max_pool2d(y, 3, 2, "SAME")
+    w = tf.reshape(model.layers["logits"].weights, [4, 3])
+    expected = tf.reduce_mean(y, [1, 2]) @ w + model.layers["logits"].biases
+    np.testing.assert_allclose(model(images).numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
+    assert net.shapes(9)["conv"].hw == (9 + 3 - 3) // 2 + 1
+    # The stem behind a pad still multiplies with the image: no input quantizer.
+    qnet = aq.quantize(model)
+    assert "conv/input" not in qnet.quantizers()
+    assert qnet(images).shape == (2, 3)
+
+
+def test_counts_of_max_pool_hard_swish_and_relu_by_hand():
+    pool = M.ElementOp("maxpool", "pool1", 56, 64, kernel=3)
+    counts = M.micronet_element_counts(pool)
+    assert float(counts["adds"]) == 8 * 56 * 56 * 64 and float(counts["multiplies"]) == 0
+    counts = M.micronet_element_counts(M.ElementOp("hard_swish", "x", 4, 5))
+    assert (float(counts["multiplies"]), float(counts["adds"])) == (3 * 80, 80)
+    counts = M.micronet_element_counts(M.ElementOp("relu", "x", 4, 5))
+    assert (float(counts["multiplies"]), float(counts["adds"])) == (80, 0)
+    # ResNet's pool1 is the only max pool with a window; the 1x1 subsampling costs nothing.
+    ops = {op.scope: op for op in M.element_ops(nets.build("resnet_v1_50"), 224)}
+    assert ops["pool1"].kernel == 3 and ops["pool1"].hw == 56
+    assert float(M.micronet_element_counts(
+        ops["block1/unit_3/bottleneck_v1/shortcut"])["adds"]) == 0
+
+
+def test_mobilenet_v2_140_official_counts_near_the_challenge_reference(capsys):
+    """The challenge's O_ref (1170M ops) is 2x the paper's 585M MACs of MobileNetV2 x1.4;
+    our official float count (no freebie) lands within 1%."""
+    from adj_quant.cli import score
+
+    score.main(["--model", "mobilenet_v2_140", "--weight_bits", "32", "--act_bits", "32",
+                "--no_freebie", "--json"])
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(counts["ops"] / M.O_REF - 1) < 0.01
+    layers = M.network_layers(nets.build("mobilenet_v2_140"), 224)
+    assert counts["params"] == sum(
+        spec.weights_per_out_channel * spec.cout + spec.cout for spec in layers)
+
+
+def test_an_unregistered_declaration_is_stored_whole():
+    net = aq.Network("mine", "mine", (
+        Node("pad", "pad", pads=(0, 1, 0, 1)),
+        Node("conv", "conv", kernel=3, filters=4, stride=2, padding="VALID"),
+        Node("conv/relu", "act", fn="relu"),
+        Node("pool", "maxpool", kernel=2, stride=2, padding="VALID"),
+        Node("gap", "gap", keepdims=False),
+        Node("logits", "fc", filters=3, batch_norm=False),
+    ), (("num_classes", 3),), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 1e-5)
+    data = json.loads(json.dumps(nets.to_json(net)))
+    assert "nodes" in data and nets.from_json(data) == net
+    registered = nets.build("mobilenet_v2", num_classes=5, width_multiplier=0.5)
+    assert "nodes" not in nets.to_json(registered)
+    assert nets.from_json(nets.to_json(registered)) == registered
+
+
+def test_unknown_model_lists_the_known_ones(capsys):
+    from adj_quant.cli import score, train
+
+    for cli in (train.main, score.main):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(["--model", "mobilenet_v3"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "mobilenet_v3" in err[0] and "resnet_v1_50" in err[0], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet_v1_50"])
+def test_every_stage_of_the_digits_recipe_runs(name, tmp_path, capsys):
+    run = tmp_path / name
+    model = ["--model", name]
+    train_stage(run, "pretrain", *model, "--max_epoch", "0.2", "--lr", "3e-3", "--lr_fixed")
+    train_stage(run, "calibrate", *model)
+    train_stage(run, "qat8", *model, "--max_epoch", "0.1", "--lr", "1e-4", "--lr_fixed")
+    train_stage(run, "adjustable", *model, "--max_epoch", "0.1", "--bits_trainable",
+                "--warm_up_epoch", "0")
+    train_stage(run, "finetune", *model, "--max_epoch", "0.1", "--swa_delay", "0",
+                "--swa_freq", "0.1")
+    spec = json.loads((run / "finetune" / "model_spec.json").read_text())
+    assert spec["network"]["name"] == name and spec["quant"]["bits_trainable"]
+    capsys.readouterr()
+    from adj_quant.cli import evaluate
+
+    evaluate.main(["--ckpt_path", str(run / "finetune"), "--json", "--no-progress",
+                   "--output", str(tmp_path / "qi.json")])
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert 0.0 <= result["top1"] <= 1.0 and result["score_micronet"] > 0
+    quant_info = json.loads((tmp_path / "qi.json").read_text())
+    assert quant_info["summary"]["score_micronet"] == pytest.approx(result["score_micronet"])
