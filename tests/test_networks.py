@@ -201,3 +201,29 @@ def test_every_stage_of_the_digits_recipe_runs(name, tmp_path, capsys):
     assert 0.0 <= result["top1"] <= 1.0 and result["score_micronet"] > 0
     quant_info = json.loads((tmp_path / "qi.json").read_text())
     assert quant_info["summary"]["score_micronet"] == pytest.approx(result["score_micronet"])
+
+
+@pytest.mark.slow
+def test_a_saved_keras_model_trains_through_the_recipe(tmp_path, capsys):
+    """``--model keras:PATH``: imported, started from the Keras weights, quantized."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(2.0, offset=-1.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(6.0)(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+    x = keras.layers.Activation("hard_swish")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    path = tmp_path / "small.keras"
+    keras.Model(inputs, outputs).save(path)
+    run = tmp_path / "run"
+    model = ["--model", f"keras:{path}"]
+    train_stage(run, "pretrain", *model, "--max_epoch", "0.1")
+    assert "starting from the weights of" in capsys.readouterr().err
+    train_stage(run, "calibrate", *model)
+    train_stage(run, "qat8", *model, "--max_epoch", "0.1")
+    spec = json.loads((run / "qat8" / "model_spec.json").read_text())
+    assert spec["network"]["name"] == "small" and "nodes" in spec["network"]
