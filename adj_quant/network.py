@@ -260,6 +260,9 @@ def _out_side(side: int, node: Node) -> int:
 def _check(net: Network) -> None:
     """A declaration error names the node and what is wrong with it."""
     seen = {IMAGE}
+    if not net.scope.isidentifier():
+        raise ValueError(f"network {net.name!r}: scope {net.scope!r} must be a Python "
+                         "identifier (letters, digits, underscores), e.g. 'my_net'")
     if not net.nodes:
         raise ValueError(f"network {net.name!r} has no nodes")
     for node in net.nodes:

@@ -332,7 +332,44 @@ def _quantized_stage(st: Stage, *, bits_trainable: bool | None, source: str,
     return st.finish(result)
 
 
-pretrain = functools.partial(run_stage, "pretrain", _pretrain)
+def pretrain(cli: dict) -> dict:
+    """Train the float model, or, with ``--pretrained SOURCE``, convert published weights
+    into the stage directory instead (then the recipe goes on at calibrate)."""
+    if cli.get("pretrained"):
+        return _convert_pretrained(cli)
+    return run_stage("pretrain", _pretrain, cli)
+
+
+def adopt_pretrained_model(cli: dict) -> None:
+    """With ``--pretrained`` and no ``--model``, the run's network is the source's (every
+    stage reads ``cli``, so this is set once, before the first stage)."""
+    if cli.get("pretrained") and not cli.get("model"):
+        from pretrained.convert import describe
+
+        cli["model"] = describe(cli["pretrained"])["model"]
+
+
+def _convert_pretrained(cli: dict) -> dict:
+    from pretrained.convert import convert, describe
+
+    adopt_pretrained_model(cli)
+    st = Stage("pretrain", cli)
+    if (done := st.already_finished()) is not None:
+        return done
+    if os.path.exists(st.dir):
+        raise UserError(f"--pretrained: {st.dir} exists but holds no finished pretrain stage; "
+                        "delete it or use another --run_dir")
+    source = describe(st.o.pretrained)
+    # A 1001-class slim checkpoint for a 1000-class dataset: drop the background logit.
+    offset = 1 if source["source_num_classes"] == num_classes(st.o) + 1 else 0
+    if source["source_num_classes"] - offset != num_classes(st.o):
+        raise UserError(f"--pretrained {st.o.pretrained} has {source['source_num_classes']} "
+                        f"classes but the dataset has {num_classes(st.o)}; pass a checkpoint "
+                        "with the dataset's classes")
+    convert(st.o.pretrained, st.o.model, st.dir, labels_offset=offset)
+    print(f"[pretrain] converted {st.o.pretrained} ({source['description']}) into {st.dir}; "
+          "no float training", file=sys.stderr)
+    return read_json(os.path.join(st.dir, RESULT))
 calibrate = functools.partial(run_stage, "calibrate", _calibrate)
 qat8 = functools.partial(run_stage, "qat8", functools.partial(
     _quantized_stage, bits_trainable=False, source="calibrate"))
@@ -363,6 +400,7 @@ def write_final_quant_info(cli: dict, finetune_result: dict) -> str:
 
 
 def run_recipe(cli: dict) -> dict:
+    adopt_pretrained_model(cli)
     results = {stage: STAGE_FUNCTIONS[stage](cli) for stage in STAGES}
     results["quant_info"] = write_final_quant_info(cli, results["finetune"])
     return results
