@@ -34,6 +34,17 @@ def digits_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(autouse=True)
+def _no_global_seed_leaks():
+    """A test that sets TensorFlow's global seed (``keras.utils.set_random_seed``) would
+    change the data order of every later in-process run: ``Dataset.shuffle(seed=s)`` draws
+    from (global seed, s). Unset it after each test, as in a fresh process."""
+    yield
+    import tensorflow as tf
+
+    tf.random.set_seed(None)
+
+
 def pytest_collection_modifyitems(items):
     """Every test that uses the shared trained run is slow (it trains all five stages)."""
     for item in items:

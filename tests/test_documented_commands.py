@@ -143,8 +143,20 @@ def _placeholders(words, cwd):
             w = "shards"
         elif w == "runs/resnet/model.ckpt-100":
             w = "runs/digits/qat8"
+        elif w == "keras:model.keras":
+            _keras_model(cwd / "model.keras")
         out.append(w)
     return out
+
+
+def _keras_model(path):
+    """A small saved Keras model with the digits' 10 classes."""
+    import keras
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(10)(x)).save(path)
 
 
 def _class_folders(cwd):

@@ -76,6 +76,7 @@ def _validate(args) -> None:
         if not 0 < value <= MAX_MULTIPLIER:  # also refuses nan and inf
             raise UserError(f"--{flag} {value}: give a positive multiplier up to "
                             f"{MAX_MULTIPLIER:g}, e.g. 1.0")
+    import adj_quant.cli.quiet  # noqa: F401  (the registry imports TensorFlow: quietly)
     from adj_quant import nets
 
     if args.model not in nets.names():
