@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 
 import tensorflow as tf
 
@@ -68,11 +69,11 @@ class ModelSpec:
         return cls(data["kind"], net, quant)
 
     def build(self, seed: int = 0, dropout_rate: float = 0.2, drop_connect_rate: float = 0.2,
-              bn_momentum: float = 0.99):
+              bn_momentum: float = 0.99, sync_bn: bool = False):
         if self.kind == "float":
             return FloatNetwork(self.arch, dropout_rate=dropout_rate,
                                 drop_connect_rate=drop_connect_rate, seed=seed,
-                                bn_momentum=bn_momentum)
+                                bn_momentum=bn_momentum, sync_bn=sync_bn)
         return QuantizedNetwork(self.arch, self.quant, dropout_rate=dropout_rate,
                                 drop_connect_rate=drop_connect_rate, seed=seed)
 
@@ -138,6 +139,18 @@ class RunCheckpoints:
 
         ``best_key(entry)`` ranks entries; the highest is the best (default: top-1).
         """
+        final = self._write_files(checkpoint, name)
+        entry = dict(info, name=name)
+        self.state["checkpoints"] = [e for e in self.state["checkpoints"] if e["name"] != name]
+        self.state["checkpoints"].append(entry)
+        self.state["latest"] = name
+        key = best_key or (lambda e: e.get("top1", 0.0))
+        self.state["best"] = max(self.state["checkpoints"], key=key)["name"]
+        self._prune()
+        self._write_state()
+        return final
+
+    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str) -> str:
         tmp_prefix = os.path.join(self.directory, f".tmp-{name}")
         for stale in glob.glob(tmp_prefix + ".*"):
             os.remove(stale)
@@ -152,14 +165,6 @@ class RunCheckpoints:
         files = sorted(glob.glob(tmp_prefix + ".*"), key=lambda p: p.endswith(".index"))
         for path in files:
             os.replace(path, final + path[len(tmp_prefix):])
-        entry = dict(info, name=name)
-        self.state["checkpoints"] = [e for e in self.state["checkpoints"] if e["name"] != name]
-        self.state["checkpoints"].append(entry)
-        self.state["latest"] = name
-        key = best_key or (lambda e: e.get("top1", 0.0))
-        self.state["best"] = max(self.state["checkpoints"], key=key)["name"]
-        self._prune()
-        self._write_state()
         return final
 
     def _prune(self) -> None:
@@ -170,9 +175,12 @@ class RunCheckpoints:
         kept = {e["name"] for e in entries[-self.keep:]} | {self.state["best"]}
         for entry in entries:
             if entry["name"] not in kept:
-                for path in glob.glob(os.path.join(self.directory, entry["name"]) + ".*"):
-                    os.remove(path)
+                self._remove_files(entry["name"])
         self.state["checkpoints"] = [e for e in entries if e["name"] in kept]
+
+    def _remove_files(self, name: str) -> None:
+        for path in glob.glob(os.path.join(self.directory, name) + ".*"):
+            os.remove(path)
 
     def discard(self, name: str, best_key=None) -> None:
         """Forget checkpoint ``name`` (found damaged); its files stay where they are."""
@@ -199,6 +207,38 @@ class RunCheckpoints:
         lines = [f'model_checkpoint_path: "{latest}"'] * (latest is not None) + [
             f'all_model_checkpoint_paths: "{e["name"]}"' for e in self.state["checkpoints"]]
         write_atomic(os.path.join(self.directory, "checkpoint"), "\n".join(lines) + "\n")
+
+
+class WorkerCheckpoints(RunCheckpoints):
+    """What a multi-worker run's non-chief worker sees of a stage directory.
+
+    It reads the chief's ``checkpoints.json`` (to resume where the chief resumes) and
+    keeps the same bookkeeping in memory, but writes nothing there: saving a checkpoint
+    takes every worker (distributed variables are read collectively), so it writes to a
+    temporary directory of its own and deletes it, as TensorFlow's multi-worker guide
+    prescribes.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, worker: str = "worker"):
+        self.directory, self.keep, self.worker = directory, keep, worker
+        self.state_path = os.path.join(directory, STATE_FILE)
+        self.state = {"checkpoints": [], "latest": None, "best": None, "finished": False}
+        if os.path.exists(self.state_path):
+            self.state = read_json(self.state_path)
+
+    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str) -> str:
+        temp = tempfile.mkdtemp(prefix=f"adjq-{self.worker}-")
+        try:
+            checkpoint.write(os.path.join(temp, name))
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+        return os.path.join(self.directory, name)
+
+    def _remove_files(self, name: str) -> None:
+        pass
+
+    def _write_state(self) -> None:
+        pass
 
 
 def remove_orphans(directory: str) -> list[str]:

@@ -304,20 +304,50 @@ def _truncated_normal(rng: tf.random.Generator, shape, stddev: float) -> tf.Tens
 
 
 class BatchNorm(tf.Module):
-    """Slim ``BatchNorm`` scope: gamma, beta and moving statistics."""
+    """Slim ``BatchNorm`` scope: gamma, beta and moving statistics.
 
-    def __init__(self, scope: str, channels: int, epsilon: float, momentum: float = 0.99):
+    Under a ``tf.distribute`` strategy each replica keeps its own moving statistics
+    (``ON_READ``: a checkpoint or a cross-replica read sees their mean). With ``sync``
+    (``--sync_bn``) a training batch is normalised with the statistics of the global
+    batch, summed over all replicas, so every replica computes what one device would.
+    """
+
+    def __init__(self, scope: str, channels: int, epsilon: float, momentum: float = 0.99,
+                 sync: bool = False):
         super().__init__(name=None)
         self.epsilon = epsilon
         self.momentum = momentum
+        self.sync = sync
         self.gamma = tf.Variable(tf.ones([channels]), name=f"{scope}/BatchNorm/gamma")
         self.beta = tf.Variable(tf.zeros([channels]), name=f"{scope}/BatchNorm/beta")
-        self.moving_mean = tf.Variable(tf.zeros([channels]), trainable=False,
-                                       name=f"{scope}/BatchNorm/moving_mean")
-        self.moving_variance = tf.Variable(tf.ones([channels]), trainable=False,
-                                           name=f"{scope}/BatchNorm/moving_variance")
+        per_replica = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                           aggregation=tf.VariableAggregation.MEAN)
+        self.moving_mean = tf.Variable(tf.zeros([channels]),
+                                       name=f"{scope}/BatchNorm/moving_mean", **per_replica)
+        self.moving_variance = tf.Variable(tf.ones([channels]),
+                                           name=f"{scope}/BatchNorm/moving_variance",
+                                           **per_replica)
+
+    def _synced(self) -> bool:
+        context = tf.distribute.get_replica_context()
+        return self.sync and context is not None and context.num_replicas_in_sync > 1
+
+    def _global_moments(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Mean and (biased) variance over the batch of every replica."""
+        axes = list(range(len(x.shape) - 1))
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        total, squares, count = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM,
+            [tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count])
+        mean = total / count
+        return mean, tf.maximum(squares / count - tf.square(mean), 0.0)
 
     def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
+        if training and self._synced():
+            mean, variance = self._global_moments(x)
+            self._update_moving(mean, variance)
+            return tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma,
+                                             self.epsilon)
         if len(x.shape) == 4:  # NHWC feature maps: TensorFlow's fused kernel, both ways
             if not training:
                 return tf.compat.v1.nn.fused_batch_norm(
@@ -441,7 +471,8 @@ class FloatNetwork(tf.Module):
     """The float network with batch norm; call it on NHWC images in ``[0, 1]``."""
 
     def __init__(self, net: Network, *, dropout_rate: float = 0.2,
-                 drop_connect_rate: float = 0.2, seed: int = 0, bn_momentum: float = 0.99):
+                 drop_connect_rate: float = 0.2, seed: int = 0, bn_momentum: float = 0.99,
+                 sync_bn: bool = False):
         super().__init__(name=net.scope)
         self.net = net
         self.dropout_rate, self.drop_connect_rate = dropout_rate, drop_connect_rate
@@ -450,7 +481,7 @@ class FloatNetwork(tf.Module):
         self.layers = build_layers(net, init_rng)
         for layer in self.layers.values():
             if layer.bn is not None:
-                layer.bn.momentum = bn_momentum
+                layer.bn.momentum, layer.bn.sync = bn_momentum, sync_bn
 
     @property
     def arch(self) -> Network:

@@ -249,18 +249,34 @@ class QuantizedNetwork(tf.Module):
 
         ``batches`` yields image batches (or ``(images, labels)``); stops after
         ``num_images``. Returns the number of images seen.
+
+        Under a ``tf.distribute`` strategy each batch is split over the replicas and their
+        per-channel minima and maxima are reduced across all of them, so the ranges equal
+        those of one device on the same images.
         """
-        names = [n for n in self.quantizers() if n.endswith(ACTIVATION_SITES)]
+        from adj_quant import distribution
+
         quants = self.quantizers()
-        lo = {n: tf.Variable(tf.fill([quants[n].channels], np.inf)) for n in names}
-        hi = {n: tf.Variable(tf.fill([quants[n].channels], -np.inf)) for n in names}
+        names = [n for n in quants if n.endswith(ACTIVATION_SITES)]
+        lo = {n: np.full([quants[n].channels], np.inf, np.float32) for n in names}
+        hi = {n: np.full([quants[n].channels], -np.inf, np.float32) for n in names}
+        strategy = tf.distribute.get_strategy()
 
-        def observe(name, x):
-            axes = list(range(len(x.shape) - 1))
-            lo[name].assign(tf.minimum(lo[name], tf.reduce_min(x, axes)))
-            hi[name].assign(tf.maximum(hi[name], tf.reduce_max(x, axes)))
+        def batch_ranges(images):
+            low, high = {}, {}
 
-        step = tf.function(lambda images: self.float_forward(images, observe))
+            def observe(name, x):
+                axes = list(range(len(x.shape) - 1))
+                low[name], high[name] = tf.reduce_min(x, axes), tf.reduce_max(x, axes)
+
+            self.float_forward(images, observe)
+            return low, high
+
+        @tf.function
+        def step(images):
+            low, high = strategy.run(batch_ranges, (images,))
+            return distribution.reduce_min_max(strategy, low, high)
+
         seen = 0
         bar = tqdm(total=num_images, desc="calibrate", unit="img", disable=not progress,
                    leave=False)
@@ -268,7 +284,10 @@ class QuantizedNetwork(tf.Module):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             if num_images is not None:
                 images = images[: num_images - seen]
-            step(images)
+            low, high = step(*distribution.split_batch(strategy, images))
+            for n in names:
+                lo[n] = np.minimum(lo[n], low[n].numpy())
+                hi[n] = np.maximum(hi[n], high[n].numpy())
             seen += int(images.shape[0])
             bar.update(int(images.shape[0]))
             if num_images is not None and seen >= num_images:
@@ -277,7 +296,7 @@ class QuantizedNetwork(tf.Module):
         if seen == 0:
             raise UserError("calibration saw no images; pass a non-empty image source")
         for n in names:
-            quants[n].set_range(lo[n].numpy(), hi[n].numpy())
+            quants[n].set_range(lo[n], hi[n])
         return seen
 
     # ------------------------------------------------------------------ thresholds file

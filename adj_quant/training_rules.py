@@ -46,6 +46,25 @@ def adjustable_loss(q_logits, labels, f_logits, metric, *, alpha: float, beta: f
     return {"loss": total, "kd": kd, "cross_entropy": ce, "metric": metric, "sign": sign}
 
 
+def replica_share(parts: dict[str, tf.Tensor], fraction, replicas: int,
+                  beta: float = 0.0) -> dict[str, tf.Tensor]:
+    """One replica's share of a step's loss parts, so that their sum over the replicas is
+    the one-device value (and so is the sum of their gradients).
+
+    The batch means (cross-entropy, KD) are weighted by ``fraction``, the replica's share of
+    the global batch; the metric term depends only on the shared bits, so each replica adds
+    ``1 / replicas`` of it: the MicroNet term counts once per step, not once per replica.
+    """
+    if replicas == 1:
+        return parts
+    metric_term = parts["sign"] * beta * parts["metric"] if "metric" in parts else 0.0
+    share = {"loss": fraction * (parts["loss"] - metric_term) + metric_term / replicas}
+    for key, value in parts.items():
+        if key != "loss":
+            share[key] = fraction * value if key in ("kd", "cross_entropy") else value / replicas
+    return share
+
+
 # --------------------------------------------------------------------------- learning rate
 
 
@@ -103,26 +122,35 @@ class Adam(tf.Module):
         a thousand small quantizer variables (graph size, tracing and per-op overhead).
         It computes ``m += (g - m)(1 - b1)``, the same moment as ``b1 m + (1 - b1) g`` up to
         float32 rounding.
+
+        Under a ``tf.distribute`` strategy it is called in cross-replica context with
+        gradients already summed over the replicas; every replica's copy of a variable gets
+        the same update (``strategy.extended.update``).
         """
         self.iterations.assign_add(1)
         t = tf.cast(self.iterations, tf.float32)
         beta_1, beta_2 = tf.constant(self.beta_1, tf.float32), tf.constant(self.beta_2, tf.float32)
-        beta_1_power, beta_2_power = tf.pow(beta_1, t), tf.pow(beta_2, t)
-        lr = tf.cast(lr, tf.float32)
-        epsilon = tf.constant(self.epsilon, tf.float32)
+        constants = dict(beta1_power=tf.pow(beta_1, t), beta2_power=tf.pow(beta_2, t),
+                         lr=tf.cast(lr, tf.float32), beta1=beta_1, beta2=beta_2,
+                         epsilon=tf.constant(self.epsilon, tf.float32))
+        strategy = tf.distribute.get_strategy()
         for g, var, m, v in zip(grads, variables, self.m, self.v):
             if g is None:
                 continue
-            tf.raw_ops.ResourceApplyAdam(
-                var=var.handle, m=m.handle, v=v.handle, beta1_power=beta_1_power,
-                beta2_power=beta_2_power, lr=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
-                grad=tf.convert_to_tensor(g))
+            strategy.extended.update(var, _apply_adam, args=(m, v, g), kwargs=constants,
+                                     group=False)
 
     def reset(self) -> None:
         """Re-initialise the slots: Adam starts afresh, bias correction included."""
         self.iterations.assign(0)
         for slot in self.m + self.v:
             slot.assign(tf.zeros_like(slot))
+
+
+def _apply_adam(var, m, v, grad, **constants):
+    """TensorFlow's fused Adam kernel on one device's copy of ``var`` and its slots."""
+    return tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle,
+                                        grad=tf.convert_to_tensor(grad), **constants)
 
 
 # --------------------------------------------------------------------------- mini-epochs

@@ -46,10 +46,18 @@ def _no_global_seed_leaks():
 
 
 def pytest_collection_modifyitems(items):
-    """Every test that uses the shared trained run is slow (it trains all five stages)."""
+    """Every test that uses the shared trained run is slow (it trains all five stages).
+
+    Under pytest-xdist (``--dist loadgroup``) a file's tests stay together in one worker
+    (module fixtures are built once), and every file that uses the shared run goes to the
+    same worker, so that the run is trained once."""
+    shared = {item.path for item in items
+              if {"digits_run", "run_dir"} & set(getattr(item, "fixturenames", ()))}
     for item in items:
         if {"digits_run", "run_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        group = "digits_run" if item.path in shared else item.path.name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def build_tool():

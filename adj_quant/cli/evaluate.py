@@ -27,7 +27,8 @@ EVAL_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_siz
                "max_val_images", "eval_crop", "model", "width_multiplier",
                "depth_multiplier", "weight_bits", "act_bits", "swish_bits", "bias_bits", "range", "bias_range",
                "quantize_se_gate", "calib_images",
-               "metric_img_size", "ckpt_path", "config", "progress", "seed"]
+               "metric_img_size", "ckpt_path", "config", "progress", "seed", "strategy",
+               "logical_cpus", "worker_timeout"]
 EXTRA = {
     "--float": dict(action="store_true", dest="float_model",
                     help="evaluate the checkpoint as a float model (no quantization)"),
@@ -96,6 +97,7 @@ def quant_info_path(output: str | None, ckpt: str) -> str:
 
 
 def evaluate_checkpoint(cli: dict) -> dict:
+    from adj_quant import distribution
     from adj_quant.checkpoints import ModelSpec, model_spec_for, resolve_checkpoint, restore_model
     from adj_quant.qnetwork import QuantizedNetwork
     from adj_quant.quant_info import save_quant_info
@@ -115,26 +117,32 @@ def evaluate_checkpoint(cli: dict) -> dict:
     if spec.arch.num_classes != arch_of(o).num_classes:
         raise UserError(f"--ckpt_path {ckpt} has {spec.arch.num_classes} classes but the "
                         f"dataset has {arch_of(o).num_classes}; pass the matching --num_classes")
-    model = spec.build(seed=o.seed)
-    restore_model(model, ckpt)
-    if spec.kind == "float" and not as_float:
-        qmodel = QuantizedNetwork.from_float(model, quant_config(o, False), seed=o.seed)
-        if thresholds:
-            qmodel.load_thresholds(thresholds)
-        else:
-            calibrate_activations(qmodel, o)
-        model = qmodel
-    elif spec.kind == "quant" and as_float:
+    if spec.kind == "quant" and as_float:
         raise UserError(f"--float: {ckpt} holds a quantized model; evaluate it without --float")
-    val = validation_data(o, model.arch.num_classes)
-    result = validation.accuracy(model, val, progress=o.progress, max_images=o.max_val_images)
+    strategy = distribution.get_strategy(o.strategy, logical_cpus=o.logical_cpus,
+                                         worker_timeout=o.worker_timeout)
+    with strategy.scope():
+        model = spec.build(seed=o.seed)
+        restore_model(model, ckpt)
+        if spec.kind == "float" and not as_float:
+            qmodel = QuantizedNetwork.from_float(model, quant_config(o, False), seed=o.seed)
+            if thresholds:
+                qmodel.load_thresholds(thresholds)
+            else:
+                calibrate_activations(qmodel, o)
+            model = qmodel
+        val = validation_data(o, model.arch.num_classes)
+        result = validation.accuracy(model, val, progress=o.progress,
+                                     max_images=o.max_val_images)
     bits = validation.bits_of(model)
     img = o.metric_img_size or o.img_size
     result.update(validation.scores(bits, model.arch, img), metric_img_size=img, checkpoint=ckpt)
     summary = {k: result[k] for k in ("avg_weight_bits", "avg_act_bits", "params", "ops",
                                       "score_adjq", "score_micronet", "top1", "top5")}
-    save_quant_info(out, bits, model.arch, summary)
     result["quant_info"] = out
+    if not distribution.is_chief(strategy):  # the chief writes the files
+        return result
+    save_quant_info(out, bits, model.arch, summary)
     if plot:
         from adj_quant.recipe.plots import per_layer_bits_png
 

@@ -88,6 +88,11 @@ class Options:
     swa_delay: float | None = None
     swa_freq: float = 0.2
     jit_compile: bool = False
+    # --- devices
+    strategy: str = "auto"
+    logical_cpus: int = 1
+    worker_timeout: float = 300.0
+    sync_bn: bool = False
     keep_checkpoints: int = 3
     max_loss: float | None = None
     collapse_patience: int = 3
@@ -161,6 +166,16 @@ HELP = {
     "swa_freq": "SWA snapshot period in epochs (multiples of 0.1)",
     "keep_checkpoints": "keep the best and this many most recent checkpoints (0: keep all)",
     "jit_compile": "compile the training step with XLA",
+    "strategy": "where to train (tf.distribute): auto (mirrored over all GPUs when there is "
+                "more than one, else one device), default (one device), mirrored (all local "
+                "GPUs, else all logical CPUs), multi_worker (one process per host, from "
+                "TF_CONFIG) or tpu (see docs/distributed.md); --batch_size is the global batch",
+    "logical_cpus": "split the CPU into this many logical devices (try mirrored on a machine "
+                    "without GPUs; it tests the plumbing, it is not faster)",
+    "worker_timeout": "seconds a multi_worker start waits for every worker of TF_CONFIG "
+                      "before it gives up",
+    "sync_bn": "batch norm with the statistics of the global batch, summed over all replicas "
+               "(float pretraining under a multi-replica strategy)",
     "ckpt_path": "initialise from this checkpoint (a prefix, or a directory: its best one)",
     "teacher_ckpt": "float teacher checkpoint for distillation (default: the run's pretrain)",
     "run_dir": "run directory holding every stage's output (default: runs/<dataset>)",
@@ -181,7 +196,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 AUGMENTATIONS = ("inception", "shift", "none")
 CHOICES = {"stage": STAGES, "metric_style": ("adjq", "micronet"),
            "bits_grad": ("original", "scale_only"), "bias_range": ("live", "calibrated"),
-           "augment": AUGMENTATIONS}
+           "augment": AUGMENTATIONS,
+           "strategy": ("auto", "default", "mirrored", "multi_worker", "tpu")}
 #: Defaults that depend on the stage: float pretraining regularises, the quantized stages
 #: (and evaluation, stage None) run the network as the original did, without.
 PRETRAIN_ONLY = {"dropout": 0.2, "drop_connect": 0.2}
@@ -358,7 +374,7 @@ def validate(o: Options) -> None:
 
     for name in ("img_size", "batch_size", "calib_images", "reinit", "iter_train_freq",
                  "max_epoch", "swa_freq", "metric_img_size", "num_classes", "max_val_images",
-                 "max_loss"):
+                 "max_loss", "logical_cpus", "worker_timeout"):
         positive(name)
     check_model(o.model)
     if o.width_multiplier <= 0 or o.depth_multiplier <= 0:
@@ -463,7 +479,9 @@ ARCH_DATA_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "eval
                     "swish_bits", "bias_bits", "bits_trainable", "range", "bias_range",
                     "quantize_se_gate")
 #: Options that do not change what a stage computes.
-UNCOMPARED_FIELDS = ("progress", "config", "stage", "run_dir", "allow_config_change")
+#: Not compared when a stage resumes: where it runs does not change what it trains.
+UNCOMPARED_FIELDS = ("progress", "config", "stage", "run_dir", "allow_config_change",
+                     "strategy", "logical_cpus", "worker_timeout")
 CONFIG_FILE, CONFIG_HISTORY = "config.json", "config_history.json"
 
 

@@ -17,7 +17,7 @@ import functools
 import os
 import sys
 
-from adj_quant import nets
+from adj_quant import distribution, nets
 from adj_quant.checkpoints import (
     ModelSpec,
     RunCheckpoints,
@@ -125,6 +125,21 @@ class Stage:
                                 "directory for the run's stages")
         self.arch = arch_of(self.o)  # checks the dataset before anything else happens
         self.config_changes: dict = {}
+        self.strategy = None  # set by run_stage
+        self.chief = True
+
+    def distribute(self) -> "Stage":
+        """Pick the ``--strategy`` (created once per process) this stage runs under."""
+        o = self.o
+        self.strategy = distribution.get_strategy(o.strategy, logical_cpus=o.logical_cpus,
+                                                  worker_timeout=o.worker_timeout)
+        self.chief = distribution.is_chief(self.strategy)
+        replicas = self.strategy.num_replicas_in_sync
+        if o.batch_size < replicas:
+            raise UserError(f"--batch_size {o.batch_size} is the global batch and smaller than "
+                            f"the {replicas} replicas of --strategy {o.strategy}; pass at least "
+                            f"{replicas}")
+        return self
 
     def check_resume(self) -> None:
         """Called holding the stage's lock, before anything is written: clean up what an
@@ -137,7 +152,7 @@ class Stage:
     def build(self, spec: ModelSpec):
         return spec.build(seed=self.o.seed, dropout_rate=self.o.dropout,
                           drop_connect_rate=self.o.drop_connect,
-                          bn_momentum=self.o.bn_momentum)
+                          bn_momentum=self.o.bn_momentum, sync_bn=self.o.sync_bn)
 
     def previous(self, stage: str) -> str:
         """Best checkpoint of an earlier stage of this run."""
@@ -234,13 +249,20 @@ class Stage:
 
     def start(self, spec: ModelSpec | None) -> None:
         os.makedirs(self.dir, exist_ok=True)
+        if not self.chief:
+            return
         record_config(self.o, self.dir, self.config_changes)
         if spec is not None:
             save_spec(self.dir, spec)
 
     def finish(self, result: dict) -> dict:
-        write_json_atomic(os.path.join(self.dir, RESULT), result)
-        return result
+        """The chief writes ``result.json``; every worker waits for it and returns it."""
+        path = os.path.join(self.dir, RESULT)
+        if self.chief:
+            write_json_atomic(path, result)
+        if self.strategy is not None:
+            distribution.barrier(self.strategy)
+        return result if self.chief else read_json(path)
 
     def train(self, model, teacher=None, best_key=None) -> dict:
         trainer = Trainer(model, self.o, self.dir, teacher=teacher, best_key=best_key,
@@ -254,13 +276,18 @@ class Stage:
 
 
 def run_stage(name: str, body, cli: dict) -> dict:
-    """Run ``body(stage)`` holding the stage directory's lock; a finished stage is skipped."""
+    """Run ``body(stage)`` under the ``--strategy``, the chief holding the stage
+    directory's lock; a finished stage is skipped."""
     st = Stage(name, cli)
     if (done := st.already_finished()) is not None:
         return done
+    st.distribute()
+    if not st.chief:  # the chief locks, cleans and writes; the others follow it
+        with st.strategy.scope():
+            return body(st)
     created = not os.path.exists(st.dir)
     try:
-        with DirectoryLock(st.dir, f"[{name}] stage directory"):
+        with DirectoryLock(st.dir, f"[{name}] stage directory"), st.strategy.scope():
             if (done := st.already_finished()) is not None:  # finished while we waited
                 return done
             st.check_resume()
@@ -295,7 +322,8 @@ def _calibrate(st: Stage) -> dict:
     data_lib.dataset_info(*data_args(o))  # bad data is reported before anything is written
     st.start(None)
     seen = calibrate_activations(qmodel, o)
-    qmodel.save_thresholds(os.path.join(st.dir, THRESHOLDS))
+    if st.chief:
+        qmodel.save_thresholds(os.path.join(st.dir, THRESHOLDS))
     val = validation_data(o, float_model.arch.num_classes)
     result = {"float_checkpoint": path, "calibration_images": seen,
               "float_top1": validation.accuracy(float_model, val, progress=o.progress,
@@ -356,6 +384,7 @@ def _convert_pretrained(cli: dict) -> dict:
     st = Stage("pretrain", cli)
     if (done := st.already_finished()) is not None:
         return done
+    distribution.barrier(st.distribute().strategy)  # every worker checks before anyone writes
     if os.path.exists(st.dir):
         raise UserError(f"--pretrained: {st.dir} exists but holds no finished pretrain stage; "
                         "delete it or use another --run_dir")
@@ -366,9 +395,14 @@ def _convert_pretrained(cli: dict) -> dict:
         raise UserError(f"--pretrained {st.o.pretrained} has {source['source_num_classes']} "
                         f"classes but the dataset has {num_classes(st.o)}; pass a checkpoint "
                         "with the dataset's classes")
+    distribution.barrier(st.strategy)
+    if not st.chief:  # the chief converts; the others wait for its result
+        distribution.barrier(st.strategy)
+        return read_json(os.path.join(st.dir, RESULT))
     convert(st.o.pretrained, st.o.model, st.dir, labels_offset=offset)
     print(f"[pretrain] converted {st.o.pretrained} ({source['description']}) into {st.dir}; "
           "no float training", file=sys.stderr)
+    distribution.barrier(st.strategy)
     return read_json(os.path.join(st.dir, RESULT))
 calibrate = functools.partial(run_stage, "calibrate", _calibrate)
 qat8 = functools.partial(run_stage, "qat8", functools.partial(
@@ -388,10 +422,12 @@ def write_final_quant_info(cli: dict, finetune_result: dict) -> str:
     """``quant_info.json`` of the final model, beside its checkpoint."""
     st = Stage("finetune", cli)
     path = finetune_result["best_checkpoint"]
+    out = os.path.join(os.path.dirname(path), "quant_info.json")
+    if not st.distribute().chief:
+        return out
     spec = model_spec_for(path, None, "final checkpoint")
     model = st.build(spec)
     restore_model(model, path, "final checkpoint")
-    out = os.path.join(os.path.dirname(path), "quant_info.json")
     summary = {k: finetune_result.get(k) for k in (
         "avg_weight_bits", "avg_act_bits", "params", "ops", "score_adjq", "score_micronet",
         "top1", "top5")}

@@ -11,12 +11,20 @@ import dataclasses
 import os
 import sys
 
+import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant import cost as cost_lib
+from adj_quant import distribution
 from adj_quant import training_rules as rules
-from adj_quant.checkpoints import CorruptCheckpoint, RunCheckpoints, all_finite, reading
+from adj_quant.checkpoints import (
+    CorruptCheckpoint,
+    RunCheckpoints,
+    WorkerCheckpoints,
+    all_finite,
+    reading,
+)
 from adj_quant.errors import UserError
 from adj_quant.files import is_disk_full
 from adj_quant.recipe import data as data_lib
@@ -56,6 +64,10 @@ class Trainer:
 
     ``teacher`` (a float model) turns on the adjustable loss (KD + alpha*CE + metric);
     without it the loss is plain cross-entropy (float pretraining).
+
+    It trains under the ``tf.distribute`` strategy in whose scope it is built (the model's
+    too): each step splits the global batch over the replicas and sums their gradients.
+    Only the chief writes into ``stage_dir``.
     """
 
     def __init__(self, model, options: Options, stage_dir: str, *, teacher=None,
@@ -63,6 +75,8 @@ class Trainer:
         self.model, self.o, self.stage_dir, self.teacher = model, options, stage_dir, teacher
         self.stage = stage
         self.best_key = best_key
+        self.strategy = tf.distribute.get_strategy()
+        self.chief = distribution.is_chief(self.strategy)
         self.info = data_lib.dataset_info(*data_args(options))
         self.steps_per_epoch = self.info.num_train // options.batch_size
         if self.steps_per_epoch < rules.MINI_EPOCHS:
@@ -83,15 +97,19 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             model=model, adam=self.opt, adam_bits=self.bits_opt, global_step=self.global_step,
             mini_epoch=self.mini_epoch, swa=self.swa)
-        self.ckpts = RunCheckpoints(stage_dir, keep=options.keep_checkpoints)
+        job, index = distribution.task(self.strategy)
+        self.ckpts = (RunCheckpoints(stage_dir, keep=options.keep_checkpoints) if self.chief
+                      else WorkerCheckpoints(stage_dir, options.keep_checkpoints,
+                                             f"{job}{index}"))
         self.flags = rules.ScheduleFlags(
             bits_trainable=bool(bits_vars), finetune=options.finetune,
             warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
             iter_train_freq=options.iter_train_freq)
         self._train_step = {}
         self.top1_history: list[float] = []
-        self._eval_step = validation.make_eval_step(model)
-        self.writer = tf.summary.create_file_writer(stage_dir)
+        self._eval_step = validation.make_eval_step(model, self.strategy)
+        self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
+                       else tf.summary.create_noop_writer())
         self.val_data = validation_data(options, self.info.num_classes)
 
     # ------------------------------------------------------------------ steps
@@ -109,18 +127,35 @@ class Trainer:
                                      beta=self.o.beta, target=self.o.metric)
 
     def train_step(self, train_bits: bool):
+        """The step function: ``step(images, labels, lr, lr_bits) -> loss parts``, with
+        ``images`` and ``labels`` split over the replicas (:meth:`split`)."""
         if train_bits not in self._train_step:
             variables = self.weight_vars + (self.bits_vars if train_bits else [])
+            strategy = self.strategy
+            replicas = strategy.num_replicas_in_sync
+            beta = self.o.beta if self.teacher is not None else 0.0
+
+            def replica_step(images, labels):
+                with tf.GradientTape() as tape:
+                    parts = rules.replica_share(
+                        self._loss(images, labels, training=True),
+                        distribution.replica_fraction(images, self.o.batch_size), replicas,
+                        beta)
+                grads = tape.gradient(parts["loss"], variables)
+                if replicas > 1:
+                    grads = distribution.all_reduce_sum(grads)
+                return parts, grads
 
             def step(images, labels, lr, lr_bits):
-                with tf.GradientTape() as tape:
-                    parts = self._loss(images, labels, training=True)
-                grads = tape.gradient(parts["loss"], variables)
+                parts, grads = strategy.run(replica_step, (images, labels))
                 n = len(self.weight_vars)
-                self.opt.apply(grads[:n], self.weight_vars, lr)
-                if train_bits:
-                    self.bits_opt.apply(grads[n:], self.bits_vars, lr_bits)
-                return parts
+                with strategy.scope():  # the optimizers update every replica's copy
+                    self.opt.apply(grads[:n], self.weight_vars, lr)
+                    if train_bits:
+                        self.bits_opt.apply(grads[n:], self.bits_vars, lr_bits)
+                if replicas == 1:
+                    return parts
+                return {k: distribution.reduce_sum(strategy, v) for k, v in parts.items()}
 
             self._train_step[train_bits] = tf.function(step, jit_compile=self.o.jit_compile)
         return self._train_step[train_bits]
@@ -160,7 +195,7 @@ class Trainer:
                 print(f"[{self.stage}] {latest} is corrupt ({err.reason}); resuming from "
                       f"{earlier} instead", file=sys.stderr)
                 continue
-            print(f"[{self.stage}] resuming from {latest} (mini-epoch {int(self.mini_epoch)})")
+            print(f"[{self.stage}] resuming from {latest} (mini-epoch {int(self.mini_epoch.numpy())})")
             return True
         return False
 
@@ -223,10 +258,10 @@ class Trainer:
         if swa_due and self.swa.assign_average(self.model.trainable_variables):
             last = self.validate()
             name = f"swa_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
-            self._save(name, dict(last, swa=int(self.swa.count)))
+            self._save(name, dict(last, swa=int(self.swa.count.numpy())))
             self.ckpts.set_best(name)
             self._summaries(last, total + 1)
-            print(f"[{self.stage}] SWA of {int(self.swa.count)} snapshots: top-1 "
+            print(f"[{self.stage}] SWA of {int(self.swa.count.numpy())} snapshots: top-1 "
                   f"{100 * last['top1']:.2f}%  metric {last['metric']:.4f}")
         self.ckpts.mark_finished()
         self.writer.flush()
@@ -255,7 +290,7 @@ class Trainer:
         bound = self.loss_bound()
         losses = []
         bar = tqdm(total=steps, desc=f"{self.stage} {index + 1}/{total}", unit="step",
-                   disable=not o.progress, leave=False)
+                   disable=not (o.progress and self.chief), leave=False)
         for _ in range(steps):
             try:
                 images, labels = next(batches)
@@ -268,6 +303,7 @@ class Trainer:
             lr, lr_bits = rules.step_learning_rates(step, lr=o.lr, lr_bits=o.lr_bits,
                                                     lr_fixed=o.lr_fixed, lr_decay=o.lr_decay,
                                                     reinit=o.reinit)
+            images, labels = distribution.split_batch(self.strategy, images, labels)
             parts = step_fn(images, labels, tf.constant(lr, tf.float32),
                             tf.constant(lr_bits, tf.float32))
             loss = float(parts["loss"].numpy())
@@ -278,6 +314,8 @@ class Trainer:
                     f"the loss reached {loss:.4g} at step {step}, above the divergence bound "
                     f"{bound:.4g} (--max_loss, default 1e6 x the first mini-epoch's mean loss)")
             losses.append(loss)
+            if train_bits:
+                self._check_replicas_agree(step)
             self.global_step.assign_add(1)
             if step % LOG_EVERY == 0:
                 with self.writer.as_default(step=step):
@@ -289,6 +327,17 @@ class Trainer:
             bar.update(1)
         bar.close()
         return sum(losses) / len(losses) if losses else None
+
+    def _check_replicas_agree(self, step: int) -> None:
+        """Every local replica holds the same ``bits_scale`` (and so the same bits) after a
+        step that trained them; a difference means the replicas no longer train one model."""
+        if not distribution.is_distributed(self.strategy):
+            return
+        for var in self.bits_vars:
+            copies = [c.numpy() for c in self.strategy.experimental_local_results(var)]
+            if any(not np.array_equal(copies[0], c) for c in copies[1:]):
+                raise self._diverged(f"the replicas' copies of {var.name} differ after step "
+                                     f"{step} (the strategy's all-reduce failed)")
 
     # ------------------------------------------------------------------ validation
 
@@ -305,6 +354,8 @@ class Trainer:
     # ------------------------------------------------------------------ summaries
 
     def _summaries(self, result: dict, mini_epoch: int) -> None:
+        if not self.chief:
+            return
         with self.writer.as_default(step=mini_epoch):
             for key in ("top1", "top5", "score_adjq", "score_micronet", "params", "ops",
                         "avg_weight_bits", "avg_act_bits", "metric"):
@@ -320,6 +371,8 @@ class Trainer:
     def _write_hparams(self) -> None:
         from tensorboard.plugins.hparams import api as hp
 
+        if not self.chief:
+            return
         values = {k: v for k, v in dataclasses.asdict(self.o).items()
                   if isinstance(v, (bool, int, float, str)) and k not in ("progress",)}
         values["stage"] = self.stage

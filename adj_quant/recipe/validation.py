@@ -7,19 +7,30 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant import cost as cost_lib
+from adj_quant.distribution import is_distributed, reduce_sum, split_batch
 from adj_quant.qnetwork import ACTIVATION_SITES
 from adj_quant.quant_info import average_bits
 from adj_quant.recipe import data as data_lib
 from adj_quant.training_rules import topk_correct
 
 
-def make_eval_step(model):
-    @tf.function(reduce_retracing=True)
-    def step(images, labels):
+def make_eval_step(model, strategy: tf.distribute.Strategy | None = None):
+    """``step(images, labels) -> (top-1 hits, top-5 hits)`` of one batch, split over the
+    replicas of ``strategy`` (default: the current one) and summed."""
+    strategy = strategy or tf.distribute.get_strategy()
+
+    def hits(images, labels):
         logits = model(images, training=False)
         return topk_correct(logits, labels, 1), topk_correct(logits, labels, 5)
 
-    return step
+    @tf.function(reduce_retracing=True)
+    def replicated(images, labels):
+        top1, top5 = strategy.run(hits, (images, labels))
+        return reduce_sum(strategy, top1), reduce_sum(strategy, top5)
+
+    if not is_distributed(strategy):
+        return tf.function(hits, reduce_retracing=True)
+    return lambda images, labels: replicated(*split_batch(strategy, images, labels))
 
 
 def accuracy(model, dataset, *, what: str = "validation data", progress: bool = True,

@@ -1,0 +1,309 @@
+"""Where a run trains: one ``tf.distribute`` strategy per process (docs/distributed.md).
+
+``--strategy`` picks it:
+
+* ``auto`` (the default): ``MirroredStrategy`` when more than one GPU is visible (or
+  ``--logical_cpus`` splits the CPU), TensorFlow's default strategy otherwise;
+* ``default``: one device;
+* ``mirrored``: ``MirroredStrategy`` over every local GPU (else every logical CPU);
+* ``multi_worker``: ``MultiWorkerMirroredStrategy``, one process per host, from ``TF_CONFIG``;
+* ``tpu``: ``TPUStrategy`` on the TPU that ``TPUClusterResolver`` finds.
+
+The recipe keeps a run equal to one device's run: every worker builds the same global
+batch and each replica takes its rows (:func:`split_batch`), gradients are summed across
+replicas, and the losses are scaled so that the sum is the one-device loss
+(:func:`replica_loss`). The chief (:func:`is_chief`) writes the run's files; the other
+workers write their checkpoints to temporary directories and delete them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import tensorflow as tf
+
+from adj_quant.errors import UserError
+
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+#: Seconds a multi-worker start may wait for the other workers (``--worker_timeout``).
+DEFAULT_WORKER_TIMEOUT = 300.0
+
+_strategies: dict[tuple, tf.distribute.Strategy] = {}
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def split_cpu(count: int) -> None:
+    """Split the host CPU into ``count`` logical devices (to run ``mirrored`` on one
+    machine without GPUs). Must come before TensorFlow sets up its devices."""
+    if count <= 1:
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    except RuntimeError:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != count:
+            raise UserError(f"--logical_cpus {count}: this process already set up TensorFlow "
+                            f"with {have} CPU device(s); pass --logical_cpus in a fresh "
+                            "process (before anything else runs)") from None
+
+
+def local_devices() -> list[str]:
+    """The devices ``mirrored`` spreads over: every GPU, else every logical CPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
+# --------------------------------------------------------------------------- TF_CONFIG
+
+
+def read_tf_config() -> dict:
+    """``TF_CONFIG`` checked: a cluster of ``host:port`` workers (and an optional chief)
+    and this process's task in it. Problems are one :class:`UserError` line."""
+    raw = os.environ.get("TF_CONFIG")
+    example = ('{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    if not raw:
+        raise UserError("--strategy multi_worker needs TF_CONFIG describing the cluster, "
+                        f"e.g. TF_CONFIG='{example}' (see docs/distributed.md)")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise UserError(f"TF_CONFIG is not valid JSON ({err.msg} at character {err.pos}); "
+                        f"set it like {example}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
+        raise UserError(f"TF_CONFIG has no \"cluster\" object; set it like {example}")
+    cluster, task = config["cluster"], config.get("task")
+    jobs = {k: v for k, v in cluster.items() if k in ("chief", "worker")}
+    if not jobs:
+        raise UserError("TF_CONFIG's cluster names no \"worker\" (or \"chief\") addresses; "
+                        f"set it like {example}")
+    for job, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses:
+            raise UserError(f"TF_CONFIG cluster.{job} must be a non-empty list of "
+                            f"\"host:port\" strings, got {addresses!r}")
+        for address in addresses:
+            if not isinstance(address, str) or not re.fullmatch(r"[^\s:]+:\d{1,5}", address):
+                raise UserError(f"TF_CONFIG cluster.{job} holds {address!r}, not a "
+                                "\"host:port\" address")
+    if not isinstance(task, dict) or not isinstance(task.get("type"), str):
+        raise UserError("TF_CONFIG has no \"task\" with a \"type\" (this process's job, e.g. "
+                        "{\"type\": \"worker\", \"index\": 0})")
+    kind, index = task["type"], task.get("index", 0)
+    if kind not in jobs:
+        raise UserError(f"TF_CONFIG task type {kind!r} is not a job of the cluster "
+                        f"({', '.join(jobs)})")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(jobs[kind]):
+        raise UserError(f"TF_CONFIG task index {index!r} names no {kind}: the cluster has "
+                        f"{len(jobs[kind])} (indices 0..{len(jobs[kind]) - 1})")
+    return config
+
+
+class _Watchdog:
+    """Ends this process with one line if the cluster is not up within ``seconds``.
+
+    TensorFlow waits for every worker of ``TF_CONFIG`` without a time limit, inside C++
+    that holds the interpreter: neither a Python thread nor a signal handler gets to run.
+    A small watchdog process does: it prints the line and kills this one, unless this one
+    stops it first."""
+
+    CODE = ("import os, sys, time\n"
+            "parent, seconds, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]\n"
+            "time.sleep(seconds)\n"
+            "if os.getppid() == parent:\n"
+            "    sys.stderr.write(line + '\\n'); sys.stderr.flush(); os.kill(parent, 9)\n")
+
+    def __init__(self, seconds: float, addresses: list[str]):
+        self.seconds = seconds
+        self.line = (f"error: --strategy multi_worker: the workers of TF_CONFIG "
+                     f"({', '.join(addresses)}) did not all connect within {seconds:g} s "
+                     "(--worker_timeout); start every worker with its own TF_CONFIG task and "
+                     "check the addresses and ports")
+        self.process = None
+
+    def __enter__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", self.CODE, str(os.getpid()), str(self.seconds), self.line],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+
+
+def _multi_worker(timeout: float) -> tf.distribute.Strategy:
+    config = read_tf_config()
+    addresses = [a for job in ("chief", "worker") for a in config["cluster"].get(job, [])]
+    started = time.monotonic()
+    with _Watchdog(timeout, addresses):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        barrier(strategy)  # every worker is up and reachable
+    print(f"[distribute] {strategy.num_replicas_in_sync} replicas on {len(addresses)} workers "
+          f"(this is task {config['task']['type']}:{config['task'].get('index', 0)}), "
+          f"connected in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return strategy
+
+
+def _tpu() -> tf.distribute.Strategy:
+    name = os.environ.get("TPU_NAME", "local")
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=name)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except Exception as err:  # noqa: BLE001 (the resolver raises many kinds without a TPU)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = reason.split(". ")[0][:160]
+        raise UserError(f"--strategy tpu: no TPU found (TPU_NAME={name}: {reason}); run on a "
+                        "TPU VM, set TPU_NAME to your TPU, or pick another --strategy") from None
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+def get_strategy(name: str = "auto", *, logical_cpus: int = 1,
+                 worker_timeout: float = DEFAULT_WORKER_TIMEOUT) -> tf.distribute.Strategy:
+    """The strategy ``name`` (created once per process and reused by every stage)."""
+    if name not in STRATEGIES:
+        raise UserError(f"--strategy {name!r}: use one of {', '.join(STRATEGIES)}")
+    key = (name, logical_cpus)
+    if key in _strategies:
+        return _strategies[key]
+    split_cpu(logical_cpus)
+    if name == "auto":
+        many = len(tf.config.list_logical_devices("GPU")) > 1 or logical_cpus > 1
+        name = "mirrored" if many else "default"
+    if name == "default":
+        strategy = tf.distribute.get_strategy()
+    elif name == "mirrored":
+        devices = local_devices()
+        if len(devices) == 1:
+            print(f"warning: --strategy mirrored sees one device ({devices[0]}); running on "
+                  "it as a single replica", file=sys.stderr)
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif name == "multi_worker":
+        strategy = _multi_worker(worker_timeout)
+    else:
+        strategy = _tpu()
+    _strategies[key] = strategy
+    return strategy
+
+
+def is_distributed(strategy: tf.distribute.Strategy) -> bool:
+    return strategy.num_replicas_in_sync > 1
+
+
+def task(strategy: tf.distribute.Strategy) -> tuple[str | None, int]:
+    """``(job, index)`` of this process in a multi-worker cluster, ``(None, 0)`` otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return None, 0
+    return resolver.task_type, int(resolver.task_id or 0)
+
+
+def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
+    """Whether this process writes the run's files: always, except on the workers of a
+    multi-worker cluster other than the chief (the ``chief`` task, else worker 0)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    job, index = task(strategy)
+    if job is None or job == "chief":
+        return True
+    if job != "worker":
+        return False
+    jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+    return index == 0 and "chief" not in jobs
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Wait until every replica of every worker got here (a sum over all of them)."""
+    if strategy.num_replicas_in_sync > 1:
+        _barrier_function(strategy)().numpy()
+
+
+_barriers: dict[int, tf.types.experimental.PolymorphicFunction] = {}
+
+
+def _barrier_function(strategy):
+    if id(strategy) not in _barriers:
+        @tf.function
+        def count():
+            return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                   strategy.run(lambda: tf.ones([])), axis=None)
+
+        _barriers[id(strategy)] = count
+    return _barriers[id(strategy)]
+
+
+# --------------------------------------------------------------------------- per replica
+
+
+def replica_rows(total: int, replicas: int, replica: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a ``total``-row batch for ``replica`` of ``replicas``:
+    consecutive, in replica order, sizes differing by at most one."""
+    return replica * total // replicas, (replica + 1) * total // replicas
+
+
+def split_batch(strategy: tf.distribute.Strategy, *tensors):
+    """Give each replica its rows of a global batch (every worker holds the same batch).
+
+    With one replica the tensors are returned as they are.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return tensors
+    total = int(tensors[0].shape[0])
+
+    def rows(context):
+        start, stop = replica_rows(total, replicas, context.replica_id_in_sync_group)
+        return tuple(t[start:stop] for t in tensors)
+
+    return strategy.experimental_distribute_values_from_function(rows)
+
+
+def replica_fraction(images: tf.Tensor, global_batch: int) -> tf.Tensor:
+    """This replica's share of the global batch (its rows / all rows)."""
+    return tf.cast(tf.shape(images)[0], tf.float32) / float(global_batch)
+
+
+def all_reduce_sum(values: list):
+    """Sum ``values`` (some may be ``None``) over all replicas, in replica context."""
+    present = [i for i, v in enumerate(values) if v is not None]
+    if not present:
+        return values
+    context = tf.distribute.get_replica_context()
+    summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in present])
+    result = list(values)
+    for i, value in zip(present, summed):
+        result[i] = value
+    return result
+
+
+def reduce_sum(strategy: tf.distribute.Strategy, value):
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+
+
+def reduce_mean(strategy: tf.distribute.Strategy, value):
+    return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+
+
+def reduce_min_max(strategy: tf.distribute.Strategy, low, high):
+    """Element-wise minimum of ``low`` and maximum of ``high`` over every replica
+    (``tf.distribute`` reduces only sums and means: gather, then reduce)."""
+    if strategy.num_replicas_in_sync == 1:
+        return low, high
+    def leading_axis(values):
+        return tf.nest.map_structure(lambda t: t[None], values)
+
+    low_all = strategy.gather(strategy.run(leading_axis, (low,)), axis=0)
+    high_all = strategy.gather(strategy.run(leading_axis, (high,)), axis=0)
+    return (tf.nest.map_structure(lambda t: tf.reduce_min(t, 0), low_all),
+            tf.nest.map_structure(lambda t: tf.reduce_max(t, 0), high_all))

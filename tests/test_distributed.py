@@ -1,0 +1,304 @@
+"""Training under tf.distribute equals training on one device (issue: many GPUs, many hosts).
+
+The oracle is the one-device run of the same stage, global batch and seed. Two replicas
+add the same gradients in another order, so float32 results differ in the last bits;
+Adam divides by the root of the second moment, which makes a parameter whose gradient is
+a near-cancelling sum (a range shift, the beta of a batch norm followed only by batch
+norms) move by up to its learning rate per step either way. The checks therefore are:
+gradients of one step (the machinery: loss scaling, the metric counted once, the
+all-reduce), the whole parameter vector after training (relative norm), every weight
+tensor, the learned bits (identical), the calibrated thresholds (identical) and the loss
+curve.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from adj_quant import distribution, training_rules as rules
+from adj_quant.checkpoints import read_json
+from adj_quant.cli import train as train_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NET = ["--img_size", "32", "--width_multiplier", "0.25", "--depth_multiplier", "0.25",
+       "--max_val_images", "360", "--metric_img_size", "224", "--no-progress"]
+SHORT = ["--batch_size", "32", "--max_epoch", "0.2", "--lr", "1e-4", "--lr_fixed"]
+ADJUSTABLE = [*SHORT, "--bits_trainable", "--metric", "0.01", "--lr_bits", "0.05",
+              "--warm_up_epoch", "0", "--iter_train_freq", "1"]
+PRETRAIN = ["--batch_size", "32", "--max_epoch", "0.1", "--lr", "1e-3", "--lr_fixed",
+            "--dropout", "0", "--drop_connect", "0", "--sync_bn"]
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+    return env
+
+
+def _latest(stage_dir):
+    state = read_json(os.path.join(stage_dir, "checkpoints.json"))
+    return os.path.join(stage_dir, state["latest"]), state
+
+
+def _values(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if name.startswith("model/") and reader.get_tensor(name).dtype.kind == "f"}
+
+
+def _relative(a, b):
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
+
+
+def _compare(one_dir, other_dir, tolerance):
+    """Relative difference of the whole parameter vector (asserted) and per tensor."""
+    a, b = _values(_latest(one_dir)[0]), _values(_latest(other_dir)[0])
+    assert a.keys() == b.keys()
+    names = sorted(a)
+    whole = _relative(np.concatenate([a[n].ravel() for n in names]),
+                      np.concatenate([b[n].ravel() for n in names]))
+    assert whole <= tolerance, f"parameters differ by {whole:.2e} (relative norm)"
+    return {n: _relative(a[n], b[n]) for n in names}, a, b
+
+
+def _mean_losses(stage_dir):
+    return [e["mean_loss"] for e in _latest(stage_dir)[1]["checkpoints"]]
+
+
+# Session scope: under pytest-xdist a worker may run other files' tests between these,
+# which would tear a module fixture down and build it again.
+@pytest.fixture(scope="session")
+def one_device(tmp_path_factory):
+    """A float model (2 epochs, ~90 %), its thresholds, and the one-device stages."""
+    run = tmp_path_factory.mktemp("one_device")
+    stage = lambda *a: train_cli.main(["--run_dir", str(run), *NET, *a])  # noqa: E731
+    stage("--stage", "pretrain", "--batch_size", "64", "--max_epoch", "2", "--lr", "3e-3",
+          "--lr_fixed", "--bn_momentum", "0.9")
+    stage("--stage", "calibrate", "--calib_images", "256", "--batch_size", "32")
+    stage("--stage", "qat8", *SHORT)
+    qat8 = _latest(run / "qat8")[0]
+    adjustable = tmp_path_factory.mktemp("one_device_adjustable")
+    train_cli.main(["--run_dir", str(adjustable), "--stage", "adjustable", *NET, *ADJUSTABLE,
+                    "--ckpt_path", qat8, "--teacher_ckpt", str(run / "pretrain")])
+    pretrain = tmp_path_factory.mktemp("one_device_pretrain")
+    train_cli.main(["--run_dir", str(pretrain), "--stage", "pretrain", *NET, *PRETRAIN])
+    return {"run": run, "qat8": qat8, "adjustable": adjustable, "pretrain": pretrain}
+
+
+@pytest.fixture(scope="session")
+def mirrored(one_device, tmp_path_factory):
+    """The same under MirroredStrategy over 2 logical CPUs (a process of its own)."""
+    run = tmp_path_factory.mktemp("mirrored")
+    pretrain_dir = str(one_device["run"] / "pretrain")
+    spec = {"out": str(run / "result.json"), "run_dir": str(run), "pretrain": pretrain_dir,
+            "qat8": one_device["qat8"], "stages": [
+                ["qat8", [*NET, *SHORT, "--ckpt_path", pretrain_dir]],
+                ["adjustable", [*NET, *ADJUSTABLE, "--run_dir", str(run / "adjustable_run"),
+                                "--ckpt_path", one_device["qat8"], "--teacher_ckpt",
+                                pretrain_dir]],
+                ["pretrain", [*NET, *PRETRAIN, "--run_dir", str(run / "pretrain_run")]]]}
+    (run / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "replicas_check.py"),
+                           str(run / "spec.json")], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"run": run, "result": read_json(run / "result.json"), "log": done.stdout}
+
+
+def test_one_step_gradients_equal_one_device(mirrored):
+    result = mirrored["result"]
+    assert result["replicas"] == 2
+    assert result["loss_two"] == pytest.approx(result["loss_one"], rel=1e-6)
+    one = np.load(mirrored["run"] / "grads_one.npz")
+    two = np.load(mirrored["run"] / "grads_two.npz")
+    assert sorted(one.files) == sorted(two.files) and any("bits_scale" in n for n in one.files)
+    whole = _relative(np.concatenate([one[n].ravel() for n in one.files]),
+                      np.concatenate([two[n].ravel() for n in one.files]))
+    assert whole <= 1e-5
+    # Every tensor with a gradient well above float32 noise agrees to 1e-3.
+    scale = max(np.linalg.norm(one[n]) for n in one.files)
+    for name in one.files:
+        if np.linalg.norm(one[name]) > 1e-4 * scale:
+            assert _relative(one[name], two[name]) <= 1e-3, name
+
+
+def test_bits_are_identical_on_every_replica_after_every_step(mirrored):
+    # The trainer compares every replica's bits_scale after each bit-training step and
+    # stops on a difference; the mirrored adjustable stage trained bits and finished.
+    assert "(bits trained)" in mirrored["log"] and "[adjustable] done" in mirrored["log"]
+
+
+def test_replicas_that_drift_apart_stop_the_run(tmp_path):
+    """The check itself: one replica's copy of a bits_scale changed behind its back."""
+    from adj_quant.recipe.config import resolve
+    from adj_quant.recipe.trainer import Trainer, TrainingDiverged
+
+    class Fake:  # two local replicas whose copies differ
+        num_replicas_in_sync = 2
+
+        def __init__(self, var):
+            self.copies = [var, tf.Variable(var + 1.0)]
+
+        def experimental_local_results(self, var):
+            return self.copies
+
+    trainer = Trainer.__new__(Trainer)
+    bits = tf.Variable([1.0, 1.0])
+    trainer.bits_vars, trainer.strategy, trainer.stage = [bits], Fake(bits), "adjustable"
+    trainer.ckpts = type("C", (), {"latest": lambda self: None})()
+    trainer.o = resolve({}, "adjustable")
+    with pytest.raises(TrainingDiverged, match="copies of .* differ after step 3"):
+        trainer._check_replicas_agree(3)
+
+
+def test_qat8_under_mirrored_equals_one_device(one_device, mirrored):
+    per_tensor, a, b = _compare(one_device["run"] / "qat8", mirrored["run"] / "qat8", 5e-5)
+    for name, rel in per_tensor.items():
+        if name.split("/.ATTRIBUTES")[0].endswith(("weights", "init_min", "init_max")):
+            assert rel <= 1e-4, (name, rel)
+    one_losses, two_losses = (_mean_losses(one_device["run"] / "qat8"),
+                              _mean_losses(mirrored["run"] / "qat8"))
+    assert one_losses[0] == pytest.approx(two_losses[0], rel=1e-5)
+    assert one_losses == pytest.approx(two_losses, rel=2e-2)
+
+
+def test_adjustable_under_mirrored_equals_one_device(one_device, mirrored):
+    one_dir, two_dir = one_device["adjustable"] / "adjustable", (
+        mirrored["run"] / "adjustable_run" / "adjustable")
+    per_tensor, a, b = _compare(one_dir, two_dir, 5e-5)
+    scales = [n for n in a if "bits_scale" in n]
+    assert scales
+    bits = lambda s: np.clip(np.round(s * 8), 2, 8)  # noqa: E731 (init_bits 8)
+    for name in scales:
+        np.testing.assert_array_equal(bits(a[name]), bits(b[name]), err_msg=name)
+        assert per_tensor[name] <= 1e-3, name
+    assert _mean_losses(one_dir)[0] == pytest.approx(_mean_losses(two_dir)[0], rel=1e-5)
+    entries = [_latest(d)[1]["checkpoints"][-1] for d in (one_dir, two_dir)]
+    assert entries[0]["avg_weight_bits"] == entries[1]["avg_weight_bits"]
+    assert entries[0]["avg_act_bits"] == entries[1]["avg_act_bits"]
+
+
+def test_pretrain_with_sync_bn_equals_one_device(one_device, mirrored):
+    per_tensor, _, _ = _compare(one_device["pretrain"] / "pretrain",
+                                mirrored["run"] / "pretrain_run" / "pretrain", 1e-4)
+    for name, rel in per_tensor.items():
+        if name.split("/.ATTRIBUTES")[0].endswith(("weights", "gamma", "moving_variance")):
+            assert rel <= 1e-4, (name, rel)
+
+
+def test_replica_share_sums_to_the_one_device_loss():
+    # kd + alpha * CE + sign * beta * metric, alpha 7, beta 85, by hand.
+    parts = {"loss": tf.constant(2.0 + 7 * 0.5 - 85 * 0.1), "kd": tf.constant(2.0),
+             "cross_entropy": tf.constant(0.5), "metric": tf.constant(0.1),
+             "sign": tf.constant(-1.0)}
+    shares = [rules.replica_share(parts, f, 2, beta=85.0) for f in (0.25, 0.75)]
+    for key in parts:
+        total = sum(float(s[key]) for s in shares)
+        # The batch means of the replicas' rows are here the same as the global one.
+        assert total == pytest.approx(float(parts[key]), rel=1e-6), key
+
+
+def test_replica_rows_cover_the_batch_in_order():
+    for total in (1, 7, 32, 33):
+        for replicas in (1, 2, 3, 8):
+            rows = [distribution.replica_rows(total, replicas, r) for r in range(replicas)]
+            assert rows[0][0] == 0 and rows[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+            assert max(b - a for a, b in rows) - min(b - a for a, b in rows) <= 1
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _tf_config(ports, index):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _workers(args, ports, temp):
+    return [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
+                             env=_env(TF_CONFIG=_tf_config(ports, i), TMPDIR=str(temp)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(len(ports))]
+
+
+def test_two_worker_processes_resume_and_equal_one_device(one_device, tmp_path):
+    pretrain_dir = str(one_device["run"] / "pretrain")
+    run, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    args = ["--stage", "qat8", "--run_dir", str(run), *NET, *SHORT, "--ckpt_path", pretrain_dir,
+            "--strategy", "multi_worker", "--worker_timeout", "120"]
+    # Killed, both of them, after the first checkpoint ...
+    workers = _workers(args, _free_ports(2), temp)
+    state_file = run / "qat8" / "checkpoints.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            state_file.exists() and read_json(state_file)["checkpoints"]):
+        assert all(w.poll() is None for w in workers), workers[0].communicate()[0][-2000:]
+        time.sleep(0.05)
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+    assert len(read_json(state_file)["checkpoints"]) == 1, "finished before it was killed"
+    # ... and started again with the same command: they resume and finish.
+    workers = _workers(args, _free_ports(2), temp)
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+        assert "resuming from" in out and "(mini-epoch 1)" in out
+    assert "2 replicas on 2 workers" in outputs[0]
+    # Only the chief wrote into the run; the other worker's temporary checkpoints are gone.
+    assert [n for n in os.listdir(temp) if n.startswith("adjq-")] == []
+    assert len(read_json(state_file)["checkpoints"]) == 2
+    per_tensor, _, _ = _compare(one_device["run"] / "qat8", run / "qat8", 5e-5)
+    assert max(v for n, v in per_tensor.items() if "/weights" in n) <= 1e-4
+
+
+@pytest.mark.parametrize("strategy, tf_config, message", [
+    ("tpu", None, "--strategy tpu: no TPU found"),
+    ("multi_worker", "{not json", "TF_CONFIG is not valid JSON"),
+    ("multi_worker", '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                     '"task": {"type": "worker", "index": 2}}', "task index 2 names no worker"),
+    ("multi_worker", '{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker"}}',
+     "not a \"host:port\" address"),
+])
+def test_bad_strategy_setups_are_one_line(tmp_path, strategy, tf_config, message):
+    env = _env(**({"TF_CONFIG": tf_config} if tf_config else {}))
+    done = subprocess.run([sys.executable, "train.py", "--stage", "pretrain", "--run_dir",
+                           str(tmp_path / "run"), *NET, "--strategy", strategy], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_missing_worker_fails_within_the_timeout(tmp_path):
+    ports = _free_ports(2)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "train.py", "--stage", "pretrain", "--run_dir",
+                           str(tmp_path / "run"), *NET, "--strategy", "multi_worker",
+                           "--worker_timeout", "3"], cwd=ROOT,
+                          env=_env(TF_CONFIG=_tf_config(ports, 0)), capture_output=True,
+                          text=True, timeout=120)
+    assert time.monotonic() - started < 60
+    assert done.returncode != 0
+    assert "did not all connect within 3 s" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
