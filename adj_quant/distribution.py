@@ -291,10 +291,6 @@ def reduce_sum(strategy: tf.distribute.Strategy, value):
     return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
 
 
-def reduce_mean(strategy: tf.distribute.Strategy, value):
-    return strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-
-
 def reduce_min_max(strategy: tf.distribute.Strategy, low, high):
     """Element-wise minimum of ``low`` and maximum of ``high`` over every replica
     (``tf.distribute`` reduces only sums and means: gather, then reduce)."""
