@@ -26,6 +26,8 @@ _EXPORTS = {
     "QuantizedNetwork": "adj_quant.qnetwork",
     "AdjustableQuantizer": "adj_quant.adjustable_quantizer",
     "fake_quantize": "adj_quant.adjustable_quantizer",
+    "LsqQuantizer": "adj_quant.lsq_quantizer",
+    "lsq_quantize": "adj_quant.lsq_quantizer",
     "quantize": "adj_quant.api",
     "calibrate": "adj_quant.api",
     "micronet_cost": "adj_quant.api",

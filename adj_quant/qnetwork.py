@@ -3,8 +3,9 @@
 Built from a float model (:class:`adj_quant.network.FloatNetwork`): batch norm is folded into every conv's weights and bias, then
 every weight tensor, the input of every conv/FC (except a stem, whose input is the 8-bit
 image), every swish input, every sigmoid input (EfficientNet's SE gates) and every bias
-gets an :class:`AdjustableQuantizer`. Where they go follows from the network's
-declaration alone.
+gets an :class:`AdjustableQuantizer` (``QuantConfig.quantizer="adjq"``) or, as the LSQ+
+baseline at fixed bits (``"lsq"``), an :class:`adj_quant.lsq_quantizer.LsqQuantizer`.
+Where they go follows from the network's declaration alone.
 
 Quantizer ("tensor") names, used by ``initial_thresholds.json``::
 
@@ -30,8 +31,12 @@ from adj_quant import network as nw
 from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
 from adj_quant.adjustable_quantizer import AdjustableQuantizer, check_bits, check_bits_grad, range_preset
+from adj_quant.lsq_quantizer import LsqQuantizer
 
 BIAS_RANGES = ("live", "calibrated")
+#: ``--quantizer``: the adjustable quantizer (the method) or LSQ+ (a baseline at fixed bits).
+QUANTIZERS = ("adjq", "lsq")
+Quantizer = AdjustableQuantizer | LsqQuantizer
 #: Quantizer-name suffixes of the activation sites (calibrated on data, exported as ranges).
 ACTIVATION_SITES = ("/input", "/swish_input", "/sigmoid_input")
 
@@ -49,6 +54,9 @@ class QuantConfig:
     bits_grad: str = "original"     # estimator of the upper clip bound (adjustable_quantizer.BITS_GRAD_MODES)
     bias_range: str = "live"        # "live": the bias tensor's own min/max; "calibrated": fixed
     quantize_se_gate: bool = True   # quantize every sigmoid's input (the SE gates) like a swish input
+    #: "adjq": AdjustableQuantizer; "lsq": LsqQuantizer at fixed bits (range_preset,
+    #: bits_grad and bias_range do not apply to it: its step and offset are learned).
+    quantizer: str = "adjq"
 
     #: What a model_spec.json written before these fields existed was trained with.
     LEGACY = {"bits_grad": "scale_only", "bias_range": "calibrated", "quantize_se_gate": False}
@@ -65,6 +73,24 @@ class QuantConfig:
         check_bits_grad(self.bits_grad)
         if self.bias_range not in BIAS_RANGES:
             raise UserError(f"bias_range {self.bias_range!r}: use one of {', '.join(BIAS_RANGES)}")
+        if self.quantizer not in QUANTIZERS:
+            raise UserError(f"quantizer {self.quantizer!r}: use one of {', '.join(QUANTIZERS)}")
+        if self.quantizer == "lsq" and self.bits_trainable:
+            raise UserError("quantizer 'lsq' runs at fixed bits; pass bits_trainable=False, or "
+                            "quantizer 'adjq' to learn bits")
+
+    def make_quantizer(self, scope: str, channels: int, *, init_bits: int, axis: int = -1,
+                       bits_trainable: bool = False, signed: bool = False,
+                       live_range: bool = False, compiled: bool = True) -> Quantizer:
+        """The quantizer of one tensor under this config: ``signed`` for weights and
+        biases (LSQ+ quantizes them symmetrically, without offset); ``live_range`` and
+        ``compiled`` are the adjustable quantizer's (LSQ+ has a learned step instead)."""
+        if self.quantizer == "lsq":
+            return LsqQuantizer(scope, channels, axis=axis, init_bits=init_bits, signed=signed)
+        return AdjustableQuantizer(scope, channels, axis=axis, init_bits=init_bits,
+                                   bits_trainable=bits_trainable,
+                                   range_preset_id=self.range_preset, bits_grad=self.bits_grad,
+                                   live_range=live_range, compiled=compiled)
 
 
 class QuantizedLayer(tf.Module):
@@ -81,16 +107,16 @@ class QuantizedLayer(tf.Module):
                                                             node.conv_weights)),
                                    name=f"{full}/{nw.weight_name(kind)}")
         self.biases = tf.Variable(tf.zeros([cout]), name=f"{full}/biases")
-        common = dict(bits_trainable=qcfg.bits_trainable, range_preset_id=qcfg.range_preset,
-                      bits_grad=qcfg.bits_grad)
-        self.weight_quant = AdjustableQuantizer(
+        self.weight_quant = qcfg.make_quantizer(
             f"{full}/weight_quant", cout, axis=2 if kind == "dws" else -1,
-            init_bits=qcfg.weight_bits, compiled=False, **common)
-        self.act_quant = None if stem else AdjustableQuantizer(
-            f"{full}/act_quant", cin, axis=-1, init_bits=qcfg.act_bits, **common)
-        self.bias_quant = None if qcfg.bias_bits == 0 else AdjustableQuantizer(
-            f"{full}/bias_quant", 1, init_bits=qcfg.bias_bits, range_preset_id=qcfg.range_preset,
-            bits_grad=qcfg.bits_grad, live_range=qcfg.bias_range == "live", compiled=False)
+            init_bits=qcfg.weight_bits, bits_trainable=qcfg.bits_trainable, signed=True,
+            compiled=False)
+        self.act_quant = None if stem else qcfg.make_quantizer(
+            f"{full}/act_quant", cin, axis=-1, init_bits=qcfg.act_bits,
+            bits_trainable=qcfg.bits_trainable)
+        self.bias_quant = None if qcfg.bias_bits == 0 else qcfg.make_quantizer(
+            f"{full}/bias_quant", 1, init_bits=qcfg.bias_bits, signed=True,
+            live_range=qcfg.bias_range == "live", compiled=False)
 
     def load_float(self, layer: nw.ConvLayer) -> None:
         weights, biases = nw.fold_batch_norm(layer)
@@ -139,11 +165,10 @@ class QuantizedNetwork(tf.Module):
             channels = net.shapes(32)
 
             def activation_quantizer(scope, name):
-                return AdjustableQuantizer(
+                return qcfg.make_quantizer(
                     f"{net.scope}/{scope}/{name}", channels[scope].channels,
                     init_bits=qcfg.act_bits if trainable else 8,
-                    bits_trainable=trainable and qcfg.bits_trainable,
-                    range_preset_id=qcfg.range_preset, bits_grad=qcfg.bits_grad)
+                    bits_trainable=trainable and qcfg.bits_trainable)
 
             for scope in net.activation_sites("swish"):
                 self.swish_quant[scope] = activation_quantizer(scope, "swish_quant")
@@ -200,7 +225,7 @@ class QuantizedNetwork(tf.Module):
 
     # ------------------------------------------------------------------ quantizers
 
-    def quantizers(self) -> dict[str, AdjustableQuantizer]:
+    def quantizers(self) -> dict[str, Quantizer]:
         """Every quantizer by tensor name (``<scope>/weights``, ``/input``, ...)."""
         result = {}
         for scope, layer in self.layers.items():
@@ -234,7 +259,8 @@ class QuantizedNetwork(tf.Module):
     # ------------------------------------------------------------------ calibration
 
     def calibrate_weights(self) -> None:
-        """Weight and bias ranges: per-channel min/max of the folded tensors."""
+        """Weight and bias ranges: per-channel min/max of the folded tensors (and, for
+        LSQ+, the weight steps from the weights themselves)."""
         for layer in self.layers.values():
             w = layer.weights.numpy()
             axes = (0, 1, 3) if layer.kind == "dws" else tuple(range(w.ndim - 1))
@@ -242,6 +268,14 @@ class QuantizedNetwork(tf.Module):
             if layer.bias_quant is not None:
                 b = layer.biases.numpy()
                 layer.bias_quant.set_range([b.min()], [b.max()])
+        self._init_lsq_weights()
+
+    def _init_lsq_weights(self) -> None:
+        """LSQ+'s weight initialisation (``LsqQuantizer.init_from_weights``: mean +- 3 std
+        of the weights) of every LSQ weight quantizer, in place of its min/max one."""
+        for layer in self.layers.values():
+            if isinstance(layer.weight_quant, LsqQuantizer):
+                layer.weight_quant.init_from_weights(layer.weights.numpy())
 
     def calibrate_activations(self, batches, num_images: int | None = None,
                               progress: bool = True) -> int:
@@ -359,3 +393,4 @@ class QuantizedNetwork(tf.Module):
                             "(another swish_bits/bias_bits setting?); recalibrate")
         for name, quant in quants.items():
             quant.set_range(data[name]["min"], data[name]["max"])
+        self._init_lsq_weights()

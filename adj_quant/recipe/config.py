@@ -65,6 +65,7 @@ class Options:
     bits_grad: str = "original"
     bias_range: str = "live"
     quantize_se_gate: bool = True
+    quantizer: str = "adjq"
     calib_images: int = 10000
     eval_initial_thresholds: bool = False
     # --- loss
@@ -144,6 +145,9 @@ HELP = {
     "bias_range": "bias quantizer range: live (the bias tensor's own min/max at every step, "
                   "as the original) or calibrated (fixed at calibration)",
     "quantize_se_gate": "quantize the input of the SE gate's sigmoid like a swish input",
+    "quantizer": "the fake quantizer: adjq (adjustable ranges and bits, the method) or lsq "
+                 "(LSQ+: a learned per-channel step, and offset for activations, at the fixed "
+                 "--weight_bits/--act_bits; a baseline, see docs/baselines.md)",
     "calib_images": "training images used to calibrate activation ranges",
     "eval_initial_thresholds": "also validate the quantized model with the initial thresholds",
     "alpha": "loss weight of the cross-entropy",
@@ -196,6 +200,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 AUGMENTATIONS = ("inception", "shift", "none")
 CHOICES = {"stage": STAGES, "metric_style": ("adjq", "micronet"),
            "bits_grad": ("original", "scale_only"), "bias_range": ("live", "calibrated"),
+           "quantizer": ("adjq", "lsq"),
            "augment": AUGMENTATIONS,
            "strategy": ("auto", "default", "mirrored", "multi_worker", "tpu")}
 #: Defaults that depend on the stage: float pretraining regularises, the quantized stages
@@ -421,10 +426,14 @@ def validate(o: Options) -> None:
         range_preset(o.range)
     except UserError as err:
         raise UserError(f"--{err}") from None
+    if o.quantizer == "lsq" and o.bits_trainable:
+        raise UserError("--quantizer lsq runs at fixed bits and cannot take --bits_trainable; "
+                        "drop --bits_trainable (pass --no-bits_trainable where a config file "
+                        "sets it, e.g. the [adjustable] table), or use --quantizer adjq")
     from adj_quant.qnetwork import QuantConfig
 
     QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits, o.bits_trainable, o.range,
-                o.bits_grad, o.bias_range, o.quantize_se_gate)
+                o.bits_grad, o.bias_range, o.quantize_se_gate, o.quantizer)
 
 
 def check_model(model: str) -> None:
@@ -446,7 +455,7 @@ def check_model(model: str) -> None:
 TRAINED_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "batch_size",
                   "eval_crop", "model", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
                   "swish_bits", "bias_bits", "range", "bias_range", "quantize_se_gate",
-                  "calib_images", "metric_img_size", "seed")
+                  "quantizer", "calib_images", "metric_img_size", "seed")
 
 
 def trained_config(ckpt_path: str) -> dict:
@@ -477,7 +486,7 @@ def save_resolved(o: Options, path: str) -> None:
 ARCH_DATA_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "eval_crop",
                     "model", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
                     "swish_bits", "bias_bits", "bits_trainable", "range", "bias_range",
-                    "quantize_se_gate")
+                    "quantize_se_gate", "quantizer")
 #: Options that do not change what a stage computes.
 #: Not compared when a stage resumes: where it runs does not change what it trains.
 UNCOMPARED_FIELDS = ("progress", "config", "stage", "run_dir", "allow_config_change",

@@ -87,7 +87,7 @@ def keras_model(model: str) -> tuple[Network, dict]:
 def quant_config(o: Options, bits_trainable: bool | None = None) -> QuantConfig:
     return QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits,
                        o.bits_trainable if bits_trainable is None else bits_trainable, o.range,
-                       o.bits_grad, o.bias_range, o.quantize_se_gate)
+                       o.bits_grad, o.bias_range, o.quantize_se_gate, o.quantizer)
 
 
 def calibrate_activations(qmodel: QuantizedNetwork, o: Options) -> int:
@@ -220,6 +220,10 @@ class Stage:
         spec = model_spec_for(path, None if thresholds is None else
                               ModelSpec("float", self.arch), what)
         self._check_arch(spec, path, what)
+        if spec.kind == "quant" and spec.quant.quantizer != qcfg.quantizer:
+            raise UserError(f"{what} {path} holds a model trained with --quantizer "
+                            f"{spec.quant.quantizer}; pass --quantizer {spec.quant.quantizer}, or "
+                            f"start --quantizer {qcfg.quantizer} from a float checkpoint")
         if spec.kind == "float":
             float_model = self.load_float(path, what)
             model = QuantizedNetwork.from_float(
