@@ -36,7 +36,7 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
     got = json.loads(proc.stdout)
     assert got["params"] == 842_997  # worked out by hand in test_cost.py
     for script in ("adjq-train", "adjq-eval", "adjq-export", "adjq-quantize-checkpoint",
-                   "adjq-convert"):
+                   "adjq-convert", "adjq-sweep", "adjq-pareto"):
         help_run = subprocess.run([str(target / "bin" / script), "--help"], cwd=outside,
                                   env=env, capture_output=True, text=True)
         assert help_run.returncode == 0 and "usage:" in help_run.stdout, (script, help_run.stderr)
