@@ -33,7 +33,7 @@ NET = ["--img_size", "32", "--width_multiplier", "0.25", "--depth_multiplier", "
 SHORT = ["--batch_size", "32", "--max_epoch", "0.2", "--lr", "1e-4", "--lr_fixed"]
 ADJUSTABLE = [*SHORT, "--bits_trainable", "--metric", "0.01", "--lr_bits", "0.05",
               "--warm_up_epoch", "0", "--iter_train_freq", "1"]
-PRETRAIN = ["--batch_size", "32", "--max_epoch", "0.1", "--lr", "1e-3", "--lr_fixed",
+PRETRAIN = ["--batch_size", "32", "--max_epoch", "0.2", "--lr", "1e-3", "--lr_fixed",
             "--dropout", "0", "--drop_connect", "0", "--sync_bn"]
 
 pytestmark = pytest.mark.slow
@@ -240,14 +240,16 @@ def _workers(args, ports, temp):
 
 
 def test_two_worker_processes_resume_and_equal_one_device(one_device, tmp_path):
-    pretrain_dir = str(one_device["run"] / "pretrain")
+    """A short pretrain stage (synchronised batch norm: the same as one device) on two
+    worker processes; the float stage keeps the test short, the collective machinery
+    (all-reduce, chief-only writes, resume) is the same for every stage."""
     run, temp = tmp_path / "run", tmp_path / "tmp"
     temp.mkdir()
-    args = ["--stage", "qat8", "--run_dir", str(run), *NET, *SHORT, "--ckpt_path", pretrain_dir,
+    args = ["--stage", "pretrain", "--run_dir", str(run), *NET, *PRETRAIN,
             "--strategy", "multi_worker", "--worker_timeout", "120"]
     # Killed, both of them, after the first checkpoint ...
     workers = _workers(args, _free_ports(2), temp)
-    state_file = run / "qat8" / "checkpoints.json"
+    state_file = run / "pretrain" / "checkpoints.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (
             state_file.exists() and read_json(state_file)["checkpoints"]):
@@ -267,7 +269,7 @@ def test_two_worker_processes_resume_and_equal_one_device(one_device, tmp_path):
     # Only the chief wrote into the run; the other worker's temporary checkpoints are gone.
     assert [n for n in os.listdir(temp) if n.startswith("adjq-")] == []
     assert len(read_json(state_file)["checkpoints"]) == 2
-    per_tensor, _, _ = _compare(one_device["run"] / "qat8", run / "qat8", 5e-5)
+    per_tensor, _, _ = _compare(one_device["pretrain"] / "pretrain", run / "pretrain", 1e-4)
     assert max(v for n, v in per_tensor.items() if "/weights" in n) <= 1e-4
 
 
