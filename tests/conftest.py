@@ -60,6 +60,29 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+def save_small_keras_model(path) -> str:
+    """A saved Keras model that traces in seconds, for tests of machinery that any network
+    exercises (EfficientNet-B0 takes half a minute per quantized stage): conv-BN-swish,
+    depthwise-BN-swish, 1x1 conv-BN, pooling, FC, 10 classes, 32x32 inputs. Every kind of
+    quantizer (weights, inputs, swish inputs, biases) and batch norm is in it. Returns the
+    ``--model`` value."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.Activation("swish")(keras.layers.BatchNormalization()(x))
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = keras.layers.Activation("swish")(keras.layers.BatchNormalization()(x))
+    x = keras.layers.Conv2D(24, 1, use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    keras.Model(inputs, keras.layers.Dense(10)(x)).save(path)
+    tf.random.set_seed(None)
+    return f"keras:{path}"
+
+
 def build_tool():
     """``tools/build_tfrecords.py`` (a script, not a package module), loaded once."""
     if "build_tfrecords" not in sys.modules:

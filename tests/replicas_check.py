@@ -2,7 +2,8 @@
 
     python tests/replicas_check.py SPEC.json
 
-SPEC.json: ``{"out", "run_dir", "pretrain", "qat8", "stages": [[stage, [flags...]], ...]}``.
+SPEC.json: ``{"out", "run_dir", "pretrain", "qat8", "model", "stages": [[stage, [flags...]],
+...]}`` (``model``: the ``--model`` of the stages).
 
 1. One adjustable step's gradients (bits trainable, KD, the metric term) on one device
    and summed over 2 replicas, for the same global batch.
@@ -63,8 +64,7 @@ def main(spec_path):
     run_dir, pretrain_dir, qat8_ckpt = spec["run_dir"], spec["pretrain"], spec["qat8"]
     distribution.split_cpu(2)
     mirrored = distribution.get_strategy("mirrored", logical_cpus=2)
-    cli = {"img_size": 32, "batch_size": 32, "width_multiplier": 0.25, "depth_multiplier": 0.25,
-           "progress": False, "bits_trainable": True, "metric": 0.01, "lr_bits": 0.05,
+    cli = {"img_size": 32, "batch_size": 32, "model": spec["model"], "progress": False, "bits_trainable": True, "metric": 0.01, "lr_bits": 0.05,
            "run_dir": run_dir, "teacher_ckpt": pretrain_dir}
     batches = data_lib.make_dataset("digits", "train", batch_size=32, img_size=32, training=True,
                                     seed=7, drop_remainder=True)

@@ -27,7 +27,10 @@ from adj_quant import distribution, training_rules as rules
 from adj_quant.checkpoints import read_json
 from adj_quant.cli import train as train_cli
 
+from conftest import save_small_keras_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: EfficientNet-B0 at its smallest, for the setups that fail before a model is built.
 NET = ["--img_size", "32", "--width_multiplier", "0.25", "--depth_multiplier", "0.25",
        "--max_val_images", "360", "--metric_img_size", "224", "--no-progress"]
 SHORT = ["--batch_size", "32", "--max_epoch", "0.2", "--lr", "1e-4", "--lr_fixed"]
@@ -78,8 +81,17 @@ def _mean_losses(stage_dir):
 # Session scope: under pytest-xdist a worker may run other files' tests between these,
 # which would tear a module fixture down and build it again.
 @pytest.fixture(scope="session")
-def one_device(tmp_path_factory):
-    """A float model (2 epochs, ~90 %), its thresholds, and the one-device stages."""
+def small_net(tmp_path_factory):
+    """The flags of the network the equality tests train (a saved Keras model)."""
+    model = save_small_keras_model(tmp_path_factory.mktemp("model") / "small.keras")
+    return ["--model", model, "--img_size", "32", "--max_val_images", "360",
+            "--metric_img_size", "224", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def one_device(tmp_path_factory, small_net):
+    """A float model (2 epochs), its thresholds, and the one-device stages."""
+    NET = small_net  # noqa: N806
     run = tmp_path_factory.mktemp("one_device")
     stage = lambda *a: train_cli.main(["--run_dir", str(run), *NET, *a])  # noqa: E731
     stage("--stage", "pretrain", "--batch_size", "64", "--max_epoch", "2", "--lr", "3e-3",
@@ -96,11 +108,13 @@ def one_device(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def mirrored(one_device, tmp_path_factory):
+def mirrored(one_device, tmp_path_factory, small_net):
     """The same under MirroredStrategy over 2 logical CPUs (a process of its own)."""
+    NET = small_net  # noqa: N806
     run = tmp_path_factory.mktemp("mirrored")
     pretrain_dir = str(one_device["run"] / "pretrain")
     spec = {"out": str(run / "result.json"), "run_dir": str(run), "pretrain": pretrain_dir,
+            "model": NET[1],
             "qat8": one_device["qat8"], "stages": [
                 ["qat8", [*NET, *SHORT, "--ckpt_path", pretrain_dir]],
                 ["adjustable", [*NET, *ADJUSTABLE, "--run_dir", str(run / "adjustable_run"),
@@ -239,13 +253,13 @@ def _workers(args, ports, temp):
             for i in range(len(ports))]
 
 
-def test_two_worker_processes_resume_and_equal_one_device(one_device, tmp_path):
+def test_two_worker_processes_resume_and_equal_one_device(one_device, small_net, tmp_path):
     """A short pretrain stage (synchronised batch norm: the same as one device) on two
     worker processes; the float stage keeps the test short, the collective machinery
     (all-reduce, chief-only writes, resume) is the same for every stage."""
     run, temp = tmp_path / "run", tmp_path / "tmp"
     temp.mkdir()
-    args = ["--stage", "pretrain", "--run_dir", str(run), *NET, *PRETRAIN,
+    args = ["--stage", "pretrain", "--run_dir", str(run), *small_net, *PRETRAIN,
             "--strategy", "multi_worker", "--worker_timeout", "120"]
     # Killed, both of them, after the first checkpoint ...
     workers = _workers(args, _free_ports(2), temp)

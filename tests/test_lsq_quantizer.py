@@ -20,7 +20,7 @@ from adj_quant.network import FloatNetwork
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 from adj_quant.recipe import validation
 
-from conftest import TINY
+from conftest import TINY, save_small_keras_model
 
 
 # --------------------------------------------------------------------------- oracles
@@ -406,9 +406,10 @@ def test_qat8_finetune_and_eval_with_lsq(tmp_path, capsys):
     from adj_quant.checkpoints import resolve_checkpoint
 
     run = str(tmp_path / "run")
+    small = ["--model", save_small_keras_model(tmp_path / "small.keras")]
 
     def train(stage, *extra):
-        train_cli.main(["--stage", stage, "--run_dir", run, *TINY, *extra])
+        train_cli.main(["--stage", stage, "--run_dir", run, *TINY, *small, *extra])
 
     train("pretrain", "--max_epoch", "0.2", "--lr", "3e-3", "--lr_fixed")
     train("calibrate")
@@ -430,7 +431,7 @@ def test_qat8_finetune_and_eval_with_lsq(tmp_path, capsys):
     train("finetune", "--ckpt_path", f"{run}/qat8", "--max_epoch", "0.1")
     assert json.load(open(f"{run}/finetune/model_spec.json"))["quant"]["quantizer"] == "lsq"
     capsys.readouterr()
-    eval_cli.main(["--ckpt_path", f"{run}/finetune", *TINY, "--json", "--output",
+    eval_cli.main(["--ckpt_path", f"{run}/finetune", *TINY, *small, "--json", "--output",
                    str(tmp_path / "eval")])
     result = json.loads(capsys.readouterr().out)
     assert result["avg_weight_bits"] == 4.0 and result["avg_act_bits"] == 4.0

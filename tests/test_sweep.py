@@ -14,6 +14,8 @@ import pytest
 from adj_quant import sweep as sweep_lib
 from adj_quant.directory_lock import DirectoryLock
 
+from conftest import save_small_keras_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "digits.toml")
 
@@ -136,9 +138,8 @@ def test_a_second_sweep_on_the_same_directory_is_refused(tmp_path, capsys):
 
 TINY = """
 [flags]
+model = "{model}"
 img_size = 32
-width_multiplier = 0.25
-depth_multiplier = 0.25
 batch_size = 64
 calib_images = 128
 max_val_images = 360
@@ -175,7 +176,8 @@ def _sweep(path, out, *extra):
 
 @pytest.mark.slow
 def test_a_tiny_sweep_runs_resumes_and_records_a_failure(tmp_path):
-    path, out = _write(tmp_path, TINY), tmp_path / "out"
+    model = save_small_keras_model(tmp_path / "small.keras")
+    path, out = _write(tmp_path, TINY.replace("{model}", model)), tmp_path / "out"
     done = _sweep(path, out)
     assert done.returncode == 1, done.stderr[-3000:]  # one point failed
     assert "3 of 4 points done, 1 not" in done.stdout
@@ -192,7 +194,7 @@ def test_a_tiny_sweep_runs_resumes_and_records_a_failure(tmp_path):
     # 8-bit weights: fewer parameter bits than float, even after float's 16-bit freebie
     # (which halves a float model's params and multiplies, so its score is the lower one).
     assert float(rows["ptq_dynamic"]["params"]) < float(rows["float"]["params"])
-    assert float(rows["float"]["top1"]) > 0.5
+    assert float(rows["float"]["top1"]) > 0.15  # trained: chance is 0.10
     # The float point trained pretrain; the others reused it.
     assert rows["float"]["reused"] == ""
     assert rows["ptq_dynamic"]["reused"] == "pretrain"

@@ -113,14 +113,15 @@ def evaluate_checkpoint(cli: dict) -> dict:
     if plot:
         make_parent(plot, "--plot")
     o = _resolve(cli, ckpt)
+    # Before the model: a strategy's devices must be set up before TensorFlow starts.
+    strategy = distribution.get_strategy(o.strategy, logical_cpus=o.logical_cpus,
+                                         worker_timeout=o.worker_timeout)
     spec = model_spec_for(ckpt, ModelSpec("float", arch_of(o)), "--ckpt_path")
     if spec.arch.num_classes != arch_of(o).num_classes:
         raise UserError(f"--ckpt_path {ckpt} has {spec.arch.num_classes} classes but the "
                         f"dataset has {arch_of(o).num_classes}; pass the matching --num_classes")
     if spec.kind == "quant" and as_float:
         raise UserError(f"--float: {ckpt} holds a quantized model; evaluate it without --float")
-    strategy = distribution.get_strategy(o.strategy, logical_cpus=o.logical_cpus,
-                                         worker_timeout=o.worker_timeout)
     with strategy.scope():
         model = spec.build(seed=o.seed)
         restore_model(model, ckpt)

@@ -123,10 +123,13 @@ class Stage:
             if os.path.exists(path) and not os.path.isdir(path):
                 raise UserError(f"--run_dir: {path} is a file, not a directory; pass a "
                                 "directory for the run's stages")
+        self.strategy = None
+        self.chief = True
+        # The strategy first: logical devices and collective ops must be set up before
+        # anything starts TensorFlow's runtime (loading a keras:PATH model does).
+        self.distribute()
         self.arch = arch_of(self.o)  # checks the dataset before anything else happens
         self.config_changes: dict = {}
-        self.strategy = None  # set by run_stage
-        self.chief = True
 
     def distribute(self) -> "Stage":
         """Pick the ``--strategy`` (created once per process) this stage runs under."""
