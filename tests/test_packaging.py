@@ -40,3 +40,9 @@ def test_non_editable_install_works_outside_the_checkout(tmp_path):
         help_run = subprocess.run([str(target / "bin" / script), "--help"], cwd=outside,
                                   env=env, capture_output=True, text=True)
         assert help_run.returncode == 0 and "usage:" in help_run.stdout, (script, help_run.stderr)
+    # The shipped sweep is package data too, and plans from there (its base is ../digits.toml).
+    sweep_file = target / "adj_quant" / "configs" / "sweeps" / "digits_pareto.toml"
+    dry = subprocess.run([str(target / "bin" / "adjq-sweep"), str(sweep_file), "--dry_run"],
+                         cwd=outside, env=env, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines()[-1].startswith("15 points; 18 stage runs to train")
