@@ -3,7 +3,6 @@ resumes, a failing point is recorded and the others go on, and one directory tak
 sweep at a time."""
 
 import csv
-import json
 import os
 import subprocess
 import sys
