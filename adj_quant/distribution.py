@@ -12,7 +12,9 @@
 The recipe keeps a run equal to one device's run: every worker builds the same global
 batch and each replica takes its rows (:func:`split_batch`), gradients are summed across
 replicas, and the losses are scaled so that the sum is the one-device loss
-(:func:`replica_loss`). The chief (:func:`is_chief`) writes the run's files; the other
+(:func:`replica_fraction`, ``training_rules.replica_share``). Training on TFRecords with
+several workers is the exception: each worker reads its own files
+(:func:`input_pipelines`) and builds only its part of the global batch. The chief (:func:`is_chief`) writes the run's files; the other
 workers write their checkpoints to temporary directories and delete them.
 """
 
@@ -223,6 +225,21 @@ def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
     return index == 0 and "chief" not in jobs
 
 
+def input_pipelines(strategy: tf.distribute.Strategy) -> tuple[int, int]:
+    """``(count, index)``: one input pipeline per worker process, and this process's.
+
+    The index is the worker's position in the cluster as ``MultiWorkerMirroredStrategy``
+    numbers it (the ``chief`` task first, then the workers in order), so pipeline ``i``
+    feeds the global replicas ``i * local, ..., (i + 1) * local - 1``."""
+    job, index = task(strategy)
+    if job not in ("chief", "worker"):
+        return 1, 0
+    jobs = strategy.cluster_resolver.cluster_spec().as_dict()
+    chiefs = len(jobs.get("chief", []))
+    count = chiefs + len(jobs.get("worker", []))
+    return count, (index if job == "chief" else chiefs + index)
+
+
 def barrier(strategy: tf.distribute.Strategy) -> None:
     """Wait until every replica of every worker got here (a sum over all of them)."""
     if strategy.num_replicas_in_sync > 1:
@@ -252,18 +269,25 @@ def replica_rows(total: int, replicas: int, replica: int) -> tuple[int, int]:
     return replica * total // replicas, (replica + 1) * total // replicas
 
 
-def split_batch(strategy: tf.distribute.Strategy, *tensors):
-    """Give each replica its rows of a global batch (every worker holds the same batch).
+def split_batch(strategy: tf.distribute.Strategy, *tensors, per_worker: bool = False):
+    """Give each replica its rows of a batch.
 
-    With one replica the tensors are returned as they are.
+    By default every worker holds the same global batch and each replica takes its rows of
+    it. With ``per_worker`` each worker holds only its own part (its rows
+    :func:`replica_rows` ``(global, workers, index)`` of :func:`input_pipelines`), which its
+    local replicas split among themselves. With one replica the tensors are returned as
+    they are.
     """
     replicas = strategy.num_replicas_in_sync
     if replicas == 1:
         return tensors
     total = int(tensors[0].shape[0])
+    pipelines, position = input_pipelines(strategy) if per_worker else (1, 0)
+    local = replicas // pipelines
 
     def rows(context):
-        start, stop = replica_rows(total, replicas, context.replica_id_in_sync_group)
+        replica = context.replica_id_in_sync_group - position * local
+        start, stop = replica_rows(total, local, replica)
         return tuple(t[start:stop] for t in tensors)
 
     return strategy.experimental_distribute_values_from_function(rows)
@@ -292,14 +316,16 @@ def reduce_sum(strategy: tf.distribute.Strategy, value):
 
 
 def reduce_min_max(strategy: tf.distribute.Strategy, low, high):
-    """Element-wise minimum of ``low`` and maximum of ``high`` over every replica
-    (``tf.distribute`` reduces only sums and means: gather, then reduce)."""
+    """Element-wise minimum of ``low`` and maximum of ``high`` (nests of per-replica
+    tensors) over every replica. ``tf.distribute`` reduces only sums and means, so each
+    tensor is gathered along a new leading axis, then reduced. (Tensor by tensor:
+    ``strategy.gather`` of a whole dict returned one replica's values.)"""
     if strategy.num_replicas_in_sync == 1:
         return low, high
-    def leading_axis(values):
-        return tf.nest.map_structure(lambda t: t[None], values)
 
-    low_all = strategy.gather(strategy.run(leading_axis, (low,)), axis=0)
-    high_all = strategy.gather(strategy.run(leading_axis, (high,)), axis=0)
-    return (tf.nest.map_structure(lambda t: tf.reduce_min(t, 0), low_all),
-            tf.nest.map_structure(lambda t: tf.reduce_max(t, 0), high_all))
+    def over_replicas(values, reduce):
+        gathered = [strategy.gather(strategy.run(lambda t: t[None], (value,)), axis=0)
+                    for value in tf.nest.flatten(values)]
+        return tf.nest.pack_sequence_as(values, [reduce(g, 0) for g in gathered])
+
+    return over_replicas(low, tf.reduce_min), over_replicas(high, tf.reduce_max)

@@ -3,12 +3,14 @@
     python tests/replicas_check.py SPEC.json
 
 SPEC.json: ``{"out", "run_dir", "pretrain", "qat8", "model", "stages": [[stage, [flags...]],
-...]}`` (``model``: the ``--model`` of the stages).
+...], "evaluate": [flags...]}`` (``model``: the ``--model`` of the stages).
 
 1. One adjustable step's gradients (bits trainable, KD, the metric term) on one device
    and summed over 2 replicas, for the same global batch.
 2. The recipe's stages of ``stages``, run as a user runs them with
    ``--strategy mirrored --logical_cpus 2``.
+3. ``eval.py`` with the flags ``evaluate`` under the same strategy (its result is saved as
+   ``evaluate`` in the output).
 
 The logical devices must be set before TensorFlow initialises, hence a process of its own.
 """
@@ -81,6 +83,10 @@ def main(spec_path):
     for stage, flags in spec["stages"]:
         train_cli.main(["--stage", stage, "--run_dir", run_dir, *flags, "--strategy", "mirrored",
                         "--logical_cpus", "2"])
+    if "evaluate" in spec:
+        from adj_quant.cli import evaluate
+        result["evaluate"] = evaluate.evaluate_checkpoint(evaluate.parse(
+            [*spec["evaluate"], "--strategy", "mirrored", "--logical_cpus", "2"]))
     with open(spec["out"], "w") as f:
         json.dump(result, f)
 

@@ -196,6 +196,28 @@ def test_tfrecord_training_pipeline(shards):
     assert reps.shape == (20, 16, 16, 3) and reps.dtype == np.float32  # 12 train images, repeated
 
 
+def test_file_shards_split_the_records_between_pipelines(shards):
+    """Two input pipelines (workers) read disjoint files that together hold every record."""
+    files = data.shard_files(shards["dir"], "train")
+    assert data.files_of_shard(files, 2, 0) == files[0::2]
+    assert data.files_of_shard(files, 2, 1) == files[1::2]
+    kw = dict(batch_size=4, img_size=32, dataset_dir=shards["dir"], num_classes=NUM_CLASSES,
+              training=False)
+    whole = collect(data.make_dataset("imagenet", "train", **kw))[0]
+    parts = [collect(data.make_dataset("imagenet", "train", shard=(2, i), **kw))[0]
+             for i in range(2)]
+    assert min(len(p) for p in parts) > 0 and sum(len(p) for p in parts) == len(whole)
+    def rows(x):  # noqa: E306
+        return sorted(map(bytes, x.reshape(len(x), -1)))
+    assert rows(np.concatenate(parts)) == rows(whole)
+    assert not set(rows(parts[0])) & set(rows(parts[1]))
+    with pytest.raises(UserError, match=r"2 TFRecord file\(s\) .* among 3 input pipelines.*--num_shards"):
+        data.make_dataset("imagenet", "train", shard=(3, 0), **kw)
+    with pytest.raises(ValueError, match="only TFRecord data"):
+        data.make_dataset("digits", "train", batch_size=4, img_size=8, training=False,
+                          shard=(2, 0))
+
+
 def test_labels_offset(shards):
     out = str(shards["root"] / "offset")
     bt.write_class_folder_tfrecords(shards["images"], out, labels_offset=1, progress=False)

@@ -36,6 +36,9 @@ NET = ["--img_size", "32", "--width_multiplier", "0.25", "--depth_multiplier", "
 SHORT = ["--batch_size", "32", "--max_epoch", "0.2", "--lr", "1e-4", "--lr_fixed"]
 ADJUSTABLE = [*SHORT, "--bits_trainable", "--metric", "0.01", "--lr_bits", "0.05",
               "--warm_up_epoch", "0", "--iter_train_freq", "1"]
+#: Finetuning with SWA: snapshots after mini-epochs 2 and 3, then their average.
+FINETUNE = [*SHORT[:2], "--max_epoch", "0.3", *SHORT[4:], "--metric", "0.01",
+            "--swa_delay", "0", "--swa_freq", "0.1"]
 PRETRAIN = ["--batch_size", "32", "--max_epoch", "0.2", "--lr", "1e-3", "--lr_fixed",
             "--dropout", "0", "--drop_connect", "0", "--sync_bn"]
 
@@ -75,7 +78,7 @@ def _compare(one_dir, other_dir, tolerance):
 
 
 def _mean_losses(stage_dir):
-    return [e["mean_loss"] for e in _latest(stage_dir)[1]["checkpoints"]]
+    return [e["mean_loss"] for e in _latest(stage_dir)[1]["checkpoints"] if "mean_loss" in e]
 
 
 # Session scope: under pytest-xdist a worker may run other files' tests between these,
@@ -102,9 +105,14 @@ def one_device(tmp_path_factory, small_net):
     adjustable = tmp_path_factory.mktemp("one_device_adjustable")
     train_cli.main(["--run_dir", str(adjustable), "--stage", "adjustable", *NET, *ADJUSTABLE,
                     "--ckpt_path", qat8, "--teacher_ckpt", str(run / "pretrain")])
+    adjustable_ckpt = _latest(adjustable / "adjustable")[0]
+    finetune = tmp_path_factory.mktemp("one_device_finetune")
+    train_cli.main(["--run_dir", str(finetune), "--stage", "finetune", *NET, *FINETUNE,
+                    "--ckpt_path", adjustable_ckpt, "--teacher_ckpt", str(run / "pretrain")])
     pretrain = tmp_path_factory.mktemp("one_device_pretrain")
     train_cli.main(["--run_dir", str(pretrain), "--stage", "pretrain", *NET, *PRETRAIN])
-    return {"run": run, "qat8": qat8, "adjustable": adjustable, "pretrain": pretrain}
+    return {"run": run, "qat8": qat8, "adjustable": adjustable, "pretrain": pretrain,
+            "adjustable_ckpt": adjustable_ckpt, "finetune": finetune}
 
 
 @pytest.fixture(scope="session")
@@ -116,11 +124,18 @@ def mirrored(one_device, tmp_path_factory, small_net):
     spec = {"out": str(run / "result.json"), "run_dir": str(run), "pretrain": pretrain_dir,
             "model": NET[1],
             "qat8": one_device["qat8"], "stages": [
+                ["calibrate", [*NET, "--calib_images", "256", "--batch_size", "32",
+                               "--ckpt_path", pretrain_dir]],
                 ["qat8", [*NET, *SHORT, "--ckpt_path", pretrain_dir]],
                 ["adjustable", [*NET, *ADJUSTABLE, "--run_dir", str(run / "adjustable_run"),
                                 "--ckpt_path", one_device["qat8"], "--teacher_ckpt",
                                 pretrain_dir]],
-                ["pretrain", [*NET, *PRETRAIN, "--run_dir", str(run / "pretrain_run")]]]}
+                ["finetune", [*NET, *FINETUNE, "--run_dir", str(run / "finetune_run"),
+                              "--ckpt_path", one_device["adjustable_ckpt"], "--teacher_ckpt",
+                              pretrain_dir]],
+                ["pretrain", [*NET, *PRETRAIN, "--run_dir", str(run / "pretrain_run")]]],
+            "evaluate": ["--ckpt_path", one_device["qat8"], "--output",
+                         str(run / "eval" / "quant_info.json"), "--no-progress"]}
     (run / "spec.json").write_text(json.dumps(spec))
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "replicas_check.py"),
                            str(run / "spec.json")], cwd=ROOT, env=_env(), capture_output=True,
@@ -200,6 +215,49 @@ def test_adjustable_under_mirrored_equals_one_device(one_device, mirrored):
     entries = [_latest(d)[1]["checkpoints"][-1] for d in (one_dir, two_dir)]
     assert entries[0]["avg_weight_bits"] == entries[1]["avg_weight_bits"]
     assert entries[0]["avg_act_bits"] == entries[1]["avg_act_bits"]
+
+
+def test_calibration_under_mirrored_equals_one_device(one_device, mirrored):
+    """The per-channel minima and maxima are reduced over both replicas: the thresholds
+    file is the one-device file, value for value."""
+    name = "initial_thresholds.json"
+    assert (read_json(mirrored["run"] / "calibrate" / name)
+            == read_json(one_device["run"] / "calibrate" / name))
+
+
+def test_finetune_with_swa_under_mirrored_equals_one_device(one_device, mirrored):
+    one_dir, two_dir = (one_device["finetune"] / "finetune",
+                        mirrored["run"] / "finetune_run" / "finetune")
+    for stage_dir in (one_dir, two_dir):
+        state = read_json(stage_dir / "checkpoints.json")
+        assert state["best"].startswith("swa_") and state["best"] == state["latest"]
+        assert [e.get("swa") for e in state["checkpoints"]][-1] == 2  # two snapshots averaged
+    per_tensor, a, b = _compare(one_dir, two_dir, 5e-5)
+    for name in (n for n in a if "bits_scale" in n):  # frozen: the adjustable stage's bits
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert _mean_losses(one_dir)[0] == pytest.approx(_mean_losses(two_dir)[0], rel=1e-5)
+
+
+def test_eval_under_mirrored_equals_one_device(one_device, mirrored, tmp_path):
+    """eval.py --strategy mirrored on 2 replicas, and on a process with one device (a
+    warning, then it runs), give the one-device numbers."""
+    from adj_quant.cli import evaluate
+    one = evaluate.evaluate_checkpoint(evaluate.parse(
+        ["--ckpt_path", one_device["qat8"], "--output", str(tmp_path / "one.json"),
+         "--no-progress"]))
+    done = subprocess.run([sys.executable, "eval.py", "--ckpt_path", one_device["qat8"],
+                           "--strategy", "mirrored", "--json", "--no-progress", "--output",
+                           str(tmp_path / "single.json")], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: --strategy mirrored sees one device" in done.stderr
+    single = json.loads(done.stdout[done.stdout.index("{"):])
+    two = mirrored["result"]["evaluate"]
+    for key in ("top1", "top5", "images", "score_micronet", "score_adjq", "avg_weight_bits",
+                "avg_act_bits"):
+        assert two[key] == one[key] == single[key], key
+    assert read_json(mirrored["run"] / "eval" / "quant_info.json") == read_json(
+        tmp_path / "one.json")
 
 
 def test_pretrain_with_sync_bn_equals_one_device(one_device, mirrored):
@@ -285,6 +343,58 @@ def test_two_worker_processes_resume_and_equal_one_device(one_device, small_net,
     assert len(read_json(state_file)["checkpoints"]) == 2
     per_tensor, _, _ = _compare(one_device["pretrain"] / "pretrain", run / "pretrain", 1e-4)
     assert max(v for n, v in per_tensor.items() if "/weights" in n) <= 1e-4
+
+
+@pytest.fixture(scope="session")
+def four_shards(tmp_path_factory):
+    """60 images of 10 classes written as 4 train and 4 validation TFRecord shards."""
+    from conftest import build_tool
+    root = tmp_path_factory.mktemp("four_shards")
+    tool = build_tool()
+    tool.write_synthetic_class_folders(str(root / "images"), num_classes=10, per_class=6,
+                                       size=(40, 50))
+    tool.write_class_folder_tfrecords(str(root / "images"), str(root / "shards"),
+                                      num_shards=4, progress=False)
+    return ["--dataset", str(root / "shards"), "--num_classes", "10", "--eval_crop", "1.0",
+            "--batch_size", "4", "--max_epoch", "0.2", "--lr_fixed"]
+
+
+def _two_workers(args, temp):
+    workers = _workers(args, _free_ports(2), temp)
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    return [w.returncode for w in workers], outputs
+
+
+def test_two_workers_read_their_own_tfrecord_files(small_net, four_shards, tmp_path):
+    """TFRecords are sharded by file: worker i reads train shards i and i + 2 and builds
+    its half of each global batch of 4."""
+    run, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    codes, outputs = _two_workers(["--stage", "pretrain", "--run_dir", str(run), *small_net,
+                                   *four_shards, "--strategy", "multi_worker",
+                                   "--worker_timeout", "120"], temp)
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    for index, out in enumerate(outputs):
+        assert (f"worker {index} of 2 reads 2 of 4 train shards, 2 images of each global "
+                "batch") in out
+        assert "[pretrain] done" in out
+    state = read_json(run / "pretrain" / "checkpoints.json")
+    assert len(state["checkpoints"]) == 2 and state["finished"]
+    assert [n for n in os.listdir(temp) if n.startswith("adjq-")] == []
+
+
+def test_the_nan_guard_stops_every_worker_with_one_line(small_net, four_shards, tmp_path):
+    run, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    codes, outputs = _two_workers(["--stage", "pretrain", "--run_dir", str(run), *small_net,
+                                   *four_shards, "--lr", "1e30", "--strategy", "multi_worker",
+                                   "--worker_timeout", "120"], temp)
+    errors = [[line for line in out.splitlines() if line.startswith("error")]
+              for out in outputs]
+    assert codes[0] == codes[1] != 0
+    assert len(errors[0]) == 1 and errors[0] == errors[1], outputs[0][-3000:]
+    assert "the loss became nan" in errors[0][0] and "lower --lr" in errors[0][0]
+    assert all("Traceback" not in out for out in outputs)
 
 
 @pytest.mark.parametrize("strategy, tf_config, message", [

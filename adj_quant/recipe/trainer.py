@@ -111,6 +111,7 @@ class Trainer:
         self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
                        else tf.summary.create_noop_writer())
         self.val_data = validation_data(options, self.info.num_classes)
+        self.file_shard = self._file_shard()
 
     # ------------------------------------------------------------------ steps
 
@@ -162,13 +163,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _epoch_batches(self, epoch: int, skip: int):
+    def _file_shard(self) -> tuple[int, int] | None:
+        """``(workers, index)`` when each worker reads its own TFRecord files, else None
+        (one process, or digits/synthetic data: every worker builds the global batch)."""
         name, dataset_dir = data_args(self.o)[:2]
+        workers, index = distribution.input_pipelines(self.strategy)
+        if name != "imagenet" or workers == 1:
+            return None
+        files = data_lib.shard_files(dataset_dir, "train")
+        if len(files) < workers:
+            print(f"warning: [{self.stage}] {len(files)} train shard(s) for {workers} workers: "
+                  "every worker reads all of them and keeps its rows of the global batch "
+                  f"(write at least {workers} shards to shard by file)", file=sys.stderr)
+            return None
+        start, stop = distribution.replica_rows(self.o.batch_size, workers, index)
+        print(f"[{self.stage}] worker {index} of {workers} reads "
+              f"{len(data_lib.files_of_shard(files, workers, index))} of {len(files)} train "
+              f"shards, {stop - start} images of each global batch")
+        return workers, index
+
+    def _epoch_batches(self, epoch: int, skip: int):
+        """The training batches of ``epoch`` after the first ``skip``: the global batch,
+        or with file sharding this worker's part of it from its own files (repeated, so
+        that no worker runs out before the epoch's step count)."""
+        name, dataset_dir = data_args(self.o)[:2]
+        batch_size, shard = self.o.batch_size, self.file_shard
+        if shard is not None:
+            start, stop = distribution.replica_rows(batch_size, *shard)
+            batch_size = stop - start
         ds = data_lib.make_dataset(
-            name, "train", batch_size=self.o.batch_size, img_size=self.o.img_size,
+            name, "train", batch_size=batch_size, img_size=self.o.img_size,
             training=True, seed=self.o.seed * 100003 + epoch, dataset_dir=dataset_dir,
             labels_offset=self.o.labels_offset, num_classes=self.info.num_classes,
-            drop_remainder=True, augment=self.o.augment, eval_crop=self.o.eval_crop)
+            drop_remainder=True, augment=self.o.augment, eval_crop=self.o.eval_crop,
+            shard=shard, repeat=shard is not None)
         return data_lib.iterate(ds.skip(skip), "training data")
 
     # ------------------------------------------------------------------ run
@@ -303,7 +331,8 @@ class Trainer:
             lr, lr_bits = rules.step_learning_rates(step, lr=o.lr, lr_bits=o.lr_bits,
                                                     lr_fixed=o.lr_fixed, lr_decay=o.lr_decay,
                                                     reinit=o.reinit)
-            images, labels = distribution.split_batch(self.strategy, images, labels)
+            images, labels = distribution.split_batch(self.strategy, images, labels,
+                                                      per_worker=self.file_shard is not None)
             parts = step_fn(images, labels, tf.constant(lr, tf.float32),
                             tf.constant(lr_bits, tf.float32))
             loss = float(parts["loss"].numpy())

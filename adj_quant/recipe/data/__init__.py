@@ -72,6 +72,7 @@ from adj_quant.recipe.data.tfrecords import (
     _read_records,
     _remember_shards,
     _validate_shards,
+    files_of_shard,
     iterate,
     shard_files,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "DatasetInfo",
     "dataset_info",
     "default_augment",
+    "files_of_shard",
     "iterate",
     "make_dataset",
     "representative_images",
@@ -125,7 +127,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, img_size: int, train
                  dataset_dir: str | None = None, labels_offset: int = 0, num_classes: int | None = None,
                  repeat: bool = False, drop_remainder: bool = False,
                  synthetic_size: int = SYNTHETIC_SIZE, augment: str | None = None,
-                 eval_crop: float = DEFAULT_EVAL_CROP) -> tf.data.Dataset:
+                 eval_crop: float = DEFAULT_EVAL_CROP,
+                 shard: tuple[int, int] | None = None) -> tf.data.Dataset:
     """Batches of ``(images float32 [B, S, S, 3] in [0, 1], labels int32 [B])``.
 
     ``training`` turns on seeded shuffling and the ``augment`` augmentation: ``inception``,
@@ -139,10 +142,16 @@ def make_dataset(name: str, split: str, *, batch_size: int, img_size: int, train
     224 / (224 + 32); images much smaller than ImageNet's (e.g. 32x32 digits) want 1.0. It
     has no effect on ``digits`` and ``synthetic``, whose images are never cropped.
 
+    ``shard = (count, index)`` reads only the shards ``index, index + count, ...`` of the
+    sorted TFRecord files (one input pipeline per worker process: file sharding); only
+    ``imagenet`` (TFRecords) can be sharded, and it needs at least ``count`` files.
+
     Iterate with :func:`iterate` to get :class:`UserError` for data problems that show up
     while reading."""
     _check_name(name)
     _check_split(split)
+    if shard is not None and name != "imagenet":
+        raise ValueError(f"only TFRecord data can be sharded by file, not {name!r}")
     _check_positive("batch_size", batch_size)
     _check_positive("img_size", img_size)
     _check_augment(augment)
@@ -157,7 +166,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, img_size: int, train
         _check_positive("synthetic_size", synthetic_size)
         return _synthetic_dataset(split, num_classes=classes, synthetic_size=int(synthetic_size), **common)
     return _imagenet_dataset(split, dataset_dir=dataset_dir, labels_offset=int(labels_offset),
-                             num_classes=classes, eval_crop=float(eval_crop), **common)
+                             num_classes=classes, eval_crop=float(eval_crop), shard=shard,
+                             **common)
 
 
 def representative_images(name: str, *, img_size: int, count: int = 100, seed: int = 0,

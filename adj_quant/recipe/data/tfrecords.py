@@ -48,6 +48,18 @@ def shard_files(dataset_dir: str | None, split: str) -> list[str]:
     return files
 
 
+def files_of_shard(files: list[str], count: int, index: int) -> list[str]:
+    """The files input pipeline ``index`` of ``count`` reads: every ``count``-th one,
+    starting at ``index`` (so the pipelines share no file and together read all)."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is not in 0..{count - 1}")
+    if len(files) < count:
+        raise UserError(f"{len(files)} TFRecord file(s) in {os.path.dirname(files[0])} cannot be "
+                        f"shared out by file among {count} input pipelines; write at least "
+                        f"{count} shards (tools/build_tfrecords.py --num_shards)")
+    return files[index::count]
+
+
 def _check_dataset_dir(dataset_dir: str | None) -> None:
     if not dataset_dir:
         raise UserError(f"dataset 'imagenet' needs a directory of TFRecord shards; {_SHARD_HINT}")
@@ -355,9 +367,11 @@ def _remember_shards(ds: tf.data.Dataset, files: list[str]) -> None:
 
 
 def _imagenet_dataset(split, *, batch_size, img_size, training, seed, dataset_dir, labels_offset,
-                      num_classes, repeat, drop_remainder, augment, eval_crop):
+                      num_classes, repeat, drop_remainder, augment, eval_crop, shard=None):
     files = shard_files(dataset_dir, split)
     _validate_shards(files, labels_offset, num_classes)
+    if shard is not None:
+        files = files_of_shard(files, *shard)
     ds = _read_records(files, training=training, seed=seed, repeat=repeat)
 
     if training and augment != "none":
