@@ -45,12 +45,15 @@ def _no_global_seed_leaks():
     tf.random.set_seed(None)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     """Every test that uses the shared trained run is slow (it trains all five stages).
 
     Under pytest-xdist (``--dist loadgroup``) a file's tests stay together in one worker
     (module fixtures are built once), and every file that uses the shared run goes to the
-    same worker, so that the run is trained once."""
+    same worker, so that the run is trained once. ``tryfirst``: xdist reads the groups in
+    its own hook of the same name, which must run after this one (test_suite_setup.py
+    checks that it does)."""
     shared = {item.path for item in items
               if {"digits_run", "run_dir"} & set(getattr(item, "fixturenames", ()))}
     for item in items:
