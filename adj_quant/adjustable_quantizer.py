@@ -421,8 +421,10 @@ def _quantizer_vjp_math(g, x, init_min, init_max, range_scale, range_shift, bits
 #: :func:`_quantizer_math` and its gradients as XLA-compiled functions, one per signature
 #: (see ``_fused``): for activations, where one fused pass over a large tensor each way pays
 #: for the compilation.
-_quantizer_xla = tf.function(_quantizer_math, jit_compile=True)
-_quantizer_vjp_xla = tf.function(_quantizer_vjp_math, jit_compile=True)
+_quantizer_xla = tf.function(_quantizer_math, jit_compile=True, reduce_retracing=True,
+                             autograph=False)
+_quantizer_vjp_xla = tf.function(_quantizer_vjp_math, jit_compile=True,
+                                 reduce_retracing=True, autograph=False)
 #: The same as plain functions whose traces generalise over shapes: weights, biases and
 #: small activations (the SE layers' 1x1 maps), where the elementwise work is small and a
 #: compilation per shape would cost more than it saves. One trace serves every call site of
@@ -430,9 +432,9 @@ _quantizer_vjp_xla = tf.function(_quantizer_vjp_math, jit_compile=True)
 #: into the caller's graph at every call site and optimise each copy (about 16 s of start-up
 #: for EfficientNet-B0's weights and biases).
 _NOINLINE = {"_noinline": True}
-_quantizer_shared = tf.function(_quantizer_math, reduce_retracing=True,
+_quantizer_shared = tf.function(_quantizer_math, reduce_retracing=True, autograph=False,
                                 experimental_attributes=_NOINLINE)
-_quantizer_vjp_shared = tf.function(_quantizer_vjp_math, reduce_retracing=True,
+_quantizer_vjp_shared = tf.function(_quantizer_vjp_math, reduce_retracing=True, autograph=False,
                                     experimental_attributes=_NOINLINE)
 
 
@@ -453,9 +455,13 @@ def _quantizer_call(forward, vjp, x, init_min, init_max, range_scale, range_shif
     @tf.custom_gradient
     def site(x, *values):
         out = forward(x, *unpack(values), **settings)
+        out.set_shape(x.shape)  # a trace shared by many shapes returns an unknown shape
 
         def grad(g):
-            return vjp(g, x, *unpack(values), **settings)
+            grads = vjp(g, x, *unpack(values), **settings)
+            for grad_, like in zip(grads, (x, *values)):
+                grad_.set_shape(like.shape)
+            return grads
 
         return out, grad
 

@@ -306,7 +306,7 @@ class QuantizedNetwork(tf.Module):
             self.float_forward(images, observe)
             return low, high
 
-        @tf.function
+        @tf.function(autograph=False)
         def step(images):
             low, high = strategy.run(batch_ranges, (images,))
             return distribution.reduce_min_max(strategy, low, high)

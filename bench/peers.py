@@ -381,6 +381,12 @@ def optimizer_of(name: str) -> str:
     return "adjq" if name.startswith("adjq") else "keras"
 
 
+def uses_autograph(name: str) -> bool:
+    """Each framework traces its step as it trains: adjq's trainer without AutoGraph, Keras
+    (``fit``) with it."""
+    return not name.startswith("adjq")
+
+
 def first_step(entry: Entry, args, peers, data) -> None:
     """Build + make the step + first (tracing) step of ``entry``, timed."""
     try:
@@ -388,7 +394,8 @@ def first_step(entry: Entry, args, peers, data) -> None:
         entry.model, entry.info = build_model(entry.name, args, peers)
         entry.build_s = time.perf_counter() - t0
         entry.step, entry.vars = st.make_step(entry.model, args.jit_compile,
-                                              optimizer_of(entry.name))
+                                              optimizer_of(entry.name),
+                                              autograph=uses_autograph(entry.name))
         entry.loss = float(entry.step(*data).numpy())
         entry.first_step_s = time.perf_counter() - t0
         st.log(f"  {entry.name}: build {entry.build_s:.1f} s, build + trace + first step "
@@ -478,7 +485,8 @@ def rss_child(args) -> int:
     data = make_data(args, args.batch_size, 2)
     t0 = time.perf_counter()
     model, _ = build_model(name, args, peers)
-    step, _ = st.make_step(model, args.jit_compile, optimizer_of(name))
+    step, _ = st.make_step(model, args.jit_compile, optimizer_of(name),
+                           autograph=uses_autograph(name))
     step(*data).numpy()
     first = time.perf_counter() - t0
     for _ in range(RSS_CHILD_STEPS - 1):

@@ -141,11 +141,13 @@ def build_models(args, modes):
     return {m: models[m] for m in modes}
 
 
-def make_step(model: tf.Module, jit: bool, optimizer: str = "keras"):
+def make_step(model: tf.Module, jit: bool, optimizer: str = "keras", autograph: bool = True):
     """A compiled training step and the number of variables it trains.
 
     ``optimizer``: ``"keras"`` (Keras 3's Adam) or ``"adjq"`` (the recipe's own Adam,
     :class:`adj_quant.training_rules.Adam`: one fused ``ResourceApplyAdam`` per variable).
+    ``autograph``: convert Python control flow (Keras's ``fit`` does; adjq's trainer does
+    not, as its model code needs none).
     """
     variables = list(model.trainable_variables)
     # Small lr: the weights should stay finite over the few dozen steps of the benchmark.
@@ -163,7 +165,7 @@ def make_step(model: tf.Module, jit: bool, optimizer: str = "keras"):
         def update(grads):
             opt.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
 
-    @tf.function(jit_compile=jit, reduce_retracing=True)
+    @tf.function(jit_compile=jit, reduce_retracing=True, autograph=autograph)
     def step(images, labels):
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
@@ -194,7 +196,7 @@ def run(args) -> dict:
     settings = [(jit, mode) for jit in JIT_CHOICES[args.jit] for mode in args.modes]
     state = {}
     for jit, mode in settings:
-        step, nvars = make_step(models[mode], jit)
+        step, nvars = make_step(models[mode], jit, autograph=False)
         state[(jit, mode)] = {"step": step, "vars": nvars, "times": [], "error": None,
                               "first_s": None, "loss": None}
 

@@ -158,7 +158,10 @@ class Trainer:
                     return parts
                 return {k: distribution.reduce_sum(strategy, v) for k, v in parts.items()}
 
-            self._train_step[train_bits] = tf.function(step, jit_compile=self.o.jit_compile)
+            # No AutoGraph: the step and the model have no tensor-dependent Python control
+            # flow, and converting the network's code costs seconds of tracing per stage.
+            self._train_step[train_bits] = tf.function(step, jit_compile=self.o.jit_compile,
+                                                       autograph=False)
         return self._train_step[train_bits]
 
     # ------------------------------------------------------------------ data

@@ -23,13 +23,13 @@ def make_eval_step(model, strategy: tf.distribute.Strategy | None = None):
         logits = model(images, training=False)
         return topk_correct(logits, labels, 1), topk_correct(logits, labels, 5)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def replicated(images, labels):
         top1, top5 = strategy.run(hits, (images, labels))
         return reduce_sum(strategy, top1), reduce_sum(strategy, top5)
 
     if not is_distributed(strategy):
-        return tf.function(hits, reduce_retracing=True)
+        return tf.function(hits, reduce_retracing=True, autograph=False)
     return lambda images, labels: replicated(*split_batch(strategy, images, labels))
 
 
