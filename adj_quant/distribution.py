@@ -13,9 +13,9 @@ The recipe keeps a run equal to one device's run: every worker builds the same g
 batch and each replica takes its rows (:func:`split_batch`), gradients are summed across
 replicas, and the losses are scaled so that the sum is the one-device loss
 (:func:`replica_fraction`, ``training_rules.replica_share``). Training on TFRecords with
-several workers is the exception: each worker reads its own files
-(:func:`input_pipelines`) and builds only its part of the global batch. The chief (:func:`is_chief`) writes the run's files; the other
-workers write their checkpoints to temporary directories and delete them.
+several workers is the exception: each worker reads its own files (:func:`input_pipelines`)
+and builds only its part of the global batch. The chief (:func:`is_chief`) writes the run's
+files; the other workers write their checkpoints to temporary directories and delete them.
 """
 
 from __future__ import annotations
