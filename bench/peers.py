@@ -20,7 +20,9 @@ Models (``--models``, default the first four):
 
 One training step = forward (``training=True``) + softmax cross-entropy on fixed random
 labels + backward + one Adam update (lr 1e-5) of every trainable variable, inside
-``tf.function`` (``--jit_compile`` for XLA). Every model uses the same step
+``tf.function`` (``--jit_compile`` for XLA; adjq's steps are traced without AutoGraph, as
+its trainer traces them, the Keras and tfmot ones with it, as ``fit`` does). Every model
+uses the same step
 (``step_time.make_step``) with its own framework's Adam: the adjq models train with the
 recipe's optimizer (``adj_quant.training_rules.Adam``, one fused ``ResourceApplyAdam`` per
 variable), the Keras and tfmot models with Keras 3's Adam (which also updates the tf-keras
