@@ -111,7 +111,7 @@ class Trainer:
         self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
                        else tf.summary.create_noop_writer())
         self.val_data = validation_data(options, self.info.num_classes)
-        self.file_shard = self._file_shard()
+        self.file_shard, self.worker_batch = self._file_shard()
 
     # ------------------------------------------------------------------ steps
 
@@ -166,36 +166,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _file_shard(self) -> tuple[int, int] | None:
-        """``(workers, index)`` when each worker reads its own TFRecord files, else None
-        (one process, or digits/synthetic data: every worker builds the global batch)."""
+    def _file_shard(self) -> tuple[tuple[int, int] | None, int]:
+        """``((workers, index), this worker's rows of a global batch)`` when each worker
+        reads its own TFRecord files, else ``(None, --batch_size)`` (one process, or
+        digits/synthetic data: every worker builds the global batch)."""
         name, dataset_dir = data_args(self.o)[:2]
         workers, index = distribution.input_pipelines(self.strategy)
         if name != "imagenet" or workers == 1:
-            return None
+            return None, self.o.batch_size
         files = data_lib.shard_files(dataset_dir, "train")
         if len(files) < workers:
             print(f"warning: [{self.stage}] {len(files)} train shard(s) for {workers} workers: "
                   "every worker reads all of them and keeps its rows of the global batch "
                   f"(write at least {workers} shards to shard by file)", file=sys.stderr)
-            return None
+            return None, self.o.batch_size
         start, stop = distribution.replica_rows(self.o.batch_size, workers, index)
         print(f"[{self.stage}] worker {index} of {workers} reads "
               f"{len(data_lib.files_of_shard(files, workers, index))} of {len(files)} train "
               f"shards, {stop - start} images of each global batch")
-        return workers, index
+        return (workers, index), stop - start
 
     def _epoch_batches(self, epoch: int, skip: int):
         """The training batches of ``epoch`` after the first ``skip``: the global batch,
         or with file sharding this worker's part of it from its own files (repeated, so
         that no worker runs out before the epoch's step count)."""
         name, dataset_dir = data_args(self.o)[:2]
-        batch_size, shard = self.o.batch_size, self.file_shard
-        if shard is not None:
-            start, stop = distribution.replica_rows(batch_size, *shard)
-            batch_size = stop - start
+        shard = self.file_shard
         ds = data_lib.make_dataset(
-            name, "train", batch_size=batch_size, img_size=self.o.img_size,
+            name, "train", batch_size=self.worker_batch, img_size=self.o.img_size,
             training=True, seed=self.o.seed * 100003 + epoch, dataset_dir=dataset_dir,
             labels_offset=self.o.labels_offset, num_classes=self.info.num_classes,
             drop_remainder=True, augment=self.o.augment, eval_crop=self.o.eval_crop,
