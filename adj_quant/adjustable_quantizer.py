@@ -418,13 +418,30 @@ def _quantizer_vjp_math(g, x, init_min, init_max, range_scale, range_shift, bits
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
-#: :func:`_quantizer_math` and its gradients as XLA-compiled functions, one per signature
+def _unpack(params: tf.Tensor) -> list:
+    """The rows of a packed ``[4 or 5, C]`` parameter tensor as :func:`_quantizer_math`'s
+    ``init_min, init_max, range_scale, range_shift, bits_scale`` (None for fixed bits)."""
+    rows = tf.unstack(params)
+    return rows + [None] * (5 - len(rows))
+
+
+def _packed_forward(x, params, **settings) -> tf.Tensor:
+    """:func:`_quantizer_math` with the quantizer's parameters packed in one tensor."""
+    return _quantizer_math(x, *_unpack(params), **settings)
+
+
+def _packed_vjp(g, x, params, **settings) -> tuple[tf.Tensor, tf.Tensor]:
+    """:func:`_quantizer_vjp_math` for :func:`_packed_forward`: the gradient of ``x`` and
+    the packed gradient of ``params``."""
+    grads = _quantizer_vjp_math(g, x, *_unpack(params), **settings)
+    return grads[0], tf.stack(grads[1:])
+
+
+#: :func:`_packed_forward` and its gradients as XLA-compiled functions, one per signature
 #: (see ``_fused``): for activations, where one fused pass over a large tensor each way pays
 #: for the compilation.
-_quantizer_xla = tf.function(_quantizer_math, jit_compile=True, reduce_retracing=True,
-                             autograph=False)
-_quantizer_vjp_xla = tf.function(_quantizer_vjp_math, jit_compile=True,
-                                 reduce_retracing=True, autograph=False)
+_quantizer_xla = tf.function(_packed_forward, jit_compile=True, autograph=False)
+_quantizer_vjp_xla = tf.function(_packed_vjp, jit_compile=True, autograph=False)
 #: The same as plain functions whose traces generalise over shapes: weights, biases and
 #: small activations (the SE layers' 1x1 maps), where the elementwise work is small and a
 #: compilation per shape would cost more than it saves. One trace serves every call site of
@@ -432,10 +449,32 @@ _quantizer_vjp_xla = tf.function(_quantizer_vjp_math, jit_compile=True,
 #: into the caller's graph at every call site and optimise each copy (about 16 s of start-up
 #: for EfficientNet-B0's weights and biases).
 _NOINLINE = {"_noinline": True}
-_quantizer_shared = tf.function(_quantizer_math, reduce_retracing=True, autograph=False,
+_quantizer_shared = tf.function(_packed_forward, autograph=False,
                                 experimental_attributes=_NOINLINE)
-_quantizer_vjp_shared = tf.function(_quantizer_vjp_math, reduce_retracing=True, autograph=False,
+_quantizer_vjp_shared = tf.function(_packed_vjp, autograph=False,
                                     experimental_attributes=_NOINLINE)
+
+
+#: Concrete functions of the four functions above, by (function, rank of x, number of
+#: parameters, settings): see :func:`_trace_of`.
+_TRACES: dict = {}
+
+
+def _trace_of(fn, rank: int, num_params: int, settings: dict, *, vjp: bool):
+    """``fn``'s one trace for every ``x`` of this rank (any shape, any channel count):
+    traced for inputs of unknown sizes, so XLA compiles one kernel per shape from it.
+
+    Calling the concrete function skips ``tf.function``'s per-call signature matching, which
+    cost about 4 ms per call site when tracing EfficientNet-B0's ~300 quantizers each way.
+    """
+    key = (fn, rank, num_params, tuple(sorted(settings.items())))
+    trace = _TRACES.get(key)
+    if trace is None:
+        x = tf.TensorSpec([None] * rank, tf.float32)
+        params = tf.TensorSpec([num_params, None], tf.float32)
+        args = [x] * (2 if vjp else 1) + [params]
+        trace = _TRACES[key] = fn.get_concrete_function(*args, **settings)
+    return trace
 
 
 def _quantizer_call(forward, vjp, x, init_min, init_max, range_scale, range_shift, bits_scale,
@@ -445,27 +484,29 @@ def _quantizer_call(forward, vjp, x, init_min, init_max, range_scale, range_shif
     The gradient is attached here rather than differentiated through ``forward``:
     TensorFlow would then make the forward return the tensors its backward needs (``x``
     itself, copied out of a compiled kernel); this way the backward reads ``x`` directly.
+    The parameters travel packed in one ``[4 or 5, C]`` tensor: ``tf.custom_gradient``
+    makes a zero tensor per input that has no further use, which would be four more per
+    call site (about 1 s of tracing for EfficientNet-B0).
     """
-    params = [init_min, init_max, range_scale, range_shift]
-    params += [] if bits_scale is None else [bits_scale]
-
-    def unpack(values):
-        return list(values[:4]) + [values[4] if len(values) > 4 else None]
+    values = [init_min, init_max, range_scale, range_shift]
+    values += [] if bits_scale is None else [bits_scale]
+    forward = _trace_of(forward, len(x.shape), len(values), settings, vjp=False)
+    vjp = _trace_of(vjp, len(x.shape), len(values), settings, vjp=True)
 
     @tf.custom_gradient
-    def site(x, *values):
-        out = forward(x, *unpack(values), **settings)
+    def site(x, params):
+        out = forward(x, params, **settings)
         out.set_shape(x.shape)  # a trace shared by many shapes returns an unknown shape
 
         def grad(g):
-            grads = vjp(g, x, *unpack(values), **settings)
-            for grad_, like in zip(grads, (x, *values)):
-                grad_.set_shape(like.shape)
-            return grads
+            grad_x, grad_params = vjp(g, x, params, **settings)
+            grad_x.set_shape(x.shape)
+            grad_params.set_shape(params.shape)
+            return grad_x, grad_params
 
         return out, grad
 
-    return site(x, *params)
+    return site(x, tf.stack(values))
 
 
 #: Activations with fewer elements than this run :data:`_quantizer_shared`.
@@ -498,13 +539,13 @@ class AdjustableQuantizer(tf.Module):
         self.bits_trainable = bits_trainable
         self.bits_grad = check_bits_grad(bits_grad)
         self.live_range = bool(live_range)
-        self.init_min = tf.Variable(tf.fill([channels], -1.0), trainable=False,
+        self.init_min = tf.Variable(np.full([channels], -1.0, np.float32), trainable=False,
                                     name=f"{scope}/init_min")
-        self.init_max = tf.Variable(tf.fill([channels], 1.0), trainable=False,
+        self.init_max = tf.Variable(np.full([channels], 1.0, np.float32), trainable=False,
                                     name=f"{scope}/init_max")
-        self.range_scale = tf.Variable(tf.ones([channels]), name=f"{scope}/range_scale")
-        self.range_shift = tf.Variable(tf.zeros([channels]), name=f"{scope}/range_shift")
-        self.bits_scale = (tf.Variable(tf.ones([channels]), name=f"{scope}/bits_scale")
+        self.range_scale = tf.Variable(np.ones([channels], np.float32), name=f"{scope}/range_scale")
+        self.range_shift = tf.Variable(np.zeros([channels], np.float32), name=f"{scope}/range_shift")
+        self.bits_scale = (tf.Variable(np.ones([channels], np.float32), name=f"{scope}/bits_scale")
                            if bits_trainable else None)
 
     @property

@@ -171,9 +171,9 @@ class LsqQuantizer(tf.Module):
         self.init_bits = check_bits(init_bits)
         self.signed = bool(signed)
         self.q_n, self.q_p = code_range(self.init_bits, self.signed)
-        self.init_min = tf.Variable(tf.fill([channels], -1.0), trainable=False,
+        self.init_min = tf.Variable(np.full([channels], -1.0, np.float32), trainable=False,
                                     name=f"{scope}/init_min")
-        self.init_max = tf.Variable(tf.fill([channels], 1.0), trainable=False,
+        self.init_max = tf.Variable(np.full([channels], 1.0, np.float32), trainable=False,
                                     name=f"{scope}/init_max")
         lo, hi = self._init_from_range(np.full([channels], -1.0), np.full([channels], 1.0))
         self.step = tf.Variable(hi, name=f"{scope}/step")

@@ -48,6 +48,7 @@ import functools
 import math
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 from tf_slim.ops.arg_scope import add_arg_scope, arg_scope
 
@@ -318,13 +319,13 @@ class BatchNorm(tf.Module):
         self.epsilon = epsilon
         self.momentum = momentum
         self.sync = sync
-        self.gamma = tf.Variable(tf.ones([channels]), name=f"{scope}/BatchNorm/gamma")
-        self.beta = tf.Variable(tf.zeros([channels]), name=f"{scope}/BatchNorm/beta")
+        self.gamma = tf.Variable(np.ones([channels], np.float32), name=f"{scope}/BatchNorm/gamma")
+        self.beta = tf.Variable(np.zeros([channels], np.float32), name=f"{scope}/BatchNorm/beta")
         per_replica = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
                            aggregation=tf.VariableAggregation.MEAN)
-        self.moving_mean = tf.Variable(tf.zeros([channels]),
+        self.moving_mean = tf.Variable(np.zeros([channels], np.float32),
                                        name=f"{scope}/BatchNorm/moving_mean", **per_replica)
-        self.moving_variance = tf.Variable(tf.ones([channels]),
+        self.moving_variance = tf.Variable(np.ones([channels], np.float32),
                                            name=f"{scope}/BatchNorm/moving_variance",
                                            **per_replica)
 
@@ -409,7 +410,7 @@ class ConvLayer(tf.Module):
             init = rng.uniform(shape, -limit, limit)
         self.weights = tf.Variable(init, name=f"{scope}/{weight_name(kind)}")
         self.bn = BatchNorm(scope, cout, bn_epsilon) if batch_norm else None
-        self.biases = None if batch_norm else tf.Variable(tf.zeros([cout]), name=f"{scope}/biases")
+        self.biases = None if batch_norm else tf.Variable(np.zeros([cout], np.float32), name=f"{scope}/biases")
 
     def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         y = apply_linear(self.kind, x, self.weights, self.stride, self.padding)

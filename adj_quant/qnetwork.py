@@ -103,10 +103,10 @@ class QuantizedLayer(tf.Module):
         full = f"{net_scope}/{scope}"
         self.scope, self.kind, self.kernel, self.stride = scope, kind, node.kernel, node.stride
         self.cin, self.cout, self.padding = cin, cout, node.padding
-        self.weights = tf.Variable(tf.zeros(nw.weight_shape(kind, node.kernel, cin, cout,
-                                                            node.conv_weights)),
+        self.weights = tf.Variable(np.zeros(nw.weight_shape(kind, node.kernel, cin, cout,
+                                                            node.conv_weights), np.float32),
                                    name=f"{full}/{nw.weight_name(kind)}")
-        self.biases = tf.Variable(tf.zeros([cout]), name=f"{full}/biases")
+        self.biases = tf.Variable(np.zeros([cout], np.float32), name=f"{full}/biases")
         self.weight_quant = qcfg.make_quantizer(
             f"{full}/weight_quant", cout, axis=2 if kind == "dws" else -1,
             init_bits=qcfg.weight_bits, bits_trainable=qcfg.bits_trainable, signed=True,
