@@ -9,8 +9,11 @@ user's own ``XLA_FLAGS`` / ``TF_XLA_FLAGS`` already set them:
 * ``--xla_cpu_use_fusion_emitters=false`` (``XLA_FLAGS``): XLA's older CPU loop emitter
   compiles these small elementwise kernels about twice as fast and runs them as fast;
 * ``--tf_xla_persistent_cache_directory=DIR`` (``TF_XLA_FLAGS``): compiled kernels are kept
-  on disk, so a later stage, run or sweep point with the same shapes loads them instead of
-  compiling again. ``DIR`` is ``$ADJQ_XLA_CACHE`` if set, else
+  on disk, so running the same command again (a sweep's next point, a rerun with other
+  numbers) loads them instead of compiling again. The cache's keys contain TensorFlow's
+  function names, which count up through everything a process traced before, so a process
+  that traces other things first (another stage as its first stage, another network)
+  compiles its own; within one process the stages share their kernels anyway. ``DIR`` is ``$ADJQ_XLA_CACHE`` if set, else
   ``$XDG_CACHE_HOME/adjq/xla/<TF version>-<CPU>`` (``~/.cache`` by default); the CPU
   fingerprint keeps machines with other instruction sets (a shared home directory) apart.
   ``ADJQ_XLA_CACHE=off`` turns the cache off.
