@@ -232,9 +232,10 @@ def _fake_quantize_math(x, low, width, bits, axis: int, bits_grad: str):
 
 
 # Inside a tf.function (training, evaluation) a whole quantizer -- range adjustment, bits,
-# quantize-dequantize -- runs as one function call forward and one backward, traced (and,
-# for activations, XLA-compiled) once per distinct signature (shapes, axis, settings) and
-# shared by every call site with that signature (AdjustableQuantizer.__call__). The graph
+# quantize-dequantize -- runs as one function call forward and one backward, traced once
+# per rank of x and setting (axis, bits, range...) for tensors of any size and shared by
+# every call site with that rank and setting (AdjustableQuantizer.__call__, _trace_of);
+# for activations, XLA compiles one kernel per shape from that trace. The graph
 # of a network then holds two calls per quantizer instead of dozens of ops, and the
 # elementwise work of an activation is one fused kernel each way, while the convolutions
 # stay on the regular kernels. Eagerly (tests, calibration bookkeeping) the same math runs
