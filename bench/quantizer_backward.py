@@ -30,28 +30,57 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from adj_quant import xla_config  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-xla_config.configure()  # the XLA flags adjq runs its kernels with
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+def activation_shape(text: str) -> list[int]:
+    """``N,H,W,C`` as a list of positive integers (argparse type)."""
+    try:
+        shape = [int(d) for d in text.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 4 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an activation shape; pass four positive integers N,H,W,C, "
+            "e.g. 16,112,112,96")
+    return shape
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="16,112,112,96",
-                   help="activation shape N,H,W,C (default: EfficientNet-B0's largest at "
-                        "224x224, batch 16)")
-    p.add_argument("--repeats", type=int, default=8, help="timed calls per way (median)")
+    p.add_argument("--shape", type=activation_shape, default=[16, 112, 112, 96],
+                   help="activation shape N,H,W,C (default: 16,112,112,96, EfficientNet-B0's "
+                        "largest at 224x224, batch 16)")
+    p.add_argument("--repeats", type=positive_int, default=8,
+                   help="timed calls per way; the median is reported (default: 8)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    shape = [int(d) for d in args.shape.split(",")]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    sys.path.insert(0, ROOT)
+    from adj_quant import xla_config
+
+    xla_config.configure()  # the XLA flags adjq runs its kernels with
+    import numpy as np
+    import tensorflow as tf
+
+    scalar = tf.TensorSpec([], tf.float32)
+    add3 = tf.function(lambda a0, a1, a2, b0, b1, b2: (a0 + b0, a1 + b1, a2 + b2),
+                       autograph=False).get_concrete_function(*[scalar] * 6)
+    shape = args.shape
     channels = shape[-1]
     rows = int(np.prod(shape[:-1]))
     axes = list(range(len(shape) - 1))
@@ -105,7 +134,7 @@ def main(argv=None) -> int:
 
         g_in, *parts = terms(x, g)
         zero_ = tf.constant(0.0)
-        return (g_in, *xla.variadic_reduce(parts, [zero_] * 3, axes, _ADD3))
+        return (g_in, *xla.variadic_reduce(parts, [zero_] * 3, axes, add3))
 
     terms_xla = tf.function(lambda x, g: tf.concat(terms(x, g)[1:], -1), jit_compile=True)
     g_in_xla = tf.function(lambda x, g: terms(x, g)[0], jit_compile=True)
@@ -150,10 +179,6 @@ def main(argv=None) -> int:
         print(f"| {name} | {1e3 * statistics.median(times):.1f} | {diff} |", flush=True)
     return 0
 
-
-_SCALAR = tf.TensorSpec([], tf.float32)
-_ADD3 = tf.function(lambda a0, a1, a2, b0, b1, b2: (a0 + b0, a1 + b1, a2 + b2),
-                    autograph=False).get_concrete_function(*[_SCALAR] * 6)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,3 +28,12 @@ def test_every_way_gives_the_sums_of_separate_reductions():
         if diff != "(part only)" and diff != "0 (identical)":
             # float32 sums of 256 terms in another order: a few ulps of the largest sum
             assert float(diff) < 1e-5, (name, diff)
+
+
+def test_a_bad_shape_is_one_line_naming_the_value():
+    proc = subprocess.run([sys.executable, SCRIPT, "--shape", "16,112,x"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "'16,112,x' is not an activation shape" in last and "N,H,W,C" in last
+    assert "Traceback" not in proc.stderr
