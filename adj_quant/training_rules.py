@@ -94,10 +94,19 @@ def reinit_due(step: int, reinit: int, lr_fixed: bool) -> bool:
     return not lr_fixed and step > 0 and step % reinit == 0
 
 
-def _zeros_of(v: tf.Variable) -> np.ndarray:
-    """Zeros of ``v``'s shape and dtype, as the initial value of a slot variable (from NumPy:
-    an eager ``tf.zeros_like`` per slot costs ~1 ms, which adds up over a thousand)."""
-    return np.zeros(v.shape, v.dtype.as_numpy_dtype)
+def slot_variables(variables: list[tf.Variable], name: str) -> list[tf.Variable]:
+    """A zero-initialised variable of each of ``variables``' shape and dtype, all called
+    ``name``.
+
+    One name for all of them: creating a variable under a name the process has not used
+    before costs about 0.6 ms (measured on the project's 2-core machine; TensorFlow prepares
+    a kernel per distinct set of op attributes, the name among them), under a name it has
+    used 0.1 ms. With a name per slot, the Adam slots of EfficientNet-B0's 1 012 quantized
+    variables took 1.5 s of every stage's start. Checkpoints address slots by their place in
+    the object graph (``adam/m/17``), not by name.
+    """
+    return [tf.Variable(np.zeros(v.shape, v.dtype.as_numpy_dtype), trainable=False, name=name)
+            for v in variables]
 
 
 ADAM_EPSILON = 1e-8  # TF1's AdamOptimizer default, which the original used
@@ -115,10 +124,8 @@ class Adam(tf.Module):
         super().__init__(name=name)
         self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
         self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{name}/iterations")
-        self.m = [tf.Variable(_zeros_of(v), trainable=False, name=f"{name}/m/{i}")
-                  for i, v in enumerate(variables)]
-        self.v = [tf.Variable(_zeros_of(v), trainable=False, name=f"{name}/v/{i}")
-                  for i, v in enumerate(variables)]
+        self.m = slot_variables(variables, f"{name}/m")
+        self.v = slot_variables(variables, f"{name}/v")
 
     def apply(self, grads: list[tf.Tensor | None], variables: list[tf.Variable], lr) -> None:
         """One Adam step of every variable with a gradient (``None`` gradients are skipped).
@@ -225,8 +232,7 @@ class WeightAverager(tf.Module):
     def __init__(self, variables: list[tf.Variable]):
         super().__init__(name="swa")
         self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="swa/count")
-        self.mean = [tf.Variable(_zeros_of(v), trainable=False, name=f"swa/mean/{i}")
-                     for i, v in enumerate(variables)]
+        self.mean = slot_variables(variables, "swa/mean")
 
     def snapshot(self, variables: list[tf.Variable]) -> None:
         self.count.assign_add(1)
