@@ -544,9 +544,10 @@ class AdjustableQuantizer(tf.Module):
                                     name=f"{scope}/init_min")
         self.init_max = tf.Variable(np.full([channels], 1.0, np.float32), trainable=False,
                                     name=f"{scope}/init_max")
-        self.range_scale = tf.Variable(np.ones([channels], np.float32), name=f"{scope}/range_scale")
-        self.range_shift = tf.Variable(np.zeros([channels], np.float32), name=f"{scope}/range_shift")
-        self.bits_scale = (tf.Variable(np.ones([channels], np.float32), name=f"{scope}/bits_scale")
+        ones, zeros = np.ones([channels], np.float32), np.zeros([channels], np.float32)
+        self.range_scale = tf.Variable(ones, name=f"{scope}/range_scale")
+        self.range_shift = tf.Variable(zeros, name=f"{scope}/range_shift")
+        self.bits_scale = (tf.Variable(ones, name=f"{scope}/bits_scale")
                            if bits_trainable else None)
 
     @property

@@ -410,7 +410,8 @@ class ConvLayer(tf.Module):
             init = rng.uniform(shape, -limit, limit)
         self.weights = tf.Variable(init, name=f"{scope}/{weight_name(kind)}")
         self.bn = BatchNorm(scope, cout, bn_epsilon) if batch_norm else None
-        self.biases = None if batch_norm else tf.Variable(np.zeros([cout], np.float32), name=f"{scope}/biases")
+        self.biases = (None if batch_norm else
+                       tf.Variable(np.zeros([cout], np.float32), name=f"{scope}/biases"))
 
     def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         y = apply_linear(self.kind, x, self.weights, self.stride, self.padding)

@@ -13,7 +13,8 @@ user's own ``XLA_FLAGS`` / ``TF_XLA_FLAGS`` already set them:
   numbers) loads them instead of compiling again. The cache's keys contain TensorFlow's
   function names, which count up through everything a process traced before, so a process
   that traces other things first (another stage as its first stage, another network)
-  compiles its own; within one process the stages share their kernels anyway. ``DIR`` is ``$ADJQ_XLA_CACHE`` if set, else
+  compiles its own; within one process the stages share their kernels anyway. ``DIR`` is
+  ``$ADJQ_XLA_CACHE`` if set, else
   ``$XDG_CACHE_HOME/adjq/xla/<TF version>-<CPU>`` (``~/.cache`` by default); the CPU
   fingerprint keeps machines with other instruction sets (a shared home directory) apart.
   ``ADJQ_XLA_CACHE=off`` turns the cache off.
