@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from adj_quant import cost as cost_lib
 from adj_quant import distribution
+from adj_quant import graph_options
 from adj_quant import training_rules as rules
 from adj_quant.checkpoints import (
     CorruptCheckpoint,
@@ -251,6 +252,11 @@ class Trainer:
                             " Free some space and rerun the same command to resume") from None
 
     def run(self) -> StageResult:
+        """Train the stage to its end (or resume it), validating and saving as it goes."""
+        with graph_options.one_round():
+            return self._run()
+
+    def _run(self) -> StageResult:
         o = self.o
         total = rules.total_mini_epochs(o.max_epoch)
         bounds = rules.mini_epoch_bounds(self.steps_per_epoch)

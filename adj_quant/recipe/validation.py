@@ -7,6 +7,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant import cost as cost_lib
+from adj_quant import graph_options
 from adj_quant.distribution import is_distributed, reduce_sum, split_batch
 from adj_quant.qnetwork import ACTIVATION_SITES
 from adj_quant.quant_info import average_bits
@@ -43,15 +44,16 @@ def accuracy(model, dataset, *, what: str = "validation data", progress: bool = 
     step = step or make_eval_step(model)
     top1 = top5 = seen = 0
     bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False, total=max_images)
-    for images, labels in data_lib.iterate(dataset, what):
-        if max_images is not None:
-            images, labels = images[: max_images - seen], labels[: max_images - seen]
-        c1, c5 = step(images, labels)
-        top1, top5 = top1 + int(c1), top5 + int(c5)
-        seen += int(labels.shape[0])
-        bar.update(int(labels.shape[0]))
-        if max_images is not None and seen >= max_images:
-            break
+    with graph_options.one_round():
+        for images, labels in data_lib.iterate(dataset, what):
+            if max_images is not None:
+                images, labels = images[: max_images - seen], labels[: max_images - seen]
+            c1, c5 = step(images, labels)
+            top1, top5 = top1 + int(c1), top5 + int(c5)
+            seen += int(labels.shape[0])
+            bar.update(int(labels.shape[0]))
+            if max_images is not None and seen >= max_images:
+                break
     bar.close()
     if seen == 0:
         return {"top1": float("nan"), "top5": float("nan"), "images": 0}

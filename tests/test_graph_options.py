@@ -1,0 +1,87 @@
+"""adj_quant.graph_options: grappler's passes run once inside ``one_round()``, with the same
+results as TensorFlow's default two rounds."""
+
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+from tensorflow.python.eager import context
+
+from adj_quant import graph_options, nets
+from adj_quant.network import FloatNetwork
+from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+
+ONE = rewriter_config_pb2.RewriterConfig.ONE
+
+
+def _rounds() -> int:
+    """The grappler rounds that a function called now on this thread is optimized with."""
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    return config.graph_options.rewrite_options.meta_optimizer_iterations
+
+
+def test_one_round_applies_inside_the_block_only_and_is_restored_after_an_error():
+    before = context.context().function_call_options.config_proto_serialized
+    assert _rounds() != ONE  # TensorFlow's default (two rounds)
+    with graph_options.one_round():
+        assert _rounds() == ONE
+        with graph_options.one_round():  # nesting keeps it
+            assert _rounds() == ONE
+        assert _rounds() == ONE
+    assert context.context().function_call_options.config_proto_serialized == before
+    with pytest.raises(RuntimeError):
+        with graph_options.one_round():
+            raise RuntimeError("boom")
+    assert context.context().function_call_options.config_proto_serialized == before
+
+
+def test_one_round_keeps_the_rest_of_the_config_and_other_threads():
+    tf.config.optimizer.set_experimental_options({"debug_stripper": False})
+    try:
+        with graph_options.one_round():
+            config = config_pb2.ConfigProto()
+            config.ParseFromString(
+                context.context().function_call_options.config_proto_serialized)
+            rewrite = config.graph_options.rewrite_options
+            assert rewrite.debug_stripper == rewriter_config_pb2.RewriterConfig.OFF
+            seen = []
+            thread = threading.Thread(target=lambda: seen.append(_rounds()))
+            thread.start()
+            thread.join()
+            assert seen and seen[0] != ONE  # per thread: another thread keeps the default
+    finally:
+        tf.config.optimizer.set_experimental_options({"debug_stripper": True})
+
+
+def test_quantized_training_step_gives_the_same_bits_with_one_round():
+    """Oracle: the same step optimized with TensorFlow's default two rounds."""
+    float_model = FloatNetwork(nets.build("efficientnet_b0", num_classes=10), seed=0)
+    qmodel = QuantizedNetwork.from_float(
+        float_model, QuantConfig(weight_bits=4, act_bits=4, swish_bits=0, bits_trainable=True))
+    images = tf.random.stateless_uniform([16, 32, 32, 3], seed=[0, 1])
+    labels = tf.constant(np.arange(16) % 10, tf.int32)
+    qmodel.calibrate_activations([images], progress=False)
+    variables = list(qmodel.trainable_variables)
+
+    @tf.function(autograph=False)
+    def step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = qmodel(images, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits))
+        return [loss] + tape.gradient(loss, variables)
+
+    def run():
+        return [t.numpy() for t in step(images, labels)]
+
+    default = run()
+    with graph_options.one_round():
+        one = run()
+    again = run()
+    assert len(one) == len(variables) + 1
+    for a, b, c in zip(default, one, again):
+        np.testing.assert_array_equal(a, c)  # the step is deterministic here
+        np.testing.assert_array_equal(a, b)
