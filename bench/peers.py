@@ -393,9 +393,9 @@ def uses_autograph(name: str) -> bool:
     return not name.startswith("adjq")
 
 
-def one_grappler_round(name: str) -> bool:
-    """adjq's trainer runs grappler's passes once (:mod:`adj_quant.graph_options`); Keras and
-    tfmot keep TensorFlow's default of two rounds."""
+def uses_lean_grappler(name: str) -> bool:
+    """adjq's trainer calls its steps with a leaner grappler (:mod:`adj_quant.graph_options`);
+    Keras and tfmot keep TensorFlow's defaults."""
     return name.startswith("adjq")
 
 
@@ -408,7 +408,7 @@ def first_step(entry: Entry, args, peers, data) -> None:
         entry.step, entry.vars = st.make_step(entry.model, args.jit_compile,
                                               optimizer_of(entry.name),
                                               autograph=uses_autograph(entry.name),
-                                              one_round=one_grappler_round(entry.name))
+                                              lean_grappler=uses_lean_grappler(entry.name))
         entry.loss = float(entry.step(*data).numpy())
         entry.first_step_s = time.perf_counter() - t0
         st.log(f"  {entry.name}: build {entry.build_s:.1f} s, build + trace + first step "
@@ -499,7 +499,8 @@ def rss_child(args) -> int:
     t0 = time.perf_counter()
     model, _ = build_model(name, args, peers)
     step, _ = st.make_step(model, args.jit_compile, optimizer_of(name),
-                           autograph=uses_autograph(name), one_round=one_grappler_round(name))
+                           autograph=uses_autograph(name),
+                           lean_grappler=uses_lean_grappler(name))
     step(*data).numpy()
     first = time.perf_counter() - t0
     for _ in range(RSS_CHILD_STEPS - 1):

@@ -142,15 +142,15 @@ def build_models(args, modes):
 
 
 def make_step(model: tf.Module, jit: bool, optimizer: str = "keras", autograph: bool = True,
-              one_round: bool = False):
+              lean_grappler: bool = False):
     """A compiled training step and the number of variables it trains.
 
     ``optimizer``: ``"keras"`` (Keras 3's Adam) or ``"adjq"`` (the recipe's own Adam,
     :class:`adj_quant.training_rules.Adam`: one fused ``ResourceApplyAdam`` per variable).
     ``autograph``: convert Python control flow (Keras's ``fit`` does; adjq's trainer does
     not, as its model code needs none).
-    ``one_round``: call the step with grappler's passes run once, as adjq's trainer does
-    (:func:`adj_quant.graph_options.one_round`).
+    ``lean_grappler``: call the step with grappler made lean, as adjq's trainer does
+    (:func:`adj_quant.graph_options.lean_grappler`).
     """
     variables = list(model.trainable_variables)
     # Small lr: the weights should stay finite over the few dozen steps of the benchmark.
@@ -177,13 +177,13 @@ def make_step(model: tf.Module, jit: bool, optimizer: str = "keras", autograph: 
         update(tape.gradient(loss, variables))
         return loss
 
-    if one_round:
+    if lean_grappler:
         from adj_quant import graph_options
 
         traced = step
 
         def step(images, labels):
-            with graph_options.one_round():
+            with graph_options.lean_grappler():
                 return traced(images, labels)
 
     return step, len(variables)
@@ -208,7 +208,7 @@ def run(args) -> dict:
     settings = [(jit, mode) for jit in JIT_CHOICES[args.jit] for mode in args.modes]
     state = {}
     for jit, mode in settings:
-        step, nvars = make_step(models[mode], jit, autograph=False, one_round=True)
+        step, nvars = make_step(models[mode], jit, autograph=False, lean_grappler=True)
         state[(jit, mode)] = {"step": step, "vars": nvars, "times": [], "error": None,
                               "first_s": None, "loss": None}
 

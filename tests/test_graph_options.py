@@ -1,5 +1,5 @@
-"""adj_quant.graph_options: grappler's passes run once inside ``one_round()``, with the same
-results as TensorFlow's default two rounds."""
+"""adj_quant.graph_options: inside ``lean_grappler()`` grappler runs one round without its
+function optimizer, with the same results as TensorFlow's defaults."""
 
 import threading
 
@@ -14,39 +14,42 @@ from adj_quant.network import FloatNetwork
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 
 ONE = rewriter_config_pb2.RewriterConfig.ONE
+OFF = rewriter_config_pb2.RewriterConfig.OFF
+
+
+def _rewrite_options():
+    """The grappler options that a function called now on this thread is optimized with."""
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    return config.graph_options.rewrite_options
 
 
 def _rounds() -> int:
-    """The grappler rounds that a function called now on this thread is optimized with."""
-    config = config_pb2.ConfigProto()
-    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
-    return config.graph_options.rewrite_options.meta_optimizer_iterations
+    return _rewrite_options().meta_optimizer_iterations
 
 
-def test_one_round_applies_inside_the_block_only_and_is_restored_after_an_error():
+def test_lean_grappler_applies_inside_the_block_only_and_is_restored_after_an_error():
     before = context.context().function_call_options.config_proto_serialized
     assert _rounds() != ONE  # TensorFlow's default (two rounds)
-    with graph_options.one_round():
+    assert _rewrite_options().function_optimization != OFF
+    with graph_options.lean_grappler():
         assert _rounds() == ONE
-        with graph_options.one_round():  # nesting keeps it
+        assert _rewrite_options().function_optimization == OFF
+        with graph_options.lean_grappler():  # nesting keeps it
             assert _rounds() == ONE
         assert _rounds() == ONE
     assert context.context().function_call_options.config_proto_serialized == before
     with pytest.raises(RuntimeError):
-        with graph_options.one_round():
+        with graph_options.lean_grappler():
             raise RuntimeError("boom")
     assert context.context().function_call_options.config_proto_serialized == before
 
 
-def test_one_round_keeps_the_rest_of_the_config_and_other_threads():
+def test_lean_grappler_keeps_the_rest_of_the_config_and_other_threads():
     tf.config.optimizer.set_experimental_options({"debug_stripper": False})
     try:
-        with graph_options.one_round():
-            config = config_pb2.ConfigProto()
-            config.ParseFromString(
-                context.context().function_call_options.config_proto_serialized)
-            rewrite = config.graph_options.rewrite_options
-            assert rewrite.debug_stripper == rewriter_config_pb2.RewriterConfig.OFF
+        with graph_options.lean_grappler():
+            assert _rewrite_options().debug_stripper == rewriter_config_pb2.RewriterConfig.OFF
             seen = []
             thread = threading.Thread(target=lambda: seen.append(_rounds()))
             thread.start()
@@ -56,8 +59,8 @@ def test_one_round_keeps_the_rest_of_the_config_and_other_threads():
         tf.config.optimizer.set_experimental_options({"debug_stripper": True})
 
 
-def test_quantized_training_step_gives_the_same_bits_with_one_round():
-    """Oracle: the same step optimized with TensorFlow's default two rounds."""
+def test_quantized_training_step_gives_the_same_bits_with_a_lean_grappler():
+    """Oracle: the same step optimized with TensorFlow's default grappler."""
     float_model = FloatNetwork(nets.build("efficientnet_b0", num_classes=10), seed=0)
     qmodel = QuantizedNetwork.from_float(
         float_model, QuantConfig(weight_bits=4, act_bits=4, swish_bits=0, bits_trainable=True))
@@ -78,7 +81,7 @@ def test_quantized_training_step_gives_the_same_bits_with_one_round():
         return [t.numpy() for t in step(images, labels)]
 
     default = run()
-    with graph_options.one_round():
+    with graph_options.lean_grappler():
         one = run()
     again = run()
     assert len(one) == len(variables) + 1

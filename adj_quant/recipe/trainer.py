@@ -253,7 +253,7 @@ class Trainer:
 
     def run(self) -> StageResult:
         """Train the stage to its end (or resume it), validating and saving as it goes."""
-        with graph_options.one_round():
+        with graph_options.lean_grappler():
             return self._run()
 
     def _run(self) -> StageResult:

@@ -44,7 +44,7 @@ def accuracy(model, dataset, *, what: str = "validation data", progress: bool = 
     step = step or make_eval_step(model)
     top1 = top5 = seen = 0
     bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False, total=max_images)
-    with graph_options.one_round():
+    with graph_options.lean_grappler():
         for images, labels in data_lib.iterate(dataset, what):
             if max_images is not None:
                 images, labels = images[: max_images - seen], labels[: max_images - seen]
