@@ -14,10 +14,10 @@ adjq's graphs, so :func:`lean_grappler` leaves them out:
   (:mod:`adj_quant.adjustable_quantizer`), so it leaves the graph as it is and spends
   about 0.4 s finding that out.
 
-Measured in fresh processes (224x224, batch 16, 2-core CPU, variants alternated): the first
-call of the quantized step took 8.1 s with one round instead of 9.8 s, and 0.3-0.7 s less
-again without the function optimizer. The step itself and its results are unchanged (the
-tests compare the gradients with TensorFlow's defaults, bit for bit).
+Measured in fresh processes (224x224, batch 16, 2-core CPU, three rounds, variants
+alternated): the first call of the quantized step took 9.1-9.4 s instead of 11.5-11.7 s.
+The step itself and its results are unchanged (the tests compare the gradients with
+TensorFlow's defaults, bit for bit).
 
 The setting travels with each function call (TensorFlow's per-thread *function call
 options*), so it applies only to functions called inside the ``with`` block, not to the

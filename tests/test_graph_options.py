@@ -46,17 +46,25 @@ def test_lean_grappler_applies_inside_the_block_only_and_is_restored_after_an_er
 
 
 def test_lean_grappler_keeps_the_rest_of_the_config_and_other_threads():
-    tf.config.optimizer.set_experimental_options({"debug_stripper": False})
+    ctx = context.context()
+    previous = ctx.function_call_options
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(previous.config_proto_serialized)
+    config.graph_options.rewrite_options.debug_stripper = OFF  # a setting of the caller's
+    ctx.function_call_options = context.FunctionCallOptions(config_proto=config)
     try:
         with graph_options.lean_grappler():
-            assert _rewrite_options().debug_stripper == rewriter_config_pb2.RewriterConfig.OFF
+            assert _rewrite_options().debug_stripper == OFF
+            assert _rounds() == ONE
             seen = []
             thread = threading.Thread(target=lambda: seen.append(_rounds()))
             thread.start()
             thread.join()
             assert seen and seen[0] != ONE  # per thread: another thread keeps the default
+        assert _rewrite_options().debug_stripper == OFF
+        assert _rounds() != ONE
     finally:
-        tf.config.optimizer.set_experimental_options({"debug_stripper": True})
+        ctx.function_call_options = previous
 
 
 def test_quantized_training_step_gives_the_same_bits_with_a_lean_grappler():
