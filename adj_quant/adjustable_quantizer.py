@@ -420,30 +420,22 @@ def _quantizer_vjp_math(g, x, init_min, init_max, range_scale, range_shift, bits
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
-def _unpack(params: tf.Tensor) -> list:
-    """The rows of a packed ``[4 or 5, C]`` parameter tensor as :func:`_quantizer_math`'s
-    ``init_min, init_max, range_scale, range_shift, bits_scale`` (None for fixed bits)."""
-    rows = tf.unstack(params)
-    return rows + [None] * (5 - len(rows))
+def _site_forward(x, *params, **settings) -> tf.Tensor:
+    """:func:`_quantizer_math` with ``bits_scale`` left out for fixed bits (4 parameters)."""
+    return _quantizer_math(x, *params, *[None] * (5 - len(params)), **settings)
 
 
-def _packed_forward(x, params, **settings) -> tf.Tensor:
-    """:func:`_quantizer_math` with the quantizer's parameters packed in one tensor."""
-    return _quantizer_math(x, *_unpack(params), **settings)
+def _site_vjp(g, x, *params, **settings) -> list[tf.Tensor]:
+    """:func:`_quantizer_vjp_math` for :func:`_site_forward`: the gradients of ``x`` and of
+    each parameter."""
+    return _quantizer_vjp_math(g, x, *params, *[None] * (5 - len(params)), **settings)
 
 
-def _packed_vjp(g, x, params, **settings) -> tuple[tf.Tensor, tf.Tensor]:
-    """:func:`_quantizer_vjp_math` for :func:`_packed_forward`: the gradient of ``x`` and
-    the packed gradient of ``params``."""
-    grads = _quantizer_vjp_math(g, x, *_unpack(params), **settings)
-    return grads[0], tf.stack(grads[1:])
-
-
-#: :func:`_packed_forward` and its gradients as XLA-compiled functions, one per signature
+#: :func:`_site_forward` and its gradients as XLA-compiled functions, one per signature
 #: (see ``_fused``): for activations, where one fused pass over a large tensor each way pays
 #: for the compilation.
-_quantizer_xla = tf.function(_packed_forward, jit_compile=True, autograph=False)
-_quantizer_vjp_xla = tf.function(_packed_vjp, jit_compile=True, autograph=False)
+_quantizer_xla = tf.function(_site_forward, jit_compile=True, autograph=False)
+_quantizer_vjp_xla = tf.function(_site_vjp, jit_compile=True, autograph=False)
 #: The same as plain functions whose traces generalise over shapes: weights, biases and
 #: small activations (the SE layers' 1x1 maps), where the elementwise work is small and a
 #: compilation per shape would cost more than it saves. One trace serves every call site of
@@ -451,9 +443,9 @@ _quantizer_vjp_xla = tf.function(_packed_vjp, jit_compile=True, autograph=False)
 #: into the caller's graph at every call site and optimise each copy (about 16 s of start-up
 #: for EfficientNet-B0's weights and biases).
 _NOINLINE = {"_noinline": True}
-_quantizer_shared = tf.function(_packed_forward, autograph=False,
+_quantizer_shared = tf.function(_site_forward, autograph=False,
                                 experimental_attributes=_NOINLINE)
-_quantizer_vjp_shared = tf.function(_packed_vjp, autograph=False,
+_quantizer_vjp_shared = tf.function(_site_vjp, autograph=False,
                                     experimental_attributes=_NOINLINE)
 
 
@@ -473,8 +465,8 @@ def _trace_of(fn, rank: int, num_params: int, settings: dict, *, vjp: bool):
     trace = _TRACES.get(key)
     if trace is None:
         x = tf.TensorSpec([None] * rank, tf.float32)
-        params = tf.TensorSpec([num_params, None], tf.float32)
-        args = [x] * (2 if vjp else 1) + [params]
+        params = [tf.TensorSpec([None], tf.float32)] * num_params
+        args = [x] * (2 if vjp else 1) + params
         trace = _TRACES[key] = fn.get_concrete_function(*args, **settings)
     return trace
 
@@ -486,7 +478,6 @@ def _quantizer_call(forward, vjp, x, init_min, init_max, range_scale, range_shif
     The gradient is attached here rather than differentiated through ``forward``:
     TensorFlow would then make the forward return the tensors its backward needs (``x``
     itself, copied out of a compiled kernel); this way the backward reads ``x`` directly.
-    The parameters travel packed in one ``[4 or 5, C]`` tensor.
 
     The call is recorded on the gradient tape directly (what ``tf.custom_gradient`` does
     eagerly) rather than through ``tf.custom_gradient``'s graph form, which wraps every call
@@ -500,18 +491,17 @@ def _quantizer_call(forward, vjp, x, init_min, init_max, range_scale, range_shif
     values += [] if bits_scale is None else [bits_scale]
     forward = _trace_of(forward, len(x.shape), len(values), settings, vjp=False)
     vjp = _trace_of(vjp, len(x.shape), len(values), settings, vjp=True)
-    params = tf.stack(values)
     with tape_record.stop_recording():
-        out = forward(x, params, **settings)
+        out = forward(x, *values, **settings)
     out.set_shape(x.shape)  # a trace shared by many shapes returns an unknown shape
 
     def grad(g):
-        grad_x, grad_params = vjp(g, x, params, **settings)
-        grad_x.set_shape(x.shape)
-        grad_params.set_shape(params.shape)
-        return [grad_x, grad_params]
+        grads = vjp(g, x, *values, **settings)
+        for grad_v, v in zip(grads, [x] + values):
+            grad_v.set_shape(v.shape)
+        return grads
 
-    tape_record.record_operation("AdjustableQuantizer", [out], [x, params], grad)
+    tape_record.record_operation("AdjustableQuantizer", [out], [x] + values, grad)
     return out
 
 
