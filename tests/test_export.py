@@ -18,7 +18,7 @@ from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import resolve_checkpoint
 from adj_quant.cli import export as E
 from adj_quant.recipe import validation
-from adj_quant.recipe.trainer import validation_data
+from adj_quant.recipe.data import validation_data
 
 QUIET = ["--no-progress"]
 

@@ -248,7 +248,7 @@ def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, t
     result = json.loads(out)
     from adj_quant.recipe import validation
     from adj_quant.recipe.config import resolve
-    from adj_quant.recipe.trainer import validation_data
+    from adj_quant.recipe.data import validation_data
 
     o = resolve({"img_size": 32, "max_val_images": 360}, None)
     expected = validation.accuracy(model, validation_data(o, 10), progress=False,

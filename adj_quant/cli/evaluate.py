@@ -103,7 +103,7 @@ def evaluate_checkpoint(cli: dict) -> dict:
     from adj_quant.quant_info import save_quant_info
     from adj_quant.recipe import validation
     from adj_quant.recipe.stages import arch_of, calibrate_activations, quant_config
-    from adj_quant.recipe.trainer import validation_data
+    from adj_quant.recipe.data import validation_data
 
     as_float = cli.pop("float_model", False)
     output, plot, thresholds = cli.pop("output", None), cli.pop("plot", None), cli.pop(

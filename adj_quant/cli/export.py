@@ -123,7 +123,7 @@ def export(cli: dict) -> dict:
     """Export a checkpoint as the flags in ``cli`` say; returns what was written."""
     from adj_quant.checkpoints import resolve_checkpoint
     from adj_quant.recipe import data as data_lib
-    from adj_quant.recipe.trainer import data_args
+    from adj_quant.recipe.data import data_args
 
     fmt, quantization = cli["format"], cli["quantization"]
     count = cli.get("representative_images", DEFAULT_REPRESENTATIVE)
@@ -184,7 +184,7 @@ def evaluate_tflite(cli: dict) -> dict:
     come from the model itself.
     """
     from adj_quant.recipe import data as data_lib
-    from adj_quant.recipe.trainer import data_args
+    from adj_quant.recipe.data import data_args
 
     path = cli["tflite"]
     if not os.path.isfile(path):

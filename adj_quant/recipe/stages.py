@@ -43,7 +43,8 @@ from adj_quant.recipe.config import (
     record_config,
     resolve,
 )
-from adj_quant.recipe.trainer import Trainer, data_args, num_classes, validation_data
+from adj_quant.recipe.data import data_args, num_classes, validation_data
+from adj_quant.recipe.trainer import Trainer
 
 THRESHOLDS = "initial_thresholds.json"
 RESULT = "result.json"

@@ -78,7 +78,7 @@ class Trainer:
         self.best_key = best_key
         self.strategy = tf.distribute.get_strategy()
         self.chief = distribution.is_chief(self.strategy)
-        self.info = data_lib.dataset_info(*data_args(options))
+        self.info = data_lib.dataset_info(*data_lib.data_args(options))
         self.steps_per_epoch = self.info.num_train // options.batch_size
         if self.steps_per_epoch < rules.MINI_EPOCHS:
             raise UserError(f"--batch_size {options.batch_size} leaves "
@@ -111,7 +111,7 @@ class Trainer:
         self._eval_step = validation.make_eval_step(model, self.strategy)
         self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
                        else tf.summary.create_noop_writer())
-        self.val_data = validation_data(options, self.info.num_classes)
+        self.val_data = data_lib.validation_data(options, self.info.num_classes)
         self.file_shard, self.worker_batch = self._file_shard()
 
     # ------------------------------------------------------------------ steps
@@ -171,7 +171,7 @@ class Trainer:
         """``((workers, index), this worker's rows of a global batch)`` when each worker
         reads its own TFRecord files, else ``(None, --batch_size)`` (one process, or
         digits/synthetic data: every worker builds the global batch)."""
-        name, dataset_dir = data_args(self.o)[:2]
+        name, dataset_dir = data_lib.data_args(self.o)[:2]
         workers, index = distribution.input_pipelines(self.strategy)
         if name != "imagenet" or workers == 1:
             return None, self.o.batch_size
@@ -191,7 +191,7 @@ class Trainer:
         """The training batches of ``epoch`` after the first ``skip``: the global batch,
         or with file sharding this worker's part of it from its own files (repeated, so
         that no worker runs out before the epoch's step count)."""
-        name, dataset_dir = data_args(self.o)[:2]
+        name, dataset_dir = data_lib.data_args(self.o)[:2]
         shard = self.file_shard
         ds = data_lib.make_dataset(
             name, "train", batch_size=self.worker_batch, img_size=self.o.img_size,
@@ -414,23 +414,4 @@ class Trainer:
         values["stage"] = self.stage
         with self.writer.as_default():
             hp.hparams(values)
-
-
-def data_args(o: Options) -> tuple:
-    """``(name, dataset_dir, num_classes, labels_offset)`` from ``--dataset``."""
-    if o.dataset in data_lib.DATASET_NAMES:
-        return o.dataset, None, o.num_classes, o.labels_offset
-    return "imagenet", o.dataset, o.num_classes, o.labels_offset
-
-
-def validation_data(o: Options, classes: int) -> tf.data.Dataset:
-    name, dataset_dir = data_args(o)[:2]
-    return data_lib.make_dataset(name, "validation", batch_size=max(o.batch_size, 64),
-                                 img_size=o.img_size, training=False, dataset_dir=dataset_dir,
-                                 labels_offset=o.labels_offset, num_classes=classes,
-                                 eval_crop=o.eval_crop)
-
-
-def num_classes(o: Options) -> int:
-    return data_lib.dataset_info(*data_args(o)).num_classes
 

@@ -217,3 +217,25 @@ def _sample_indices(n: int, count: int, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(n)
     return np.resize(order, count)  # repeats the permutation when count > n
 
+
+# --------------------------------------------------------------------------- from options
+
+
+def data_args(o) -> tuple:
+    """``(name, dataset_dir, num_classes, labels_offset)`` from ``--dataset``."""
+    if o.dataset in DATASET_NAMES:
+        return o.dataset, None, o.num_classes, o.labels_offset
+    return "imagenet", o.dataset, o.num_classes, o.labels_offset
+
+
+def validation_data(o, classes: int) -> tf.data.Dataset:
+    name, dataset_dir = data_args(o)[:2]
+    return make_dataset(name, "validation", batch_size=max(o.batch_size, 64),
+                        img_size=o.img_size, training=False, dataset_dir=dataset_dir,
+                        labels_offset=o.labels_offset, num_classes=classes,
+                        eval_crop=o.eval_crop)
+
+
+def num_classes(o) -> int:
+    return dataset_info(*data_args(o)).num_classes
+
