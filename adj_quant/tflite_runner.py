@@ -88,32 +88,3 @@ class TFLiteRunner:
         self.interpreter.set_tensor(self.input["index"], quantize_input(images, self.input))
         self.interpreter.invoke()
         return dequantize_output(self.interpreter.get_tensor(self.output["index"]), self.output)
-
-
-def interpreter_accuracy(model_path: str, dataset, *, batch: int = 1, progress: bool = True,
-                         max_images: int | None = None, what: str = "validation data") -> dict:
-    """Top-1/top-5 of a .tflite file over ``dataset`` (batches of ``(images, labels)``)."""
-    from adj_quant.recipe.validation import accuracy
-
-    runner = TFLiteRunner(model_path, batch)
-
-    def step(images, labels):
-        images, labels = images.numpy(), labels.numpy()
-        if images.shape[1:] != (runner.img_size, runner.img_size, 3):
-            raise UserError(f"{what}: images of shape {list(images.shape[1:])} but the model "
-                            f"takes {runner.img_size}x{runner.img_size}x3; pass --img_size "
-                            f"{runner.img_size}")
-        if labels.size and labels.max() >= runner.num_classes:
-            raise UserError(f"{what}: label {labels.max()} but the model has "
-                            f"{runner.num_classes} classes; pass the matching --dataset")
-        top1 = top5 = 0
-        for start in range(0, len(images), batch):
-            logits = runner(images[start:start + batch])
-            part = labels[start:start + batch]
-            top1 += topk_hits(logits, part, 1)
-            top5 += topk_hits(logits, part, 5)
-        return top1, top5
-
-    return accuracy(None, dataset, what=what, progress=progress, max_images=max_images,
-                    step=step, desc="tflite")
-

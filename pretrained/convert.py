@@ -1,9 +1,10 @@
 """Convert published float ImageNet weights into an adjq float checkpoint directory.
 
-The output directory is written like a finished ``pretrain`` stage (``model_spec.json``,
-``checkpoints.json``, the checkpoint, ``result.json``), so it is what
-``train.py --stage calibrate --ckpt_path DIR`` and ``eval.py --float --ckpt_path DIR`` take;
-written as ``RUN/pretrain`` it starts the recipe of run ``RUN`` at calibration.
+The output directory holds the checkpoint with ``checkpoints.json`` and ``model_spec.json``;
+the command ``adjq-convert`` (and ``train.py --pretrained``) has the recipe add its stage
+files, so that it is a finished ``pretrain`` stage: what ``train.py --stage calibrate
+--ckpt_path DIR`` and ``eval.py --float --ckpt_path DIR`` take; written as ``RUN/pretrain``
+it starts the recipe of run ``RUN`` at calibration.
 
 Sources (recognised from the file, see ``pretrained/README.md`` for where to download them):
 Keras applications weights (``.weights.h5``, legacy ``.h5``, ``.keras``) of EfficientNetB0,
@@ -14,38 +15,14 @@ of its files, the directory holding it, or the downloaded ``.tar.gz`` / ``.tgz``
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from adj_quant.errors import OneLineParser, UserError, cli_main
+from adj_quant.errors import UserError
 
 CHECKPOINT_NAME = "converted"
 #: The image size the published accuracies are measured at (all five networks).
 PUBLISHED_IMG_SIZE = 224
-
-EXAMPLES = """\
-examples:
-  # Keras applications weights (downloaded by keras.applications, or from the URLs in
-  # pretrained/README.md); the network is recognised from the file
-  python -m pretrained.convert efficientnetb0.h5 --output runs/b0_keras/pretrain
-  python -m pretrained.convert mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.4_224.h5 \\
-      --output runs/mnv2_140_keras/pretrain
-  python -m pretrained.convert resnet50_weights_tf_dim_ordering_tf_kernels.h5 \\
-      --output runs/resnet50_keras/pretrain
-
-  # the official TPU EfficientNet-B0 checkpoint (tarball, directory or prefix)
-  python -m pretrained.convert efficientnet-b0.tar.gz --output runs/b0_tpu/pretrain
-
-  # slim checkpoints: MobileNetV2 has 1001 classes (0 = background), drop it
-  python -m pretrained.convert mobilenet_v2_1.4_224.tgz --labels_offset 1 \\
-      --output runs/mnv2_140/pretrain
-  python -m pretrained.convert resnet_v1_50.ckpt --output runs/resnet50/pretrain
-
-then: python eval.py --float --ckpt_path OUT --dataset IMAGENET_TFRECORDS --labels_offset 1
-      python train.py --stage calibrate --run_dir RUN --model MODEL --dataset ...
-"""
-
 
 def _check_model(model: str) -> None:
     from adj_quant import nets
@@ -137,9 +114,15 @@ def describe(source: str, labels_offset: int = 0) -> dict:
 
 
 def convert(source: str, model: str | None, output: str, *, labels_offset: int = 0,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, stage_files=None) -> str:
     """Convert the published weights at ``source`` into a float checkpoint directory
-    ``output`` (written like a finished ``pretrain`` stage) and return ``output``.
+    ``output`` (the checkpoint, ``checkpoints.json`` and ``model_spec.json``) and return
+    ``output``.
+
+    ``stage_files(directory, output, net, info)``, if given, adds its own files to the
+    directory before it appears (atomically, with the checkpoint): the recipe passes
+    :func:`adj_quant.recipe.stages.converted_pretrain_files`, which makes it a finished
+    ``pretrain`` stage.
 
     ``model`` is a declared network (``efficientnet_b0``, ``mobilenet_v2``,
     ``mobilenet_v2_140``, ``resnet_v1_50``, ``resnet_v1_50_keras``), or None for the one the
@@ -172,27 +155,23 @@ def convert(source: str, model: str | None, output: str, *, labels_offset: int =
                 "source_holds": src.description, "model": chosen, "num_classes": classes,
                 "source_num_classes": src.num_classes, "labels_offset": labels_offset,
                 "variables": count, "ema_variables": src.ema_used}
-    _write(output, float_model, net, info)
+    _write(output, float_model, net, info, stage_files)
     return output
 
 
-def _write(output: str, model, net, info: dict) -> None:
+def _write(output: str, model, net, info: dict, stage_files) -> None:
     import tensorflow as tf
 
     from adj_quant.checkpoints import ModelSpec, RunCheckpoints, save_spec
-    from adj_quant.files import write_dir_atomic, write_json_atomic
+    from adj_quant.files import write_dir_atomic
 
     def fill(tmp: str) -> None:
         ckpts = RunCheckpoints(tmp, keep=0)
         ckpts.save(tf.train.Checkpoint(model=model), CHECKPOINT_NAME, dict(info))
         ckpts.mark_finished(converted_from=info["source"])
         save_spec(tmp, ModelSpec("float", net))
-        # What eval.py / export take as defaults for this checkpoint (flags override them).
-        write_json_atomic(os.path.join(tmp, "config.json"), {
-            "model": net.name, "num_classes": net.num_classes, "img_size": PUBLISHED_IMG_SIZE,
-            "width_multiplier": 1.0, "depth_multiplier": 1.0}, sort_keys=True)
-        write_json_atomic(os.path.join(tmp, "result.json"), {
-            "best_checkpoint": os.path.join(output, CHECKPOINT_NAME), **info})
+        if stage_files is not None:
+            stage_files(tmp, output, net, info)
 
     parent = os.path.dirname(os.path.abspath(output))
     try:
@@ -201,57 +180,3 @@ def _write(output: str, model, net, info: dict) -> None:
     except PermissionError as err:
         raise UserError(f"--output {output}: cannot write there ({err.strerror}); choose "
                         "another directory") from None
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(
-        prog="python -m pretrained.convert",
-        description="Convert published float ImageNet weights (Keras applications, the TPU "
-                    "EfficientNet-B0 checkpoint, slim's MobileNetV2 / ResNet-V1-50 "
-                    "checkpoints) into an adjq float checkpoint directory, written like a "
-                    "finished pretrain stage.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "source", metavar="SOURCE",
-        help="the weights: a Keras .weights.h5 / .h5 / .keras file, a TF checkpoint (prefix, "
-             "one of its files, or the directory holding it), or the downloaded .tar.gz/.tgz")
-    parser.add_argument(
-        "--model", default=None,
-        help="the declared network to convert into (efficientnet_b0, mobilenet_v2, "
-             "mobilenet_v2_140, resnet_v1_50, resnet_v1_50_keras); default: the one the "
-             "source holds")
-    parser.add_argument(
-        "--output", required=True, metavar="DIR",
-        help="the checkpoint directory to write (RUN/pretrain makes it run RUN's pretrain "
-             "stage, so the recipe starts at calibrate)")
-    parser.add_argument(
-        "--labels_offset", type=int, default=0,
-        help="leading classes to drop from the logits: 1 for slim's 1001-class checkpoints "
-             "(class 0 is background); 0 for 1000-class ones (Keras, TPU, slim ResNet-V1)")
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="replace --output if it exists (only a checkpoint directory is replaced)")
-    return parser
-
-
-@cli_main
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    import adj_quant.cli.quiet  # noqa: F401, PLC0415 (quiet TensorFlow start-up)
-
-    out = convert(args.source, args.model, args.output, labels_offset=args.labels_offset,
-                  overwrite=args.overwrite)
-    from adj_quant.checkpoints import load_spec, resolve_checkpoint
-
-    net = load_spec(resolve_checkpoint(out)).arch
-    print(f"{out}: float {net.name} with {net.num_classes} classes, converted from "
-          f"{args.source}")
-    print(f"  check it:  python eval.py --float --ckpt_path {out} --dataset IMAGENET_DIR "
-          "[--labels_offset 1 for slim TFRecords]")
-
-
-if __name__ == "__main__":
-    main()

@@ -21,11 +21,11 @@ import time
 import numpy as np
 import pytest
 
-from adj_quant import pareto as pareto_cli
-from adj_quant import sweep as sweep_cli
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import export as export_cli
+from adj_quant.cli import pareto as pareto_cli
 from adj_quant.cli import score as score_cli
+from adj_quant.cli import sweep as sweep_cli
 from adj_quant.cli import train as train_cli
 from adj_quant.recipe.config import resolve
 from adj_quant.seed_quantizers import cli as quantize_cli

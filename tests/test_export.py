@@ -17,6 +17,7 @@ from adj_quant import tflite_export as TE
 from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import resolve_checkpoint
 from adj_quant.cli import export as E
+from adj_quant.recipe import export as export_lib
 from adj_quant.recipe import validation
 from adj_quant.recipe.data import validation_data
 
@@ -28,7 +29,7 @@ def _export(*argv):
 
 
 def _validation(ckpt):
-    o = E.resolve_options({}, ckpt)
+    o = export_lib.resolve_options({}, ckpt)
     images, labels = [], []
     for x, y in validation_data(o, 10):
         images.append(x.numpy())
@@ -72,7 +73,7 @@ def exported(digits_run, tmp_path_factory):
         r[f"{key}_logits"] = _logits(r[key], images)
         acc[key] = _top1(r[f"{key}_logits"], labels)
     for stage in ("qat8", "finetune"):
-        model, spec, _ = E.load_checkpoint(r[stage], o)
+        model, spec, _ = export_lib.load_checkpoint(r[stage], o)
         r[f"{stage}_model"], r[f"{stage}_spec"] = model, spec
         acc[f"{stage} fake-quant (TF)"] = validation.accuracy(
             model, validation_data(o, 10), progress=False)["top1"]
@@ -82,7 +83,7 @@ def exported(digits_run, tmp_path_factory):
     for key, value in acc.items():
         print(f"  {key:26s} {100 * value:6.2f}%")
     for key in ("float", "dynamic", "int8", "adjustable"):
-        print(f"  size {key:10s} {E.tree_size(r[key]):>9,} bytes")
+        print(f"  size {key:10s} {export_lib.tree_size(r[key]):>9,} bytes")
     return r
 
 
@@ -100,7 +101,7 @@ def test_float_checkpoint_bn_folded(digits_run, tmp_path):
     ckpt = resolve_checkpoint(str(digits_run / "pretrain"))
     result = _export("--ckpt_path", ckpt, "--quantization", "float",
                      "--output", str(tmp_path / "pretrain.tflite"))
-    model, spec, _ = E.load_checkpoint(ckpt, E.resolve_options({}, ckpt))
+    model, spec, _ = export_lib.load_checkpoint(ckpt, export_lib.resolve_options({}, ckpt))
     assert spec.kind == "float"
     x = np.random.default_rng(0).uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
     want = model(tf.constant(x), training=False).numpy()
@@ -133,7 +134,8 @@ def test_int8_size(exported):
         fb = flatbuffer_utils.read_model(path)
         return sum(len(b.data) for b in fb.buffers if b.data is not None)
 
-    float_size, int8_size = E.tree_size(exported["float"]), E.tree_size(exported["int8"])
+    float_size = export_lib.tree_size(exported["float"])
+    int8_size = export_lib.tree_size(exported["int8"])
     ratio = payload(exported["int8"]) / payload(exported["float"])
     print(f"\nint8/float: weights {ratio:.3f}, file {int8_size / float_size:.3f}")
     assert ratio <= 0.3

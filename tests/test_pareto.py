@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adj_quant import pareto
+from adj_quant.cli import pareto as pareto_cli
+from adj_quant.recipe import pareto
 
 COLUMNS = ["point", "family", "label", "seed", "top1", "top5", "avg_weight_bits",
            "avg_act_bits", "score_micronet", "score_adjq", "params", "ops", "wall_s",
@@ -156,7 +157,7 @@ def test_render_two_panel_png(tmp_path, capsys):
     import matplotlib.image
 
     path = write_csv(tmp_path / "sweep.csv", SWEEP)
-    assert pareto.main([str(path)]) == 0
+    assert pareto_cli.main([str(path)]) == 0
     png = tmp_path / "pareto.png"  # next to the CSV by default
     assert png.is_file()
     image = matplotlib.image.imread(png)
@@ -182,7 +183,7 @@ def test_plot_writes_where_asked(tmp_path, capsys):
     out = tmp_path / "figs" / "front.png"
     assert pareto.plot(points, out, title="digits: top-1 vs score") == str(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert pareto.main([str(tmp_path / "sweep.csv"), "--output", str(out)]) == 0
+    assert pareto_cli.main([str(tmp_path / "sweep.csv"), "--output", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {out}\n")
 
 
@@ -190,7 +191,7 @@ def test_plot_writes_where_asked(tmp_path, capsys):
 
 def one_line_error(capsys, argv):
     with pytest.raises(SystemExit) as exc:
-        pareto.main(argv)
+        pareto_cli.main(argv)
     assert exc.value.code == 2
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
@@ -233,7 +234,7 @@ def test_other_bad_inputs(tmp_path, capsys):
 
 def test_help_names_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
-        pareto.main(["--help"])
+        pareto_cli.main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for flag in ("csv", "--output", "--title"):
@@ -242,7 +243,7 @@ def test_help_names_every_flag(capsys):
 
 def test_module_does_not_import_tensorflow():
     # Only pareto itself: the test process has TensorFlow already (conftest.py imports it).
-    code = ("import sys, adj_quant.pareto; "
+    code = ("import sys, adj_quant.recipe.pareto, adj_quant.cli.pareto; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

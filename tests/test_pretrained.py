@@ -20,7 +20,8 @@ from adj_quant import nets
 from adj_quant.checkpoints import load_spec, resolve_checkpoint, restore_model
 from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork
-from pretrained import convert as convert_module
+from adj_quant.cli import convert as convert_cli
+from adj_quant.recipe.stages import converted_pretrain_files
 from pretrained.convert import convert, describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,7 +295,8 @@ def test_tpu_efficientnet_b0_uses_ema(keras_b0, tmp_path, capsys):
     _save_checkpoint(str(directory / "model.ckpt"), values)
     (directory / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n')
 
-    out = convert(str(directory), None, str(tmp_path / "out"))
+    out = convert(str(directory), None, str(tmp_path / "out"),
+                  stage_files=converted_pretrain_files)
     err = capsys.readouterr().err
     assert f"ExponentialMovingAverage values of {len(true)} of {len(true)} variables" in err
     result = json.loads((tmp_path / "out" / "result.json").read_text())
@@ -414,13 +416,19 @@ def slim_mnv2(tmp_path_factory):
 def _cli(args, capsys):
     """Run the command line in-process: (exit status, stderr)."""
     with pytest.raises(SystemExit) as exit_info:
-        convert_module.main(args)
+        convert_cli.main(args)
     return exit_info.value.code, capsys.readouterr().err
 
 
 def test_converts_a_small_slim_checkpoint_and_writes_a_stage_directory(slim_mnv2, tmp_path):
-    out = str(tmp_path / "run" / "pretrain")
-    assert convert(slim_mnv2[0], None, out, labels_offset=1) == out
+    bare = str(tmp_path / "bare")  # the library alone: the checkpoint and its spec
+    assert convert(slim_mnv2[0], None, bare, labels_offset=1) == bare
+    assert sorted(os.listdir(bare)) == sorted([
+        "checkpoint", "checkpoints.json", "converted.data-00000-of-00001",
+        "converted.index", "model_spec.json"])
+    out = str(tmp_path / "run" / "pretrain")  # with the recipe's stage files
+    assert convert(slim_mnv2[0], None, out, labels_offset=1,
+                   stage_files=converted_pretrain_files) == out
     assert sorted(os.listdir(out)) == sorted([
         "checkpoint", "checkpoints.json", "config.json", "converted.data-00000-of-00001",
         "converted.index", "model_spec.json", "result.json"])
@@ -509,15 +517,15 @@ def test_output_exists(slim_mnv2, tmp_path, capsys):
     assert code == 2 and "holds files but no adjq checkpoints" in err
     assert (out / "notes.txt").read_text() == "mine"
     (out / "notes.txt").unlink()
-    convert_module.main(args + ["--overwrite"])  # an empty directory is replaced
-    convert_module.main(args + ["--overwrite"])  # and so is a checkpoint directory
+    convert_cli.main(args + ["--overwrite"])  # an empty directory is replaced
+    convert_cli.main(args + ["--overwrite"])  # and so is a checkpoint directory
     assert "converted.index" in os.listdir(out)
 
 
 def test_command_line_help_and_one_line_errors(tmp_path):
     """The real entry point: help with examples, exit 2 with one line and no traceback."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    run = [sys.executable, "-m", "pretrained.convert"]
+    run = [sys.executable, "-m", "adj_quant.cli.convert"]
     helped = subprocess.run(run + ["--help"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert helped.returncode == 0 and "examples:" in helped.stdout
     for flag in ("--model", "--output", "--labels_offset", "--overwrite"):

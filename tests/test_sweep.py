@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from adj_quant import sweep as sweep_lib
+from adj_quant.cli import sweep as sweep_cli
+from adj_quant.recipe import sweep as sweep_lib
 from adj_quant.directory_lock import DirectoryLock
 
 from conftest import save_small_keras_model
@@ -27,7 +28,7 @@ def _write(tmp_path, text, name="s.toml"):
 
 def _refused(argv, capsys):
     with pytest.raises(SystemExit) as info:
-        sweep_lib.main(argv)
+        sweep_cli.main(argv)
     assert info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
@@ -117,7 +118,7 @@ def test_points_expand_and_share_their_common_stages(tmp_path):
 
 
 def test_dry_run_lists_what_each_point_trains_and_reuses(tmp_path, capsys):
-    sweep_lib.main([_write(tmp_path, PARETO), "--sweep_dir", str(tmp_path / "out"),
+    sweep_cli.main([_write(tmp_path, PARETO), "--sweep_dir", str(tmp_path / "out"),
                     "--dry_run"])
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("12 points; 16 stage runs to train, 36 without reuse")
@@ -168,7 +169,7 @@ dataset = "/nonexistent/imagenet"
 
 
 def _sweep(path, out, *extra):
-    return subprocess.run([sys.executable, "-m", "adj_quant.sweep", path, "--sweep_dir",
+    return subprocess.run([sys.executable, "-m", "adj_quant.cli.sweep", path, "--sweep_dir",
                            str(out), *extra], cwd=ROOT, capture_output=True, text=True,
                           timeout=900)
 

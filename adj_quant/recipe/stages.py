@@ -407,11 +407,27 @@ def _convert_pretrained(cli: dict) -> dict:
     if not st.chief:  # the chief converts; the others wait for its result
         distribution.barrier(st.strategy)
         return read_json(os.path.join(st.dir, RESULT))
-    convert(st.o.pretrained, st.o.model, st.dir, labels_offset=offset)
+    convert(st.o.pretrained, st.o.model, st.dir, labels_offset=offset,
+            stage_files=converted_pretrain_files)
     print(f"[pretrain] converted {st.o.pretrained} ({source['description']}) into {st.dir}; "
           "no float training", file=sys.stderr)
     distribution.barrier(st.strategy)
     return read_json(os.path.join(st.dir, RESULT))
+
+
+def converted_pretrain_files(directory: str, final_dir: str, net: Network, info: dict) -> None:
+    """The files that make converted weights in ``directory`` (to become ``final_dir``) a
+    finished ``pretrain`` stage: ``config.json``, what eval.py and export take as defaults
+    for the checkpoint (flags override them), and ``result.json``."""
+    from pretrained.convert import CHECKPOINT_NAME, PUBLISHED_IMG_SIZE
+
+    write_json_atomic(os.path.join(directory, "config.json"), {
+        "model": net.name, "num_classes": net.num_classes, "img_size": PUBLISHED_IMG_SIZE,
+        "width_multiplier": 1.0, "depth_multiplier": 1.0}, sort_keys=True)
+    write_json_atomic(os.path.join(directory, RESULT), {
+        "best_checkpoint": os.path.join(final_dir, CHECKPOINT_NAME), **info})
+
+
 calibrate = functools.partial(run_stage, "calibrate", _calibrate)
 qat8 = functools.partial(run_stage, "qat8", functools.partial(
     _quantized_stage, bits_trainable=False, source="calibrate"))

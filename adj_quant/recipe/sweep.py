@@ -3,7 +3,7 @@
     adjq-sweep configs/sweeps/digits_pareto.toml                 # runs/sweeps/digits_pareto
     adjq-sweep configs/sweeps/digits_pareto.toml --dry_run       # the points, what each reuses
     adjq-sweep FILE.toml --jobs 2 --sweep_dir runs/my_sweep      # two points at a time
-    adjq-pareto runs/sweeps/digits_pareto/sweep.csv              # the plot (adj_quant.pareto)
+    adjq-pareto runs/sweeps/digits_pareto/sweep.csv              # the plot (recipe.pareto)
 
 A sweep file names a base config, flags for every point, a grid, and a list of points::
 
@@ -47,12 +47,11 @@ average bits, both MicroNet scores, params, ops, wall time, the stages it reused
 error), ``tensorboard/`` (an HParams view of all points), and per point ``log.txt`` and
 ``point.json``. A lock file refuses a second sweep on the same directory.
 
-Installed as ``adjq-sweep``; ``python -m adj_quant.sweep`` runs the same.
+The command is ``adjq-sweep`` (:mod:`adj_quant.cli.sweep`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import hashlib
@@ -67,8 +66,7 @@ import time
 import tomllib
 from typing import Any
 
-import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up, where it loads)
-from adj_quant.errors import OneLineParser, UserError, cli_main
+from adj_quant.errors import UserError
 from adj_quant.files import write_atomic, write_json_atomic
 from adj_quant.recipe import config as config_lib
 from adj_quant.recipe.config import FIELDS, STAGES
@@ -383,14 +381,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def _evaluate_checkpoint(run_dir: str, stage: str, base: str, cli: dict, as_float: bool):
-    from adj_quant.cli import evaluate
+    from adj_quant.recipe import evaluation
 
-    argv = ["--ckpt_path", os.path.join(run_dir, stage), "--config", base, "--no-progress",
-            "--output", os.path.join(run_dir, "quant_info.json")] + (["--float"] if as_float
-                                                                      else [])
-    args = evaluate.parse(argv)
-    args.update({k: v for k, v in cli.items() if k in evaluate.EVAL_FIELDS and k not in args})
-    return evaluate.evaluate_checkpoint(args)
+    args = {"ckpt_path": os.path.join(run_dir, stage), "config": base, "progress": False,
+            "output": os.path.join(run_dir, "quant_info.json"), "float_model": as_float}
+    args.update({k: v for k, v in cli.items() if k in evaluation.EVAL_FIELDS and k not in args})
+    return evaluation.evaluate_checkpoint(args)
 
 
 def _evaluate_ptq(run_dir: str, quantization: str, base: str, cli: dict) -> dict:
@@ -398,18 +394,19 @@ def _evaluate_ptq(run_dir: str, quantization: str, base: str, cli: dict) -> dict
     count its bits: 8-bit weights; activations float (dynamic) or 8-bit (int8); biases
     float (dynamic) or int32 (int8), both counted at 32 bits."""
     from adj_quant import cost as cost_lib
-    from adj_quant.cli import export as export_cli
     from adj_quant.recipe import validation
+    from adj_quant.recipe.evaluation import evaluate_tflite
+    from adj_quant.recipe.export import DEFAULT_REPRESENTATIVE, export
     from adj_quant.recipe.config import resolve
     from adj_quant.recipe.stages import arch_of
 
     output = os.path.join(run_dir, f"model_{quantization}.tflite")
-    argv = ["--ckpt_path", os.path.join(run_dir, "pretrain"), "--format", "tflite",
-            "--quantization", quantization, "--output", output, "--overwrite",
-            "--config", base, "--no-progress"]
-    exported = export_cli.export(export_cli.parse(argv))
+    exported = export({"ckpt_path": os.path.join(run_dir, "pretrain"), "format": "tflite",
+                       "quantization": quantization, "output": output, "overwrite": True,
+                       "config": base, "progress": False,
+                       "representative_images": DEFAULT_REPRESENTATIVE})
     o = exported["options"]
-    accuracy = export_cli.evaluate_tflite({
+    accuracy = evaluate_tflite({
         "tflite": output, "dataset": o.dataset, "num_classes": o.num_classes,
         "labels_offset": o.labels_offset, "batch_size": o.batch_size,
         "max_val_images": cli.get("max_val_images", o.max_val_images), "config": base,
@@ -489,7 +486,7 @@ def _spawn(sweep: Sweep, sweep_dir: str, point: Point) -> subprocess.Popen:
     log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {point.name}\n")
     log.flush()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "-m", "adj_quant.sweep", "--_point", spec_path],
+    process = subprocess.Popen([sys.executable, "-m", "adj_quant.cli.sweep", "--_point", spec_path],
                                stdout=log, stderr=subprocess.STDOUT, env=env)
     process.log = log  # type: ignore[attr-defined]
     return process
@@ -644,54 +641,3 @@ def run_sweep(sweep: Sweep, sweep_dir: str, jobs: int, progress: bool) -> dict:
     return {"csv": csv_path, "seconds": time.time() - started, "trained_s": trained,
             "saved_s": saved, "done": statuses.count("done"),
             "failed": len(statuses) - statuses.count("done")}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def parse(argv=None) -> argparse.Namespace:
-    p = OneLineParser(prog="adjq-sweep", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("sweep_file", metavar="SWEEP.toml", nargs="?", help="the sweep file (see "
-                   "configs/sweeps/ and docs/sweeps.md)")
-    p.add_argument("--sweep_dir", default=None, help="where the points, shared stages, "
-                   "sweep.csv and tensorboard/ go (default: runs/sweeps/<the file's name>)")
-    p.add_argument("--jobs", type=int, default=1, help="points trained at the same time, each "
-                   "in its own process")
-    p.add_argument("--dry_run", action="store_true", help="list the points and which stages "
-                   "each trains or reuses; run nothing")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="a progress bar over the points")
-    p.add_argument("--_point", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
-@cli_main
-def main(argv=None) -> None:
-    args = parse(argv)
-    if args._point:  # noqa: SLF001 (a point's own process)
-        sys.exit(run_point(args._point))
-    if args.sweep_file is None:
-        raise UserError("pass a sweep file, e.g. configs/sweeps/digits_pareto.toml (see "
-                        "adjq-sweep --help)")
-    if args.jobs < 1:
-        raise UserError(f"--jobs {args.jobs} must be at least 1")
-    sweep = load_sweep(args.sweep_file)
-    sweep_dir = args.sweep_dir or os.path.join("runs", "sweeps", sweep.name)
-    if os.path.exists(sweep_dir) and not os.path.isdir(sweep_dir):
-        raise UserError(f"--sweep_dir {sweep_dir} is a file; pass a directory")
-    if args.dry_run:
-        dry_run(sweep, sweep_dir)
-        return
-    summary = run_sweep(sweep, sweep_dir, args.jobs, args.progress and sys.stderr.isatty())
-    print(f"{summary['done']} of {len(sweep.points)} points done"
-          + (f", {summary['failed']} not (see sweep.csv)" if summary["failed"] else "")
-          + f" in {summary['seconds'] / 60:.1f} min; stage reuse saved "
-          f"{summary['saved_s'] / 60:.1f} min of training ({summary['trained_s'] / 60:.1f} min "
-          f"trained)\n{summary['csv']}")
-    if summary["failed"]:
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
     adjq-pareto sweep.csv                      # writes pareto.png next to sweep.csv
     adjq-pareto sweep.csv --output fig.png --title "digits, EfficientNet-B0 w0.25"
-    python -m adj_quant.pareto sweep.csv
+    python -m adj_quant.cli.pareto sweep.csv
 
 Input: the ``sweep.csv`` of a sweep, one row per run. The columns read are ``point`` (a
 name), ``family`` (float, ptq_dynamic, ptq_int8, uniform_qat, lsq, adjq; any other name is
@@ -32,7 +32,6 @@ On stdout: the path written, then the points on each front, one line each.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import io
@@ -41,7 +40,7 @@ import os
 import sys
 from typing import Iterable, Mapping, Sequence
 
-from adj_quant.errors import OneLineParser, UserError, cli_main
+from adj_quant.errors import UserError
 
 REQUIRED_COLUMNS = ("point", "family", "status", "top1", "score_micronet", "score_adjq")
 SCORES = (("score_micronet", "MicroNet score (official counting)"),
@@ -81,7 +80,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def _load(path) -> tuple[list[dict], collections.Counter]:
+def load(path) -> tuple[list[dict], collections.Counter]:
     """``(aggregated points, Counter of skipped rows by reason)``; raises UserError."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -151,7 +150,7 @@ def _aggregate(runs: list[dict]) -> dict:
     return point
 
 
-def _skip_note(skipped: collections.Counter) -> str:
+def skip_note(skipped: collections.Counter) -> str:
     count = sum(skipped.values())
     parts = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
     rows = f"{count} row{'s' if count != 1 else ''}"
@@ -167,9 +166,9 @@ def read_points(path) -> list[dict]:
     ``score_micronet``/``score_adjq`` (means), ``top5``/``avg_weight_bits``/``avg_act_bits``
     (means, None when not given). Skipped rows are counted in one line on stderr.
     Raises :class:`UserError` for a missing file or a missing required column."""
-    points, skipped = _load(path)
+    points, skipped = load(path)
     if skipped:
-        print(f"note: {os.fspath(path)}: {_skip_note(skipped)}", file=sys.stderr)
+        print(f"note: {os.fspath(path)}: {skip_note(skipped)}", file=sys.stderr)
     return points
 
 
@@ -374,55 +373,11 @@ def plot(points: Sequence[Mapping], output, title: str | None = None) -> str:
     return output
 
 
-# ----------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="adjq-pareto", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("csv", help="the sweep.csv of a sweep (one row per run)")
-    p.add_argument("--output", default=None, metavar="PNG",
-                   help="the PNG to write (default: pareto.png next to the CSV)")
-    p.add_argument("--title", default=None,
-                   help="the figure's title, e.g. the data set and network (default: a "
-                        "generic 'top-1 vs score, better is up-left' title)")
-    return p
-
-
-def _describe(point: Mapping, key: str) -> str:
+def describe(point: Mapping, key: str) -> str:
+    """One line of a point on the ``key`` front: score, top-1, family, bits, seeds."""
     text = annotation(point).replace("\n", ", ")
     seeds = f", n={point['n']} (top-1 {100 * point['top1_min']:.2f}-" \
             f"{100 * point['top1_max']:.2f}%)" if point["n"] > 1 else ""
     name = FAMILIES.get(point["family"], (point["family"],))[0]
     return (f"  {key} {point[key]:.6g}  top-1 {100 * point['top1']:.2f}%  {name}"
             f"{': ' + text if text else ''}  [{point['point']}]{seeds}")
-
-
-@cli_main
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    output = args.output
-    if output is None:
-        output = os.path.join(os.path.dirname(os.path.abspath(args.csv)), "pareto.png")
-    elif not output.lower().endswith(".png"):
-        raise UserError(f"--output {output}: the plot is a PNG; give a path ending in .png")
-    if os.path.isdir(output):
-        raise UserError(f"--output {output}: is a directory; give a file name such as "
-                        f"{os.path.join(output, 'pareto.png')}")
-    points, skipped = _load(args.csv)
-    if not points:
-        note = f"; {_skip_note(skipped)}" if skipped else " (no rows)"
-        raise UserError(f"{args.csv}: no finished points to plot{note}")
-    if skipped:
-        print(f"note: {args.csv}: {_skip_note(skipped)}", file=sys.stderr)
-    written = plot(points, output, args.title)
-    print(f"wrote {written}")
-    for key, _ in SCORES:
-        front = pareto_front(points, key)
-        print(f"Pareto front on {key} ({len(front)} of {len(points)} points):")
-        for point in front:
-            print(_describe(point, key))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
