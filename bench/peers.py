@@ -200,8 +200,8 @@ def load_tensorflow() -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # a CPU benchmark
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    import step_time  # noqa: E402  (puts the repository root on sys.path, imports TF)
     import numpy
+    import step_time  # noqa: E402  (puts the repository root on sys.path, imports TF)
     import tensorflow
 
     tf, st, np = tensorflow, step_time, numpy

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import build_tool
 
 from adj_quant.errors import UserError
-from conftest import build_tool
 from adj_quant.recipe import data
 from adj_quant.recipe.data import digits as digits_pipeline
 

@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 from tensorflow.lite.tools import flatbuffer_utils
 
-from adj_quant.cli import evaluate as eval_cli
 from adj_quant import tflite_export as TE
 from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import resolve_checkpoint
+from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import export as E
 from adj_quant.recipe import export as export_lib
 from adj_quant.recipe import validation

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant.errors import UserError
 from adj_quant import nets
+from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 

@@ -17,10 +17,10 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import build_tool, train_stage
 
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.recipe import data
-from conftest import build_tool, train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits.toml")  # what --dataset digits loads by default

@@ -29,9 +29,9 @@ try:
 except ImportError:  # run as a script from a checkout: python tools/build_tfrecords.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from adj_quant.errors import OneLineParser, UserError, cli_main
-from adj_quant.files import write_atomic
-
 import numpy as np
+
+from adj_quant.files import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "validation")
