@@ -576,7 +576,8 @@ def summarize(args, entries: dict, peers_available, load: dict, rss: dict) -> di
                      "warmup": args.warmup, "num_classes": args.num_classes,
                      "models": list(entries), "jit_compile": args.jit_compile,
                      "seed": args.seed, "skip_rss": args.skip_rss,
-                     "optimizer": "Adam(lr=1e-5), all trainable variables: adjq's own (training_rules.Adam) for adjq models, Keras 3's for the others",
+                     "optimizer": "Adam(lr=1e-5), all trainable variables: adjq's own "
+                                  "(training_rules.Adam) for adjq models, Keras 3's for the others",
                      "loss": "sparse softmax cross-entropy, fixed random labels",
                      "adjq_quant_config": "weight_bits=8 act_bits=8 swish_bits=0 bias_bits=8 "
                                           "bits_trainable=True"}})
