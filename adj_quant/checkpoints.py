@@ -18,6 +18,7 @@ import tempfile
 
 import tensorflow as tf
 
+from adj_quant import nets
 from adj_quant.checkpoint_paths import (  # noqa: F401  (re-exported)
     CorruptCheckpoint,
     reading,
@@ -25,7 +26,6 @@ from adj_quant.checkpoint_paths import (  # noqa: F401  (re-exported)
 )
 from adj_quant.errors import UserError
 from adj_quant.files import write_atomic, write_json_atomic
-from adj_quant import nets
 from adj_quant.network import FloatNetwork, Network
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 

@@ -40,8 +40,9 @@ class ExportNet:
     """The BN-folded network as constants: what gets converted.
 
     ``layers[scope] = (kind, stride, weights, biases)`` (numpy); ``act_ranges`` maps an
-    activation-quantizer site (``<scope>/input``, ``/swish_input``, ``/sigmoid_input``) to the per-tensor
-    ``(min, max)`` a ``fake_quant_with_min_max_vars`` op imposes there (``adjustable``).
+    activation-quantizer site (``<scope>/input``, ``/swish_input``, ``/sigmoid_input``) to the
+    per-tensor ``(min, max)`` a ``fake_quant_with_min_max_vars`` op imposes there
+    (``adjustable``).
     """
 
     def __init__(self, arch, layers: dict, act_ranges: dict | None = None):
@@ -143,8 +144,10 @@ def convert(module, quantization: str, representative: np.ndarray | None = None)
     try:
         return converter.convert()
     except Exception as err:  # converter errors are long; keep the first line
-        raise UserError(f"TFLite conversion ({quantization}) failed: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from err
+        raise UserError(
+            f"TFLite conversion ({quantization}) failed: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}"
+        ) from err
 
 
 # --------------------------------------------------------------------------- learned weight levels

@@ -200,8 +200,8 @@ def load_tensorflow() -> None:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # a CPU benchmark
     if HERE not in sys.path:
         sys.path.insert(0, HERE)
-    import step_time  # noqa: E402  (puts the repository root on sys.path, imports TF)
     import numpy
+    import step_time  # noqa: E402  (puts the repository root on sys.path, imports TF)
     import tensorflow
 
     tf, st, np = tensorflow, step_time, numpy
@@ -576,7 +576,8 @@ def summarize(args, entries: dict, peers_available, load: dict, rss: dict) -> di
                      "warmup": args.warmup, "num_classes": args.num_classes,
                      "models": list(entries), "jit_compile": args.jit_compile,
                      "seed": args.seed, "skip_rss": args.skip_rss,
-                     "optimizer": "Adam(lr=1e-5), all trainable variables: adjq's own (training_rules.Adam) for adjq models, Keras 3's for the others",
+                     "optimizer": "Adam(lr=1e-5), all trainable variables: adjq's own "
+                                  "(training_rules.Adam) for adjq models, Keras 3's for the others",
                      "loss": "sparse softmax cross-entropy, fixed random labels",
                      "adjq_quant_config": "weight_bits=8 act_bits=8 swish_bits=0 bias_bits=8 "
                                           "bits_trainable=True"}})

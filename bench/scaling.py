@@ -25,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import adj_quant.cli.quiet  # noqa: E402,F401
+import adj_quant.cli.quiet  # noqa: E402,F401  (silences TF's start-up; before TensorFlow)
+
+# isort: split
 import tensorflow as tf  # noqa: E402
 
 from adj_quant import distribution, nets  # noqa: E402

@@ -3,8 +3,8 @@
 One step = forward (``training=True``) + softmax cross-entropy on random labels +
 backward + one Adam update of every trainable variable:
 
-* ``float``: :class:`adj_quant.network.FloatNetwork` of ``slim_nets.efficientnet_b0``, batch norm in training
-  mode (batch statistics, moving averages updated);
+* ``float``: :class:`adj_quant.network.FloatNetwork` of ``slim_nets.efficientnet_b0``, batch
+  norm in training mode (batch statistics, moving averages updated);
 * ``quant``: :class:`adj_quant.qnetwork.QuantizedNetwork` built from that float
   model with every quantizer on and trainable bits (weights, activations, swish inputs
   with ``--swish_bits 0``, biases), activation ranges calibrated on one random batch.

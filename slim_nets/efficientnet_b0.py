@@ -2,7 +2,8 @@
 
 Scopes follow the slim convention used by the Adjustable Quantization submission::
 
-    efficientnet_b0/Conv/weights, efficientnet_b0/Conv/BatchNorm/{gamma,beta,moving_mean,moving_variance}
+    efficientnet_b0/Conv/weights,
+    efficientnet_b0/Conv/BatchNorm/{gamma,beta,moving_mean,moving_variance}
     efficientnet_b0/expanded_conv[_i]/{expand,dws,se_1,se_2,project}/...
     efficientnet_b0/Conv_1/..., efficientnet_b0/Logits/{weights,biases}
 

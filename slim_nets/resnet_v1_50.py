@@ -2,7 +2,8 @@
 
 Variables (the names and shapes of slim's published ``resnet_v1_50.ckpt``)::
 
-    resnet_v1_50/conv1/weights, resnet_v1_50/conv1/BatchNorm/{gamma,beta,moving_mean,moving_variance}
+    resnet_v1_50/conv1/weights,
+    resnet_v1_50/conv1/BatchNorm/{gamma,beta,moving_mean,moving_variance}
     resnet_v1_50/block<b>/unit_<u>/bottleneck_v1/{shortcut,conv1,conv2,conv3}/...
     resnet_v1_50/logits/{weights,biases}              (weights [1, 1, 2048, classes])
 

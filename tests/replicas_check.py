@@ -66,7 +66,8 @@ def main(spec_path):
     run_dir, pretrain_dir, qat8_ckpt = spec["run_dir"], spec["pretrain"], spec["qat8"]
     distribution.split_cpu(2)
     mirrored = distribution.get_strategy("mirrored", logical_cpus=2)
-    cli = {"img_size": 32, "batch_size": 32, "model": spec["model"], "progress": False, "bits_trainable": True, "metric": 0.01, "lr_bits": 0.05,
+    cli = {"img_size": 32, "batch_size": 32, "model": spec["model"], "progress": False,
+           "bits_trainable": True, "metric": 0.01, "lr_bits": 0.05,
            "run_dir": run_dir, "teacher_ckpt": pretrain_dir}
     batches = data_lib.make_dataset("digits", "train", batch_size=32, img_size=32, training=True,
                                     seed=7, drop_remainder=True)

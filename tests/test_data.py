@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import build_tool
 
 from adj_quant.errors import UserError
-from conftest import build_tool
 from adj_quant.recipe import data
 from adj_quant.recipe.data import digits as digits_pipeline
 
@@ -33,7 +33,8 @@ def class_of(images):
     """Class of a flat-grey test image from its mean level (see write_synthetic_class_folders)."""
     levels = np.array([bt.class_level(k, NUM_CLASSES) for k in range(NUM_CLASSES)])
     means = images.mean(axis=(1, 2, 3))
-    return np.abs(means[:, None] - levels[None, :]).argmin(axis=1), np.abs(means[:, None] - levels).min(axis=1)
+    return (np.abs(means[:, None] - levels[None, :]).argmin(axis=1),
+            np.abs(means[:, None] - levels).min(axis=1))
 
 
 # --------------------------------------------------------------------------- digits
@@ -46,8 +47,10 @@ def test_digits_split_sizes_and_stratification():
     assert (info.name, info.num_classes) == ("digits", 10)
     assert info.num_train + info.num_val == 1797
     assert abs(info.num_val - 0.2 * 1797) <= 1
-    _, y_val = collect(data.make_dataset("digits", "validation", batch_size=128, img_size=8, training=False))
-    _, y_train = collect(data.make_dataset("digits", "train", batch_size=128, img_size=8, training=False))
+    _, y_val = collect(data.make_dataset("digits", "validation", batch_size=128, img_size=8,
+                                         training=False))
+    _, y_train = collect(data.make_dataset("digits", "train", batch_size=128, img_size=8,
+                                           training=False))
     assert (len(y_train), len(y_val)) == (info.num_train, info.num_val)
     totals = np.bincount(load_digits().target, minlength=10)
     share = np.bincount(y_val, minlength=10) / totals
@@ -60,7 +63,8 @@ def test_digits_values_disjoint_and_deterministic():
     kw = dict(batch_size=100, img_size=8, training=False)
     x_train, y_train = collect(data.make_dataset("digits", "train", **kw))
     x_val, _ = collect(data.make_dataset("digits", "validation", **kw))
-    again, y_again = collect(data.make_dataset("digits", "train", seed=5, **kw))  # split ignores the seed
+    # the split ignores the seed
+    again, y_again = collect(data.make_dataset("digits", "train", seed=5, **kw))
     np.testing.assert_array_equal(x_train, again)
     np.testing.assert_array_equal(y_train, y_again)
     # At 8x8 the images are the raw digits / 16, replicated to three channels.
@@ -87,8 +91,8 @@ def test_digits_shapes_and_range(training):
 
 def test_digits_training_is_seeded_and_augmented():
     def first(seed, training=True):
-        ds = data.make_dataset("digits", "train", batch_size=32, img_size=32, training=training, seed=seed,
-                               drop_remainder=True, repeat=True)
+        ds = data.make_dataset("digits", "train", batch_size=32, img_size=32, training=training,
+                               seed=seed, drop_remainder=True, repeat=True)
         return next(iter(ds))[0].numpy()
 
     a, b, c = first(0), first(0), first(1)
@@ -101,9 +105,11 @@ def test_digits_training_is_seeded_and_augmented():
 
 
 def test_digits_uncached_resize_matches_cached(monkeypatch):
-    cached = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24, training=False)))
+    cached = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24,
+                                         training=False)))
     monkeypatch.setattr(digits_pipeline, "_DIGITS_CACHE_BYTES", 0)
-    fresh = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24, training=False)))
+    fresh = next(iter(data.make_dataset("digits", "validation", batch_size=16, img_size=24,
+                                        training=False)))
     np.testing.assert_allclose(cached[0].numpy(), fresh[0].numpy(), atol=1e-6)
 
 
@@ -113,7 +119,8 @@ def test_representative_images_digits():
     assert a.shape == (20, 32, 32, 3) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     assert a.min() >= 0 and a.max() <= 1
-    assert not np.array_equal(a, data.representative_images("digits", img_size=32, count=20, seed=4))
+    assert not np.array_equal(
+        a, data.representative_images("digits", img_size=32, count=20, seed=4))
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -146,7 +153,8 @@ def test_synthetic_is_seeded_and_deterministic():
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfrecords")
     images = root / "images"
-    bt.write_synthetic_class_folders(str(images), num_classes=NUM_CLASSES, per_class=PER_CLASS, size=(40, 50))
+    bt.write_synthetic_class_folders(str(images), num_classes=NUM_CLASSES, per_class=PER_CLASS,
+                                     size=(40, 50))
     out = root / "shards"
     written = bt.write_class_folder_tfrecords(str(images), str(out), num_shards=2, progress=False)
     return {"images": str(images), "dir": str(out), "written": written, "root": root}
@@ -161,7 +169,8 @@ def test_builder_writes_slim_shards(shards):
     record = next(iter(tf.data.TFRecordDataset(shards["written"]["train"][0])))
     example = tf.train.Example.FromString(record.numpy()).features.feature
     assert example["image/format"].bytes_list.value[0] in (b"PNG", b"JPEG")
-    assert (example["image/height"].int64_list.value[0], example["image/width"].int64_list.value[0]) == (40, 50)
+    assert (example["image/height"].int64_list.value[0],
+            example["image/width"].int64_list.value[0]) == (40, 50)
     label = example["image/class/label"].int64_list.value[0]
     assert example["image/class/text"].bytes_list.value[0] == f"class_{label}".encode()
 
@@ -174,7 +183,8 @@ def test_tfrecord_round_trip(shards):
         x, y = collect(data.make_dataset("imagenet", split, training=False, **kw))
         assert x.shape == (NUM_CLASSES * per_class, 32, 32, 3) and x.dtype == np.float32
         assert x.min() >= 0 and x.max() <= 1
-        np.testing.assert_array_equal(np.bincount(y, minlength=NUM_CLASSES), [per_class] * NUM_CLASSES)
+        np.testing.assert_array_equal(np.bincount(y, minlength=NUM_CLASSES),
+                                      [per_class] * NUM_CLASSES)
         predicted, error = class_of(x)
         np.testing.assert_array_equal(predicted, y)  # labels agree with the folders' grey levels
         assert error.max() < 0.03
@@ -184,8 +194,8 @@ def test_tfrecord_round_trip(shards):
 
 
 def test_tfrecord_training_pipeline(shards):
-    kw = dict(batch_size=5, img_size=24, dataset_dir=shards["dir"], num_classes=NUM_CLASSES, training=True,
-              repeat=True, drop_remainder=True)
+    kw = dict(batch_size=5, img_size=24, dataset_dir=shards["dir"], num_classes=NUM_CLASSES,
+              training=True, repeat=True, drop_remainder=True)
     first = [next(iter(data.make_dataset("imagenet", "train", seed=s, **kw))) for s in (0, 0, 1)]
     x, y = (t.numpy() for t in first[0])
     assert x.shape == (5, 24, 24, 3) and x.min() >= 0 and x.max() <= 1
@@ -211,7 +221,8 @@ def test_file_shards_split_the_records_between_pipelines(shards):
         return sorted(map(bytes, x.reshape(len(x), -1)))
     assert rows(np.concatenate(parts)) == rows(whole)
     assert not set(rows(parts[0])) & set(rows(parts[1]))
-    with pytest.raises(UserError, match=r"2 TFRecord file\(s\) .* among 3 input pipelines.*--num_shards"):
+    with pytest.raises(UserError,
+                       match=r"2 TFRecord file\(s\) .* among 3 input pipelines.*--num_shards"):
         data.make_dataset("imagenet", "train", shard=(3, 0), **kw)
     with pytest.raises(ValueError, match="only TFRecord data"):
         data.make_dataset("digits", "train", batch_size=4, img_size=8, training=False,
@@ -223,26 +234,29 @@ def test_labels_offset(shards):
     bt.write_class_folder_tfrecords(shards["images"], out, labels_offset=1, progress=False)
     with open(os.path.join(out, "labels.txt")) as fh:
         assert fh.read().splitlines() == ["1:class_0", "2:class_1", "3:class_2"]
-    x, y = collect(data.make_dataset("imagenet", "validation", batch_size=8, img_size=16, training=False,
-                                     dataset_dir=out, labels_offset=1, num_classes=NUM_CLASSES))
+    x, y = collect(data.make_dataset("imagenet", "validation", batch_size=8, img_size=16,
+                                     training=False, dataset_dir=out, labels_offset=1,
+                                     num_classes=NUM_CLASSES))
     np.testing.assert_array_equal(class_of(x)[0], y)
     with pytest.raises(UserError, match=r"label 3 .*--labels_offset"):
-        data.make_dataset("imagenet", "validation", batch_size=8, img_size=16, training=False, dataset_dir=out,
-                          num_classes=NUM_CLASSES)
+        data.make_dataset("imagenet", "validation", batch_size=8, img_size=16, training=False,
+                          dataset_dir=out, num_classes=NUM_CLASSES)
 
 
 def test_builder_split_only_and_existing_output(shards, tmp_path):
     out = str(tmp_path / "val_only")
-    written = bt.write_class_folder_tfrecords(shards["images"], out, split="validation", progress=False)
+    written = bt.write_class_folder_tfrecords(shards["images"], out, split="validation",
+                                              progress=False)
     assert list(written) == ["validation"]
     info = data.dataset_info("imagenet", out, num_classes=NUM_CLASSES)
     assert (info.num_train, info.num_val) == (0, NUM_CLASSES * PER_CLASS)
     with pytest.raises(UserError, match="no TFRecord shards matching train-"):
-        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True, dataset_dir=out)
+        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True,
+                          dataset_dir=out)
     with pytest.raises(UserError, match="--overwrite"):
         bt.write_class_folder_tfrecords(shards["images"], out, split="validation", progress=False)
-    bt.write_class_folder_tfrecords(shards["images"], out, split="validation", num_shards=3, overwrite=True,
-                                    progress=False)
+    bt.write_class_folder_tfrecords(shards["images"], out, split="validation", num_shards=3,
+                                    overwrite=True, progress=False)
     assert sorted(f for f in os.listdir(out) if f.startswith("validation")) == [
         f"validation-0000{i}-of-00003" for i in range(3)]  # the old single shard is gone
 
@@ -264,7 +278,8 @@ def _write_shard(path, records):
 def test_error_missing_dir(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(UserError, match=r"nope.*--dataset DIR containing train-\*-of-\*"):
-        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True, dataset_dir=missing)
+        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True,
+                          dataset_dir=missing)
     with pytest.raises(UserError, match="nope"):
         data.dataset_info("imagenet", missing)
     with pytest.raises(UserError, match="--dataset"):
@@ -272,7 +287,8 @@ def test_error_missing_dir(tmp_path):
 
 
 def test_error_no_shards(tmp_path):
-    with pytest.raises(UserError, match=r"validation-\*-of-\*.*" + str(tmp_path) + ".*build_tfrecords"):
+    with pytest.raises(UserError,
+                       match=r"validation-\*-of-\*.*" + str(tmp_path) + ".*build_tfrecords"):
         data.make_dataset("imagenet", "validation", batch_size=2, img_size=8, training=False,
                           dataset_dir=str(tmp_path))
     with pytest.raises(UserError, match=str(tmp_path)):
@@ -284,7 +300,8 @@ def test_error_garbage_shard(tmp_path):
     bad = tmp_path / "train-00001-of-00002"
     bad.write_bytes(os.urandom(64) + b"not a tfrecord at all" * 10)
     with pytest.raises(UserError, match="corrupt.*" + str(bad)):
-        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True, dataset_dir=str(tmp_path))
+        data.make_dataset("imagenet", "train", batch_size=2, img_size=8, training=True,
+                          dataset_dir=str(tmp_path))
     with pytest.raises(UserError, match="corrupt.*" + str(bad)):
         data.dataset_info("imagenet", str(tmp_path))
 
@@ -316,7 +333,8 @@ def test_error_bad_label_and_image_inside_shard(tmp_path):
     _write_shard(path, [_example(0), _example(1, image=b"garbage, not an image")])
     ds = data.make_dataset("imagenet", "validation", batch_size=1, img_size=8, training=False,
                            dataset_dir=str(tmp_path), num_classes=2)
-    with pytest.raises(UserError, match="validation data: shard .*" + str(path) + ".*neither JPEG nor PNG"):
+    with pytest.raises(UserError,
+                       match="validation data: shard .*" + str(path) + ".*neither JPEG nor PNG"):
         for _ in data.iterate(ds, "validation data"):
             pass
 
@@ -327,14 +345,16 @@ def test_error_bad_arguments():
     with pytest.raises(UserError, match="unknown split 'test'"):
         data.make_dataset("digits", "test", batch_size=2, img_size=8, training=False)
     with pytest.raises(UserError, match="--labels_offset"):
-        data.make_dataset("digits", "train", batch_size=2, img_size=8, training=False, labels_offset=1)
+        data.make_dataset("digits", "train", batch_size=2, img_size=8, training=False,
+                          labels_offset=1)
     with pytest.raises(UserError, match="batch_size"):
         data.make_dataset("digits", "train", batch_size=0, img_size=8, training=False)
 
 
 def test_builder_errors(tmp_path, capsys):
     with pytest.raises(UserError, match="--input_dir .*nope.* does not exist"):
-        bt.write_class_folder_tfrecords(str(tmp_path / "nope"), str(tmp_path / "out"), progress=False)
+        bt.write_class_folder_tfrecords(str(tmp_path / "nope"), str(tmp_path / "out"),
+                                        progress=False)
     (tmp_path / "in" / "cat").mkdir(parents=True)
     (tmp_path / "in" / "cat" / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match="no .jpg/.jpeg/.png images"):
@@ -354,9 +374,10 @@ def test_training_flips_horizontally_only(tmp_path):
     yy, xx = np.mgrid[0:h, 0:w]
     pixels = (150 * yy / h + 100 * xx / w).astype(np.uint8)  # brighter downwards and to the right
     png = tf.io.encode_png(np.repeat(pixels[..., None], 3, axis=-1)).numpy()
-    _write_shard(tmp_path / "train-00000-of-00001", [bt.make_example(png, "PNG", h, w, 0, "c", "g.png")] * 4)
-    ds = data.make_dataset("imagenet", "train", batch_size=32, img_size=16, training=True, repeat=True,
-                           dataset_dir=str(tmp_path), num_classes=1)
+    _write_shard(tmp_path / "train-00000-of-00001",
+                 [bt.make_example(png, "PNG", h, w, 0, "c", "g.png")] * 4)
+    ds = data.make_dataset("imagenet", "train", batch_size=32, img_size=16, training=True,
+                           repeat=True, dataset_dir=str(tmp_path), num_classes=1)
     x = next(iter(ds))[0].numpy()[..., 0]
     down = x[:, -4:, :].mean(axis=(1, 2)) - x[:, :4, :].mean(axis=(1, 2))
     right = x[:, :, -4:].mean(axis=(1, 2)) - x[:, :, :4].mean(axis=(1, 2))
@@ -371,15 +392,18 @@ def test_build_tfrecords_cli(shards, tmp_path):
     script = os.path.join(ROOT, "tools", "build_tfrecords.py")
     env = dict(os.environ, PYTHONPATH="")  # the script must find adj_quant on its own
     out = tmp_path / "cli"
-    done = subprocess.run([sys.executable, script, "--input_dir", shards["images"], "--output_dir", str(out),
-                           "--validation_fraction", "0.4", "--num_shards", "1", "--quiet"],
+    done = subprocess.run([sys.executable, script, "--input_dir", shards["images"],
+                           "--output_dir", str(out), "--validation_fraction", "0.4",
+                           "--num_shards", "1", "--quiet"],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
     assert done.returncode == 0, done.stderr
-    assert sorted(os.listdir(out)) == ["labels.txt", "train-00000-of-00001", "validation-00000-of-00001"]
+    assert sorted(os.listdir(out)) == ["labels.txt", "train-00000-of-00001",
+                                       "validation-00000-of-00001"]
     info = data.dataset_info("imagenet", str(out), num_classes=NUM_CLASSES)
     assert (info.num_train, info.num_val) == (9, 6)  # 2 of the 5 images per class in validation
-    bad = subprocess.run([sys.executable, script, "--input_dir", str(tmp_path / "nope"), "--output_dir",
-                          str(out)], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
+    bad = subprocess.run([sys.executable, script, "--input_dir", str(tmp_path / "nope"),
+                          "--output_dir", str(out)],
+                         capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "nope" in bad.stderr
 
 
@@ -410,16 +434,17 @@ def test_default_augment_and_choices():
 
 
 def _digits_train(augment, seed=0, batch_size=64, img_size=32):
-    ds = data.make_dataset("digits", "train", batch_size=batch_size, img_size=img_size, training=True,
-                           seed=seed, augment=augment)
+    ds = data.make_dataset("digits", "train", batch_size=batch_size, img_size=img_size,
+                           training=True, seed=seed, augment=augment)
     x, y = next(iter(ds))
     return x.numpy(), y.numpy()
 
 
 def test_digits_augment_none_is_the_eval_data_shuffled():
-    x, y = collect(data.make_dataset("digits", "train", batch_size=500, img_size=16, training=True, seed=3,
-                                     augment="none"))
-    x_eval, y_eval = collect(data.make_dataset("digits", "train", batch_size=500, img_size=16, training=False))
+    x, y = collect(data.make_dataset("digits", "train", batch_size=500, img_size=16, training=True,
+                                     seed=3, augment="none"))
+    x_eval, y_eval = collect(data.make_dataset("digits", "train", batch_size=500, img_size=16,
+                                               training=False))
     assert not np.array_equal(y, y_eval)  # shuffled ...
     np.testing.assert_array_equal(np.sort(y), np.sort(y_eval))
     np.testing.assert_array_equal(sorted_rows(x), sorted_rows(x_eval))  # ... but not augmented
@@ -478,8 +503,9 @@ def test_eval_crop_has_no_effect_on_digits_and_synthetic():
         a = next(iter(data.make_dataset(name, "validation", **kw)))[0]
         b = next(iter(data.make_dataset(name, "validation", eval_crop=0.5, **kw)))[0]
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(data.representative_images("digits", img_size=16, count=4),
-                                  data.representative_images("digits", img_size=16, count=4, eval_crop=0.3))
+    np.testing.assert_array_equal(
+        data.representative_images("digits", img_size=16, count=4),
+        data.representative_images("digits", img_size=16, count=4, eval_crop=0.3))
 
 
 @pytest.fixture(scope="module")
@@ -498,7 +524,8 @@ def known_shards(tmp_path_factory):
             else:
                 encoded, fmt = tf.io.encode_png(pixels).numpy(), "PNG"
             decoded.append(tf.io.decode_image(encoded, channels=3).numpy())  # what a reader sees
-            records.append(bt.make_example(encoded, fmt, shape[0], shape[1], i, f"c{i}", f"{i}.png"))
+            records.append(bt.make_example(encoded, fmt, shape[0], shape[1], i, f"c{i}",
+                                           f"{i}.png"))
         folder = root / name
         folder.mkdir()
         for split in data.SPLITS:
@@ -508,8 +535,8 @@ def known_shards(tmp_path_factory):
 
 
 def _shard_images(folder, img_size, count, **kw):
-    ds = data.make_dataset("imagenet", "validation", batch_size=count, img_size=img_size, dataset_dir=folder,
-                           num_classes=count, training=False, **kw)
+    ds = data.make_dataset("imagenet", "validation", batch_size=count, img_size=img_size,
+                           dataset_dir=folder, num_classes=count, training=False, **kw)
     x, y = collect(ds)
     return x[np.argsort(y)], np.sort(y)
 
@@ -528,11 +555,13 @@ def test_eval_crop_one_keeps_the_whole_image(known_shards):
                                                      (0.3, 12, (14, 19)), (0.7, 28, (6, 11))])
 def test_eval_crop_keeps_the_centre(known_shards, eval_crop, side, offset):
     folder, pixels = known_shards["wide"]  # 40x50: the crop is a centred square of the shorter side
-    x, _ = _shard_images(folder, side, 4, eval_crop=eval_crop)  # crop size = image size: no resampling
+    # crop size = image size: no resampling
+    x, _ = _shard_images(folder, side, 4, eval_crop=eval_crop)
     y0, x0 = offset
     expected = pixels[:, y0:y0 + side, x0:x0 + side] / 255.0
     np.testing.assert_allclose(x[0::2], expected[0::2], atol=1e-5)  # PNG
-    np.testing.assert_allclose(x[1::2], expected[1::2], atol=3 / 255)  # JPEG, decoded inside the window
+    # JPEG, decoded inside the window
+    np.testing.assert_allclose(x[1::2], expected[1::2], atol=3 / 255)
 
 
 def test_eval_crop_default_is_0875_at_any_size(known_shards):
@@ -541,7 +570,8 @@ def test_eval_crop_default_is_0875_at_any_size(known_shards):
     folder, pixels = known_shards["wide"]
     x, _ = _shard_images(folder, 35, 4)
     np.testing.assert_allclose(x[0::2], pixels[0::2, 3:38, 8:43] / 255.0, atol=1e-5)
-    reps = data.representative_images("imagenet", img_size=20, count=6, dataset_dir=folder, eval_crop=0.5)
+    reps = data.representative_images("imagenet", img_size=20, count=6, dataset_dir=folder,
+                                      eval_crop=0.5)
     centres = pixels[:, 10:30, 15:35] / 255.0
     errors = np.abs(reps[:, None] - centres[None]).max(axis=(2, 3, 4))  # [rep, centre]
     assert np.all(errors.min(axis=1) < 3 / 255)  # every one is the centre half of a train image
@@ -582,8 +612,8 @@ def test_tfrecord_augment_choices(known_shards):
 def test_error_bad_augment_and_eval_crop(kw, pattern):
     for name in data.DATASET_NAMES:
         with pytest.raises(UserError, match=pattern) as err:
-            data.make_dataset(name, "train", batch_size=2, img_size=8, training=True, dataset_dir="/nonexistent",
-                              **kw)
+            data.make_dataset(name, "train", batch_size=2, img_size=8, training=True,
+                              dataset_dir="/nonexistent", **kw)
         assert "\n" not in str(err.value)
     if "eval_crop" in kw:
         with pytest.raises(UserError, match=pattern) as err:

@@ -22,12 +22,12 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import save_small_keras_model
 
-from adj_quant import distribution, training_rules as rules
+from adj_quant import distribution
+from adj_quant import training_rules as rules
 from adj_quant.checkpoints import read_json
 from adj_quant.cli import train as train_cli
-
-from conftest import save_small_keras_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: EfficientNet-B0 at its smallest, for the setups that fail before a model is built.

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant import network as nw
 from adj_quant import nets
+from adj_quant import network as nw
 from slim_nets import efficientnet_b0 as eb0
 
 

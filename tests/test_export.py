@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 from tensorflow.lite.tools import flatbuffer_utils
 
-from adj_quant.cli import evaluate as eval_cli
 from adj_quant import tflite_export as TE
 from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import resolve_checkpoint
+from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import export as E
 from adj_quant.recipe import export as export_lib
 from adj_quant.recipe import validation
@@ -166,8 +166,10 @@ def test_adjustable_holds_learned_levels(exported):
         want = weights.T if kind == "fc" else weights.transpose(3, 0, 1, 2)
         assert stored.shape == want.shape, scope
         per_channel = np.moveaxis(stored, axis, 0).reshape(stored.shape[axis], -1)
-        deq = np.moveaxis(stored * quant["scales"].reshape(
-            [-1 if a == axis else 1 for a in range(stored.ndim)]), axis, 0).reshape(len(per_channel), -1)
+        deq = np.moveaxis(
+            stored * quant["scales"].reshape([-1 if a == axis else 1 for a in range(stored.ndim)]),
+            axis, 0,
+        ).reshape(len(per_channel), -1)
         ref = np.moveaxis(want, axis, 0).reshape(len(per_channel), -1)
         bits = model.layers[scope].weight_quant.bits().numpy()
         low, width = (t.numpy() for t in model.layers[scope].weight_quant.adjusted_range())

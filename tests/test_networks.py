@@ -13,13 +13,12 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import train_stage
 
 import adj_quant as aq
 from adj_quant import cost as M
 from adj_quant import nets
 from adj_quant.network import FloatNetwork, Node
-
-from conftest import TINY, train_stage
 
 
 def _variable_count(net) -> int:

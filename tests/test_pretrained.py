@@ -18,9 +18,9 @@ import tensorflow as tf
 
 from adj_quant import nets
 from adj_quant.checkpoints import load_spec, resolve_checkpoint, restore_model
+from adj_quant.cli import convert as convert_cli
 from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork
-from adj_quant.cli import convert as convert_cli
 from adj_quant.recipe.stages import converted_pretrain_files
 from pretrained.convert import convert, describe
 

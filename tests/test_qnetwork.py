@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant.errors import UserError
 from adj_quant import nets
+from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 
@@ -94,7 +94,8 @@ def test_calibration_records_per_channel_min_max(float_and_images):
     wq = qmodel.quantizers()["expanded_conv_3/dws/weights"]
     np.testing.assert_allclose(wq.init_max.numpy(), w.max(axis=(0, 1, 3)))
     swish = qmodel.quantizers()["Conv_1/swish_input"]
-    np.testing.assert_allclose(swish.init_min.numpy(), seen["Conv_1/swish_input"].min(axis=(0, 1, 2)),
+    np.testing.assert_allclose(swish.init_min.numpy(),
+                               seen["Conv_1/swish_input"].min(axis=(0, 1, 2)),
                                rtol=1e-5, atol=1e-6)
     assert "Conv/input" not in qmodel.quantizers()  # the stem's input is the 8-bit image
 

@@ -17,10 +17,10 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import build_tool, train_stage
 
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.recipe import data
-from conftest import build_tool, train_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits.toml")  # what --dataset digits loads by default
@@ -39,12 +39,13 @@ def collect(ds):
 
 def builtin_images(split):
     """The built-in pipeline's evaluation images of ``split`` (float32 [N, S, S, 3]) and labels."""
-    return collect(data.make_dataset("digits", split, batch_size=512, img_size=IMG_SIZE, training=False))
+    return collect(data.make_dataset("digits", split, batch_size=512, img_size=IMG_SIZE,
+                                     training=False))
 
 
 def shard_images(shards, split, **kw):
-    return collect(data.make_dataset("imagenet", split, batch_size=512, img_size=IMG_SIZE, training=False,
-                                     dataset_dir=shards, num_classes=10, **kw))
+    return collect(data.make_dataset("imagenet", split, batch_size=512, img_size=IMG_SIZE,
+                                     training=False, dataset_dir=shards, num_classes=10, **kw))
 
 
 def to_uint8(images):
@@ -68,7 +69,8 @@ def digit_shards(tmp_path_factory):
             folder = folders / f"digit_{label}"  # sorted folder names give labels 0..9
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:04d}.png").write_bytes(tf.io.encode_png(pixels[..., None]).numpy())
-        bt.main(["--input_dir", str(folders), "--output_dir", str(out), "--split", split, "--quiet"])
+        bt.main(["--input_dir", str(folders), "--output_dir", str(out), "--split", split,
+                 "--quiet"])
     return str(out)
 
 
@@ -81,16 +83,16 @@ def _top1(run_dir):
 def shard_run(digit_shards, tmp_path_factory):
     """Run directory of digits_run's float pretraining, on the shards."""
     run = tmp_path_factory.mktemp("shard_run")
-    train_stage(run, "pretrain", *PRETRAIN, "--config", CONFIG, "--dataset", digit_shards, "--num_classes", "10",
-                "--augment", "shift", "--eval_crop", "1.0")
+    train_stage(run, "pretrain", *PRETRAIN, "--config", CONFIG, "--dataset", digit_shards,
+                "--num_classes", "10", "--augment", "shift", "--eval_crop", "1.0")
     return run
 
 
 def evaluate(run_dir, tmp_path, *flags):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        eval_cli.main(["--ckpt_path", str(run_dir / "pretrain"), "--float", "--json", "--no-progress",
-                       "--output", str(tmp_path), *flags])
+        eval_cli.main(["--ckpt_path", str(run_dir / "pretrain"), "--float", "--json",
+                       "--no-progress", "--output", str(tmp_path), *flags])
     return json.loads(out.getvalue())["top1"]
 
 
@@ -100,9 +102,11 @@ def test_shards_hold_the_builtin_images(digit_shards):
         shards, shard_labels = shard_images(digit_shards, split, eval_crop=1.0)
         assert shards.shape == builtin.shape and shards.dtype == np.float32
         assert shards.min() >= 0 and shards.max() <= 1
-        index = {pixels.tobytes(): i for i, pixels in enumerate(to_uint8(builtin))}  # the digits are distinct
+        # the digits are distinct
+        index = {pixels.tobytes(): i for i, pixels in enumerate(to_uint8(builtin))}
         match = np.array([index.get(pixels.tobytes(), -1) for pixels in to_uint8(shards)])
-        np.testing.assert_array_equal(np.sort(match), np.arange(len(builtin)))  # the builder shuffles them
+        # the builder shuffles them
+        np.testing.assert_array_equal(np.sort(match), np.arange(len(builtin)))
         np.testing.assert_array_equal(shard_labels, labels[match])
         diff = np.abs(shards - builtin[match]).max()
         assert diff <= 0.5 / 255 + 1e-6, diff  # only the PNG's uint8 rounding
@@ -113,11 +117,12 @@ def test_shards_hold_the_builtin_images(digit_shards):
 
 def test_shard_training_data_is_the_builtin_training_data(digit_shards):
     """augment="none" and "shift" stream the same images as the built-in digits' training."""
-    kw = dict(batch_size=512, img_size=IMG_SIZE, training=True, seed=7, dataset_dir=digit_shards, num_classes=10,
-              eval_crop=1.0)
+    kw = dict(batch_size=512, img_size=IMG_SIZE, training=True, seed=7, dataset_dir=digit_shards,
+              num_classes=10, eval_crop=1.0)
     plain, labels = collect(data.make_dataset("imagenet", "train", augment="none", **kw))
     shifted, shifted_labels = collect(data.make_dataset("imagenet", "train", augment="shift", **kw))
-    np.testing.assert_array_equal(labels, shifted_labels)  # same order: only the augmentation differs
+    # same order: only the augmentation differs
+    np.testing.assert_array_equal(labels, shifted_labels)
     builtin, builtin_labels = builtin_images("train")
     assert examples(plain, labels) == examples(builtin, builtin_labels)
     pad = max(1, IMG_SIZE // 10)  # the digits' shift
@@ -133,8 +138,10 @@ def test_shard_training_data_is_the_builtin_training_data(digit_shards):
 
 def test_float_model_has_the_same_accuracy_on_the_shards(digits_run, digit_shards, tmp_path):
     builtin = evaluate(digits_run, tmp_path, "--dataset", "digits")
-    shards = evaluate(digits_run, tmp_path, "--dataset", digit_shards, "--num_classes", "10", "--eval_crop", "1.0")
-    print(f"float model: top-1 {100 * builtin:.2f}% on the built-in digits, {100 * shards:.2f}% on the shards")
+    shards = evaluate(digits_run, tmp_path, "--dataset", digit_shards, "--num_classes", "10",
+                      "--eval_crop", "1.0")
+    print(f"float model: top-1 {100 * builtin:.2f}% on the built-in digits, "
+          f"{100 * shards:.2f}% on the shards")
     assert builtin > 0.8
     assert abs(shards - builtin) <= 0.02
 
@@ -148,6 +155,7 @@ def test_pretraining_on_the_shards_reaches_the_builtin_accuracy(digits_run, shar
     not 2). The old preprocessing is far below: 49 % (Inception crop and flip, centre crop of
     half the side), 62 % (Inception crop and flip, no centre crop)."""
     builtin, shards = _top1(digits_run), _top1(shard_run)
-    print(f"pretraining: best top-1 {100 * builtin:.2f}% on the built-in digits, {100 * shards:.2f}% on the shards")
+    print(f"pretraining: best top-1 {100 * builtin:.2f}% on the built-in digits, "
+          f"{100 * shards:.2f}% on the shards")
     assert builtin > 0.8
     assert shards >= builtin - 0.05

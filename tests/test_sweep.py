@@ -9,12 +9,11 @@ import sys
 import textwrap
 
 import pytest
+from conftest import save_small_keras_model
 
 from adj_quant.cli import sweep as sweep_cli
-from adj_quant.recipe import sweep as sweep_lib
 from adj_quant.directory_lock import DirectoryLock
-
-from conftest import save_small_keras_model
+from adj_quant.recipe import sweep as sweep_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = os.path.join(ROOT, "configs", "digits.toml")

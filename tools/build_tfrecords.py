@@ -29,9 +29,9 @@ try:
 except ImportError:  # run as a script from a checkout: python tools/build_tfrecords.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from adj_quant.errors import OneLineParser, UserError, cli_main
-from adj_quant.files import write_atomic
-
 import numpy as np
+
+from adj_quant.files import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 SPLITS = ("train", "validation")
@@ -53,13 +53,15 @@ def list_class_folders(input_dir: str, labels_offset: int = 0) -> tuple[list[str
     """Sorted class names and every JPEG/PNG file below ``input_dir/<class>/`` (recursively)."""
     if not os.path.isdir(input_dir):
         what = "is not a directory" if os.path.exists(input_dir) else "does not exist"
-        raise UserError(f"--input_dir {input_dir} {what}; pass a folder with one sub-folder of images per class")
+        raise UserError(f"--input_dir {input_dir} {what}; "
+                        "pass a folder with one sub-folder of images per class")
     classes = sorted(
-        entry.name for entry in os.scandir(input_dir) if entry.is_dir() and not entry.name.startswith(".")
+        entry.name for entry in os.scandir(input_dir)
+        if entry.is_dir() and not entry.name.startswith(".")
     )
     if not classes:
-        raise UserError(f"--input_dir {input_dir} has no class sub-folders; put the images of each class "
-                        "in their own sub-folder")
+        raise UserError(f"--input_dir {input_dir} has no class sub-folders; "
+                        "put the images of each class in their own sub-folder")
     files = []
     for index, name in enumerate(classes):
         folder = os.path.join(input_dir, name)
@@ -70,7 +72,8 @@ def list_class_folders(input_dir: str, labels_offset: int = 0) -> tuple[list[str
                          if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS))
         files.extend(ImageFile(path, index + labels_offset, name) for path in sorted(found))
     if not files:
-        raise UserError(f"no .jpg/.jpeg/.png images in the class folders of --input_dir {input_dir}")
+        raise UserError("no .jpg/.jpeg/.png images in the class folders of "
+                        f"--input_dir {input_dir}")
     return classes, files
 
 
@@ -83,7 +86,8 @@ def image_format_and_size(data: bytes, path: str) -> tuple[str, int, int]:
         size = _jpeg_size(data)
         if size is not None:
             return ("JPEG",) + size
-    raise UserError(f"{path} is not a readable JPEG or PNG image; delete or convert it and run again")
+    raise UserError(f"{path} is not a readable JPEG or PNG image; "
+                    "delete or convert it and run again")
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -109,7 +113,8 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def split_files(files: list[ImageFile], validation_fraction: float, seed: int) -> dict[str, list[ImageFile]]:
+def split_files(files: list[ImageFile], validation_fraction: float,
+                seed: int) -> dict[str, list[ImageFile]]:
     """Stratified split: per class, round(fraction * n) files go to validation (at least one
     stays in train). Each split is shuffled with ``seed`` so shards mix the classes."""
     rng = np.random.default_rng(seed)
@@ -143,8 +148,8 @@ def _bytes(value: bytes):
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
 
-def make_example(data: bytes, image_format: str, height: int, width: int, label: int, class_name: str,
-                 filename: str) -> bytes:
+def make_example(data: bytes, image_format: str, height: int, width: int, label: int,
+                 class_name: str, filename: str) -> bytes:
     import tensorflow as tf
 
     feature = {
@@ -174,14 +179,16 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}"
 
 
-def _write_split(items: list[ImageFile], output_dir: str, split: str, num_shards: int, progress: bool) -> list[str]:
+def _write_split(items: list[ImageFile], output_dir: str, split: str, num_shards: int,
+                 progress: bool) -> list[str]:
     import tensorflow as tf
     from tqdm import tqdm
 
     num_shards = max(1, min(num_shards, len(items)))
     bounds = np.linspace(0, len(items), num_shards + 1).astype(int)
     written = []
-    bar = tqdm(total=len(items), desc=f"{split} images", unit="img", disable=not progress, leave=True)
+    bar = tqdm(total=len(items), desc=f"{split} images", unit="img", disable=not progress,
+               leave=True)
     with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
         for index in range(num_shards):
             name = shard_name(split, index, num_shards)
@@ -214,13 +221,14 @@ def _check_labels_file(path: str, lines: list[str]) -> None:
         old = [line.rstrip("\n") for line in fh if line.strip()]
     if old != lines:
         raise UserError(
-            f"{path} lists other classes or labels than the class folders of --input_dir; use a new "
-            "--output_dir or pass --overwrite to replace all shards"
+            f"{path} lists other classes or labels than the class folders of --input_dir; "
+            "use a new --output_dir or pass --overwrite to replace all shards"
         )
 
 
-def write_class_folder_tfrecords(input_dir: str, output_dir: str, *, validation_fraction: float = 0.2,
-                                 split: str | None = None, num_shards: int | None = None, seed: int = 0,
+def write_class_folder_tfrecords(input_dir: str, output_dir: str, *,
+                                 validation_fraction: float = 0.2, split: str | None = None,
+                                 num_shards: int | None = None, seed: int = 0,
                                  labels_offset: int = 0, overwrite: bool = False,
                                  progress: bool = True) -> dict[str, list[str]]:
     """Write shards for the images in ``input_dir/<class>/``; returns the shard paths per split.
@@ -241,7 +249,8 @@ def write_class_folder_tfrecords(input_dir: str, output_dir: str, *, validation_
 
     classes, files = list_class_folders(input_dir, labels_offset)
     if split is not None:
-        splits = {split: list(files[i] for i in np.random.default_rng(seed).permutation(len(files)))}
+        splits = {split: list(files[i]
+                              for i in np.random.default_rng(seed).permutation(len(files)))}
     else:
         splits = split_files(files, validation_fraction, seed)
         splits = {name: items for name, items in splits.items() if items}
@@ -256,8 +265,9 @@ def write_class_folder_tfrecords(input_dir: str, output_dir: str, *, validation_
     if not overwrite:
         for name, paths in old.items():
             if paths:
-                raise UserError(f"--output_dir {output_dir} already has {name} shards ({os.path.basename(paths[0])}, "
-                                "...); pass --overwrite to replace them or use an empty directory")
+                raise UserError(f"--output_dir {output_dir} already has {name} shards "
+                                f"({os.path.basename(paths[0])}, ...); "
+                                "pass --overwrite to replace them or use an empty directory")
         if split is not None:
             _check_labels_file(labels_path, label_lines)
 
@@ -320,23 +330,28 @@ def class_level(k: int, num_classes: int) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="tools/build_tfrecords.py",
-        description="Build slim-format TFRecord shards (train-*-of-* / validation-*-of-*) and labels.txt "
-                    "from a folder with one sub-folder of JPEG/PNG images per class.")
+        description="Build slim-format TFRecord shards (train-*-of-* / validation-*-of-*) "
+                    "and labels.txt from a folder with one sub-folder of JPEG/PNG images per "
+                    "class.")
     parser.add_argument("--input_dir", required=True,
-                        help="folder with one sub-folder per class; sorted folder names give labels 0, 1, ...")
-    parser.add_argument("--output_dir", required=True, help="folder to write the shards and labels.txt into")
+                        help="folder with one sub-folder per class; "
+                             "sorted folder names give labels 0, 1, ...")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder to write the shards and labels.txt into")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--validation_fraction", type=float, default=0.2,
                        help="share of each class written to the validation split (default: 0.2)")
     which.add_argument("--split", choices=SPLITS,
-                       help="write every image to this one split instead of splitting (e.g. to build train "
-                            "and validation from separate folders)")
+                       help="write every image to this one split instead of splitting "
+                            "(e.g. to build train and validation from separate folders)")
     parser.add_argument("--num_shards", type=int, default=None,
-                        help=f"shards per split (default: one per {DEFAULT_EXAMPLES_PER_SHARD} images)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split and shuffling "
-                                                            "(default: 0)")
+                        help="shards per split "
+                             f"(default: one per {DEFAULT_EXAMPLES_PER_SHARD} images)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the train/validation split and shuffling (default: 0)")
     parser.add_argument("--labels_offset", type=int, default=0,
-                        help="add this to every label; 1 gives slim's 1001-class convention (default: 0)")
+                        help="add this to every label; 1 gives slim's 1001-class convention "
+                             "(default: 0)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards of the same split already in --output_dir")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -347,9 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     written = write_class_folder_tfrecords(
-        args.input_dir, args.output_dir, validation_fraction=args.validation_fraction, split=args.split,
-        num_shards=args.num_shards, seed=args.seed, labels_offset=args.labels_offset, overwrite=args.overwrite,
-        progress=not args.quiet)
+        args.input_dir, args.output_dir, validation_fraction=args.validation_fraction,
+        split=args.split, num_shards=args.num_shards, seed=args.seed,
+        labels_offset=args.labels_offset, overwrite=args.overwrite, progress=not args.quiet)
     for split, paths in written.items():
         print(f"{split}: {len(paths)} shard(s) in {args.output_dir}")
 

@@ -201,10 +201,6 @@ def pareto_front(points: Iterable[Mapping], x_key: str, y_key: str = "top1") -> 
 
 # ----------------------------------------------------------------------------- drawing
 
-def _fmt_bits(value: float) -> str:
-    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
-
-
 def bits_text(point: Mapping) -> str:
     """The bits of a point from its average bits: "W4A4" when both are whole numbers,
     "2.4/5.6 b" (weight/activation) otherwise, "FP32" for 32/32; "" when not known."""

@@ -395,9 +395,9 @@ def _evaluate_ptq(run_dir: str, quantization: str, base: str, cli: dict) -> dict
     float (dynamic) or int32 (int8), both counted at 32 bits."""
     from adj_quant import cost as cost_lib
     from adj_quant.recipe import validation
+    from adj_quant.recipe.config import resolve
     from adj_quant.recipe.evaluation import evaluate_tflite
     from adj_quant.recipe.export import DEFAULT_REPRESENTATIVE, export
-    from adj_quant.recipe.config import resolve
     from adj_quant.recipe.stages import arch_of
 
     output = os.path.join(run_dir, f"model_{quantization}.tflite")

@@ -119,12 +119,14 @@ def dataset_info(name: str, dataset_dir: str | None = None, num_classes: int | N
             continue
         counts[split] = _count_records(files, split)
     if len(missing) == len(SPLITS):
-        raise UserError(f"no TFRecord shards matching {' or '.join(missing)} in {dataset_dir}; {_BUILD_HINT}")
+        raise UserError(f"no TFRecord shards matching {' or '.join(missing)} in {dataset_dir}; "
+                        f"{_BUILD_HINT}")
     return DatasetInfo(name, classes, counts["train"], counts["validation"])
 
 
-def make_dataset(name: str, split: str, *, batch_size: int, img_size: int, training: bool, seed: int = 0,
-                 dataset_dir: str | None = None, labels_offset: int = 0, num_classes: int | None = None,
+def make_dataset(name: str, split: str, *, batch_size: int, img_size: int, training: bool,
+                 seed: int = 0, dataset_dir: str | None = None, labels_offset: int = 0,
+                 num_classes: int | None = None,
                  repeat: bool = False, drop_remainder: bool = False,
                  synthetic_size: int = SYNTHETIC_SIZE, augment: str | None = None,
                  eval_crop: float = DEFAULT_EVAL_CROP,
@@ -158,13 +160,14 @@ def make_dataset(name: str, split: str, *, batch_size: int, img_size: int, train
     _check_eval_crop(eval_crop)
     classes = _resolve_num_classes(name, num_classes, labels_offset)
     augment = augment or default_augment(name)
-    common = dict(batch_size=int(batch_size), img_size=int(img_size), training=bool(training), seed=int(seed),
-                  repeat=repeat, drop_remainder=drop_remainder, augment=augment)
+    common = dict(batch_size=int(batch_size), img_size=int(img_size), training=bool(training),
+                  seed=int(seed), repeat=repeat, drop_remainder=drop_remainder, augment=augment)
     if name == "digits":
         return _digits_dataset(split, **common)
     if name == "synthetic":
         _check_positive("synthetic_size", synthetic_size)
-        return _synthetic_dataset(split, num_classes=classes, synthetic_size=int(synthetic_size), **common)
+        return _synthetic_dataset(split, num_classes=classes, synthetic_size=int(synthetic_size),
+                                  **common)
     return _imagenet_dataset(split, dataset_dir=dataset_dir, labels_offset=int(labels_offset),
                              num_classes=classes, eval_crop=float(eval_crop), shard=shard,
                              **common)
@@ -203,7 +206,8 @@ def representative_images(name: str, *, img_size: int, count: int = 100, seed: i
     _validate_shards(files, labels_offset, None)
     ds = _read_records(files, training=True, seed=seed, repeat=True)
     crop = float(eval_crop)
-    ds = ds.map(lambda r, f: _preprocess_eval(_parse_checked(r, f, labels_offset, None)[0], img_size, crop),
+    ds = ds.map(lambda r, f: _preprocess_eval(_parse_checked(r, f, labels_offset, None)[0],
+                                              img_size, crop),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.take(count).batch(count)
     _remember_shards(ds, files)

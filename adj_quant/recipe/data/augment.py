@@ -64,5 +64,6 @@ def _augment_float(image, augment, img_size, seed):
 
 def _seed_stream(seed: int) -> tf.data.Dataset:
     """Per-element seeds ``int64 [2]`` for stateless random ops; new ones every epoch."""
-    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2, drop_remainder=True)
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(
+        2, drop_remainder=True)
 

@@ -50,7 +50,8 @@ _FEATURES = {
     _LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
 }
 _SHARD_HINT = "pass --dataset DIR containing train-*-of-* shards"
-_BUILD_HINT = "create them with: python tools/build_tfrecords.py --input_dir CLASS_FOLDERS --output_dir DIR"
+_BUILD_HINT = ("create them with: python tools/build_tfrecords.py --input_dir CLASS_FOLDERS "
+               "--output_dir DIR")
 
 # Markers that tie in-graph assertions to the messages made by :func:`iterate`.
 _LABEL_MARK = "ADJQ_BAD_LABEL"
@@ -89,9 +90,11 @@ def _check_augment(augment: str | None) -> None:
 
 
 def _check_eval_crop(eval_crop: float) -> None:
-    ok = isinstance(eval_crop, (int, float, np.integer, np.floating)) and not isinstance(eval_crop, bool)
+    ok = (isinstance(eval_crop, (int, float, np.integer, np.floating))
+          and not isinstance(eval_crop, bool))
     if not ok or not 0.0 < eval_crop <= 1.0:
-        raise UserError(f"eval_crop {eval_crop!r} must be a fraction in (0, 1]; 1.0 keeps the whole image")
+        raise UserError(f"eval_crop {eval_crop!r} must be a fraction in (0, 1]; "
+                        "1.0 keeps the whole image")
 
 
 def default_augment(name: str) -> str:

@@ -22,7 +22,8 @@ def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     images = (bunch.images / 16.0).astype(np.float32)
     labels = bunch.target.astype(np.int32)
     train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=DIGITS_VALIDATION_FRACTION, stratify=labels, random_state=0
+        np.arange(len(labels)), test_size=DIGITS_VALIDATION_FRACTION, stratify=labels,
+        random_state=0,
     )
     out = {}
     for split, idx in (("train", np.sort(train_idx)), ("validation", np.sort(val_idx))):
@@ -52,7 +53,8 @@ def _digits_cacheable(split: str, img_size: int) -> bool:
     return n * img_size * img_size * 4 <= _DIGITS_CACHE_BYTES
 
 
-def _digits_dataset(split, *, batch_size, img_size, training, seed, repeat, drop_remainder, augment):
+def _digits_dataset(split, *, batch_size, img_size, training, seed, repeat, drop_remainder,
+                    augment):
     x8, labels = _digits_split()[split]
     cached = _digits_cacheable(split, img_size)
     images = _digits_resized(split, img_size) if cached else x8
@@ -74,7 +76,8 @@ def _digits_dataset(split, *, batch_size, img_size, training, seed, repeat, drop
         return tf.image.grayscale_to_rgb(to_image(image)), label
 
     if training and augment != "none":
-        ds = tf.data.Dataset.zip(ds, _seed_stream(seed)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip(ds, _seed_stream(seed)).map(
+            augmented, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(plain, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

@@ -37,7 +37,8 @@ def _synthetic_dataset(split, *, batch_size, img_size, training, seed, repeat, d
             image, label = make(index)
             return _augment_float(image, augment, img_size, op_seed), label
 
-        ds = tf.data.Dataset.zip(ds, _seed_stream(seed)).map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip(ds, _seed_stream(seed)).map(
+            augmented, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(make, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

@@ -85,7 +85,8 @@ def _expected_total(files: list[str]) -> int | None:
 def _warn_missing_shards(files: list[str], split: str) -> None:
     total = _expected_total(files)
     if total is not None and total != len(files):
-        log.warning("using %d of %d %s shards in %s", len(files), total, split, os.path.dirname(files[0]))
+        log.warning("using %d of %d %s shards in %s", len(files), total, split,
+                    os.path.dirname(files[0]))
 
 
 def _stat_key(files: list[str]) -> tuple:
@@ -122,7 +123,8 @@ def _short_tf_message(err: Exception) -> str:
     """The useful part of a TF runtime error message, on one line."""
     msg = getattr(err, "message", None) or str(err)
     msg = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", msg)
-    msg = re.sub(r"Error in user-defined function passed to \S+ transformation with iterator: \S+:\s*", "", msg)
+    msg = re.sub(r"Error in user-defined function passed to \S+ transformation with iterator: "
+                 r"\S+:\s*", "", msg)
     msg = msg.split("\n")[0]
     msg = re.sub(r"\s*\[Op:[^\]]*\].*$", "", msg)
     return msg.strip()
@@ -145,7 +147,8 @@ def _first_records(files: list[str]) -> list[tuple[str, bytes]]:
                 next(iter(tf.data.TFRecordDataset(f).take(1)), None)
             except (tf.errors.DataLossError, tf.errors.OutOfRangeError) as shard_err:
                 raise _corrupt_shard_error(f, shard_err) from shard_err
-        raise UserError(f"corrupt TFRecord data in {os.path.dirname(files[0])}: {_short_tf_message(err)}") from err
+        raise UserError(f"corrupt TFRecord data in {os.path.dirname(files[0])}: "
+                        f"{_short_tf_message(err)}") from err
 
 
 def _corrupt_shard_error(path: str, err: Exception) -> UserError:
@@ -157,7 +160,8 @@ def _corrupt_shard_error(path: str, err: Exception) -> UserError:
 
 def _label_error(label: int, labels_offset: int, num_classes: int, where: str) -> UserError:
     return UserError(
-        f"label {label} in {where} is outside [0, {num_classes}) after --labels_offset {labels_offset}; "
+        f"label {label} in {where} is outside [0, {num_classes}) "
+        f"after --labels_offset {labels_offset}; "
         f"set --labels_offset (1 for slim 1001-class shards) or --num_classes to match the data"
     )
 
@@ -177,19 +181,20 @@ def _validate_shards(files: list[str], labels_offset: int, num_classes: int | No
         try:
             example = tf.train.Example.FromString(record)
         except Exception as err:  # protobuf DecodeError
-            raise UserError(f"corrupt TFRecord shard {path}: a record is not a tf.train.Example ({err})") from err
+            raise UserError(f"corrupt TFRecord shard {path}: a record is not a tf.train.Example "
+                            f"({err})") from err
         feature = example.features.feature
         image = feature[_IMAGE_KEY].bytes_list.value if _IMAGE_KEY in feature else []
         label = feature[_LABEL_KEY].int64_list.value if _LABEL_KEY in feature else []
         if len(image) != 1 or len(label) != 1:
             missing = [k for k, v in ((_IMAGE_KEY, image), (_LABEL_KEY, label)) if len(v) != 1]
             raise UserError(
-                f"shard {path} is not in slim format: missing {', '.join(missing)}; re-create it with "
-                "tools/build_tfrecords.py"
+                f"shard {path} is not in slim format: missing {', '.join(missing)}; "
+                "re-create it with tools/build_tfrecords.py"
             )
         if not _looks_like_image_py(image[0]):
-            raise UserError(f"shard {path} holds an image that is neither JPEG nor PNG; re-create it with "
-                            "tools/build_tfrecords.py")
+            raise UserError(f"shard {path} holds an image that is neither JPEG nor PNG; "
+                            "re-create it with tools/build_tfrecords.py")
         if num_classes is not None and not 0 <= label[0] - labels_offset < num_classes:
             raise _label_error(label[0], labels_offset, num_classes, f"shard {path}")
     path, record = records[0]  # decode one image fully, to catch a wrong encoding early
@@ -197,7 +202,8 @@ def _validate_shards(files: list[str], labels_offset: int, num_classes: int | No
     try:
         tf.io.decode_image(encoded, channels=3, expand_animations=False)
     except tf.errors.InvalidArgumentError as err:
-        raise UserError(f"cannot decode the first image in shard {path}: {_short_tf_message(err)}") from err
+        raise UserError(f"cannot decode the first image in shard {path}: "
+                        f"{_short_tf_message(err)}") from err
     _VALIDATED.add(key)
 
 
@@ -217,7 +223,8 @@ def _count_records(files: list[str], split: str) -> int:
             deterministic=False,
         )
         try:
-            count = ds.batch(4096).reduce(np.int64(0), lambda n, batch: n + tf.shape(batch, out_type=tf.int64)[0])
+            count = ds.batch(4096).reduce(
+                np.int64(0), lambda n, batch: n + tf.shape(batch, out_type=tf.int64)[0])
         except tf.errors.DataLossError as err:
             raise _locate_corruption(files, err, f"{split} shards") from err
         _COUNTS[key] = int(count)
@@ -246,8 +253,8 @@ def _locate_corruption(files: list[str], err: Exception, what: str) -> UserError
         return _corrupt_shard_error(*found)
     where = os.path.dirname(files[0]) if files else "?"
     return UserError(
-        f"corrupt TFRecord data while reading {what} from {where} ({_short_tf_message(err)}); re-create the "
-        "shards with tools/build_tfrecords.py"
+        f"corrupt TFRecord data while reading {what} from {where} ({_short_tf_message(err)}); "
+        "re-create the shards with tools/build_tfrecords.py"
     )
 
 
@@ -323,9 +330,11 @@ def _parse_checked(record, filename, labels_offset, num_classes):
     label = tf.cast(raw_label - labels_offset, tf.int32)
     checks = [tf.debugging.Assert(_looks_like_image(encoded), [_IMAGE_MARK, filename])]
     if num_classes is not None:
-        in_range = tf.logical_and(raw_label - labels_offset >= 0, raw_label - labels_offset < num_classes)
+        in_range = tf.logical_and(raw_label - labels_offset >= 0,
+                                  raw_label - labels_offset < num_classes)
         checks.append(
-            tf.debugging.Assert(in_range, [_LABEL_MARK, raw_label, labels_offset, num_classes, filename])
+            tf.debugging.Assert(in_range,
+                                [_LABEL_MARK, raw_label, labels_offset, num_classes, filename])
         )
     with tf.control_dependencies(checks):
         return tf.identity(encoded), tf.identity(label)
@@ -350,7 +359,8 @@ def _read_records(files, *, training, seed, repeat):
 
 
 # Shards behind each dataset made here, so that :func:`iterate` can name a corrupt one.
-_DATASET_SHARDS: "weakref.WeakKeyDictionary[tf.data.Dataset, list[str]]" = weakref.WeakKeyDictionary()
+_DATASET_SHARDS: "weakref.WeakKeyDictionary[tf.data.Dataset, list[str]]" = (
+    weakref.WeakKeyDictionary())
 _RECENT_SHARDS: "collections.OrderedDict[str, None]" = collections.OrderedDict()
 
 
@@ -423,8 +433,8 @@ def _data_error(err: Exception, dataset: tf.data.Dataset, what: str) -> UserErro
         return _label_error(label, offset, classes, f"{what} (shard {match.group(4)})")
     match = re.search(rf"\[{_IMAGE_MARK}\] \[(.*)\]", text)
     if match:
-        return UserError(f"{what}: shard {match.group(1)} holds a record whose image is neither JPEG nor PNG; "
-                         "re-create it with tools/build_tfrecords.py")
+        return UserError(f"{what}: shard {match.group(1)} holds a record whose image is neither "
+                         "JPEG nor PNG; re-create it with tools/build_tfrecords.py")
     short = _short_tf_message(err)
     if isinstance(err, (tf.errors.DataLossError, tf.errors.OutOfRangeError)):
         try:
@@ -433,5 +443,7 @@ def _data_error(err: Exception, dataset: tf.data.Dataset, what: str) -> UserErro
             files = None
         return _locate_corruption(files or list(_RECENT_SHARDS), err, what)
     if isinstance(err, tf.errors.NotFoundError):
-        return UserError(f"{what}: a file disappeared while reading ({short}); check the --dataset directory")
-    return UserError(f"{what}: cannot read a record ({short}); re-create the shards with tools/build_tfrecords.py")
+        return UserError(f"{what}: a file disappeared while reading ({short}); "
+                         "check the --dataset directory")
+    return UserError(f"{what}: cannot read a record ({short}); "
+                     "re-create the shards with tools/build_tfrecords.py")
