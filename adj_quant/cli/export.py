@@ -1,4 +1,4 @@
-"""Export a checkpoint to TFLite (float, dynamic-range, full-integer int8, adjustable) or a SavedModel.
+"""Export a checkpoint to TFLite (float, dynamic-range, int8, adjustable) or a SavedModel.
 
     adjq-export --ckpt_path runs/digits/qat8 --format tflite --quantization int8
     adjq-export --ckpt_path runs/digits/finetune --format tflite --quantization adjustable --eval

@@ -10,8 +10,8 @@ from adj_quant.errors import UserError
 
 EVAL_FIELDS = ["dataset", "img_size", "num_classes", "labels_offset", "batch_size",
                "max_val_images", "eval_crop", "model", "width_multiplier",
-               "depth_multiplier", "weight_bits", "act_bits", "swish_bits", "bias_bits", "range", "bias_range",
-               "quantize_se_gate", "quantizer", "calib_images",
+               "depth_multiplier", "weight_bits", "act_bits", "swish_bits", "bias_bits", "range",
+               "bias_range", "quantize_se_gate", "quantizer", "calib_images",
                "metric_img_size", "ckpt_path", "config", "progress", "seed", "strategy",
                "logical_cpus", "worker_timeout"]
 def _resolve(cli: dict, ckpt: str | None):

@@ -1,0 +1,95 @@
+"""Weight sparsity: the gradual pruning schedule and magnitude masks.
+
+**Schedule** (Zhu & Gupta 2017, "To prune, or not to prune"). Sparsity rises from
+``initial`` to ``final`` over ``n`` pruning steps ``frequency`` training steps apart,
+starting at step ``begin``::
+
+    s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (n * dt)) ** 3      for t_0 <= t <= t_0 + n dt
+
+with ``t`` rounded down to the last pruning step (the mask changes only every ``dt`` steps);
+before ``t_0`` it is ``s_i``, after ``t_0 + n dt`` it stays ``s_f``. Most weights go early,
+while the network can still recover, and few near the end.
+
+**Magnitude masks.** A mask keeps the weights of largest magnitude: for sparsity ``s`` of a
+tensor of ``N`` elements, ``round(s * N)`` weights with the smallest ``|w|`` become 0 (ties
+broken by position, so a mask is a deterministic function of the weights). With
+``global_magnitude_masks`` one threshold runs over several tensors together, so layers with
+many small weights are pruned more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from adj_quant.errors import UserError
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    """``value`` as a float in ``[0, 1)``, or one line saying what to pass."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} {value!r} is not a number; pass a fraction in [0, 1), e.g. "
+                        "0.5") from None
+    if not 0.0 <= number < 1.0:
+        raise UserError(f"{what} {value!r} is outside [0, 1): it is the fraction of weights "
+                        "set to zero; pass e.g. 0.5 (1 would remove every weight)")
+    return number
+
+
+def polynomial_sparsity(step, *, initial: float, final: float, begin: int, steps: int,
+                        frequency: int = 1):
+    """Zhu & Gupta's sparsity at training step ``step`` (a number or a scalar tensor).
+
+    ``steps`` is ``n``, the number of pruning steps, ``frequency`` is ``dt``: the schedule
+    ends at ``begin + steps * frequency``.
+    """
+    initial = check_sparsity(initial, "initial sparsity")
+    final = check_sparsity(final, "final sparsity")
+    if steps < 1 or frequency < 1 or begin < 0:
+        raise UserError(f"pruning schedule begin={begin}, steps={steps}, frequency={frequency}:"
+                        " pass begin >= 0 and at least one step of at least one training step")
+    span = float(steps * frequency)
+    t = tf.cast(step, tf.float64)
+    done = tf.floor((t - begin) / frequency) * frequency  # the last pruning step reached
+    progress = tf.clip_by_value(done / span, 0.0, 1.0)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+def magnitude_mask(weights, sparsity) -> tf.Tensor:
+    """A 0/1 mask (the dtype of ``weights``) zeroing ``round(sparsity * N)`` smallest ``|w|``.
+
+    ``sparsity`` may be a tensor (it is not checked then); ties go to the earlier position.
+    """
+    w = tf.convert_to_tensor(weights)
+    flat = tf.reshape(tf.abs(w), [-1])
+    n = tf.size(flat)
+    pruned = tf.cast(tf.round(tf.cast(sparsity, tf.float64) * tf.cast(n, tf.float64)), tf.int32)
+    pruned = tf.clip_by_value(pruned, 0, n)
+    # Rank every element by (|w|, position): a stable argsort gives ties to the earlier one.
+    order = tf.argsort(flat, stable=True)
+    rank = tf.scatter_nd(order[:, None], tf.range(n), [n])
+    return tf.reshape(tf.cast(rank >= pruned, w.dtype), tf.shape(w))
+
+
+def global_magnitude_masks(weights: dict, sparsity) -> dict:
+    """Masks of several tensors under one magnitude threshold: ``round(sparsity * N)`` of all
+    ``N`` elements together, the smallest ``|w|`` over every tensor."""
+    names = list(weights)
+    if not names:
+        return {}
+    flats = [tf.reshape(tf.convert_to_tensor(weights[k]), [-1]) for k in names]
+    dtype = flats[0].dtype
+    joined = tf.concat([tf.cast(f, dtype) for f in flats], 0)
+    mask = tf.reshape(magnitude_mask(joined, sparsity), [-1])
+    sizes = [int(f.shape[0]) for f in flats]
+    parts = tf.split(mask, sizes) if len(sizes) > 1 else [mask]
+    return {k: tf.reshape(tf.cast(p, flats[i].dtype), tf.shape(weights[k]))
+            for i, (k, p) in enumerate(zip(names, parts))}
+
+
+def zero_fraction(mask) -> float:
+    """The fraction of zeros of a mask or weight tensor (a Python float)."""
+    values = np.asarray(mask)
+    return float(np.mean(values == 0)) if values.size else 0.0
