@@ -8,17 +8,17 @@ import sys
 import numpy as np
 import pytest
 
-from adj_quant.seed_quantizers.checkpoint_quantizer import (
+from adj_quant.errors import UserError
+from adj_quant.seed_quantizers.formulas import (
     bin_quantize,
     fixed_point_quantize,
     relative_error,
     uint8_dequantize,
     uint8_quantize,
 )
-from adj_quant.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = "adj_quant.seed_quantizers.cli"
+TOOL = "adj_quant.cli.quantize_checkpoint"
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _run_tool_in_process(*args):
     import contextlib
     import io
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -212,7 +212,7 @@ def _assert_one_line_error(proc, *needles):
 def test_slim_round_trip_bin(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     values = _slim_values()
     prefix = _write_slim(tmp_path / "run", values)
@@ -254,7 +254,7 @@ def test_slim_round_trip_bin(tmp_path, capsys):
 
 
 def test_no_trainable_and_uint8_bits(tmp_path, capsys):
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     prefix = _write_slim(tmp_path, {"global_step": np.array(5, np.int64),
                                     "bn/moving_mean": np.ones(3, np.float32)})
@@ -275,7 +275,7 @@ def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
     import tensorflow as tf
 
     from adj_quant.seed_quantizers.checkpoint_quantizer import load_uint8_checkpoint, uint8_to_float_checkpoint
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     values = _slim_values(big=True)
     prefix = _write_slim(tmp_path / "run", values)
@@ -375,7 +375,7 @@ def _check_min_size_output(path, values, expected_q, expected_range, quantized):
 
 def test_uint8_min_size_default_1024(tmp_path, capsys):
     from adj_quant.seed_quantizers.checkpoint_quantizer import load_uint8_checkpoint
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     values, expected_q, expected_range = _min_size_values()
     prefix = _write_slim(tmp_path / "run", values)
@@ -482,7 +482,7 @@ def test_min_size_cli_errors_in_process(tmp_path):
 def test_tf2_object_checkpoint_round_trip(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     rng = np.random.default_rng(5)
     kernel = rng.normal(0, 0.05, (16, 8)).astype(np.float32)
@@ -519,7 +519,7 @@ def test_keras_model_with_optimizer(tmp_path, capsys):
     """Keras 3 lists model weights under optimizer/_trainable_variables and slots under _variables."""
     import tensorflow as tf
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     def build():
         model = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(4),
@@ -599,7 +599,7 @@ def test_old_quantizer_form(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [[], ["--algorithm", "bin"], ["ckpt", "--algorithm", "int3"]])
 def test_missing_or_bad_arguments_are_one_line(argv, capsys):
-    from adj_quant.seed_quantizers import cli
+    from adj_quant.cli import quantize_checkpoint as cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

@@ -26,9 +26,9 @@ from adj_quant import sweep as sweep_cli
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import export as export_cli
 from adj_quant.cli import score as score_cli
+from adj_quant.cli import quantize_checkpoint as quantize_cli
 from adj_quant.cli import train as train_cli
 from adj_quant.recipe.config import resolve
-from adj_quant.seed_quantizers import cli as quantize_cli
 
 from conftest import ROOT, TINY, build_tool
 
