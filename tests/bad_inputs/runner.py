@@ -202,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
                         "SUBSTR (repeatable)")
     p.add_argument("--fast", action="store_true",
                    help="only the fast cases (no trained fixture), as the test suite runs them")
+    p.add_argument("--untrained", action="store_true",
+                   help="only the cases that need no trained fixture")
     p.add_argument("--jobs", type=int, default=1, help="cases run at the same time")
     p.add_argument("--json", metavar="OUT", help="write every case's result as JSON")
     p.add_argument("--timeout", type=int, default=TIMEOUT,
@@ -217,6 +219,8 @@ def main(argv=None) -> int:
     cases = fast_cases() if a.fast else all_cases()
     if a.only:
         cases = [c for c in cases if any(s in c.name or s == c.category for s in a.only)]
+    if a.untrained:
+        cases = [c for c in cases if "trained" not in c.needs]
     if a.list:
         for c in cases:
             need = ",".join(sorted(c.needs)) or "-"
@@ -231,17 +235,18 @@ def main(argv=None) -> int:
         fx, env = prepare(work, cases, repo, a.scripts, a.timeout)
     except ScriptNotFound as err:
         sys.exit(f"error: {err}")
-    started = time.time()
+    started, finished = time.time(), []
 
     def done(i, row):
         note = f"  {row['message'][:100]}" if row["outcome"] != "clean-run" else ""
         print(f"[{i}/{len(cases)}] {row['name']}: {row['outcome']} ({row['elapsed_s']}s){note}",
               flush=True)
+        finished.append(row)
+        if a.json:  # rewritten after every case, so a partial run leaves its results
+            with open(a.json, "w") as f:
+                json.dump({"repo": repo, "cases": finished}, f, indent=1)
 
     rows = run_cases(cases, fx, work, env, a.timeout, a.jobs, done)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"repo": repo, "cases": rows}, f, indent=1)
     print()
     print(report(rows))
     print(f"\n{time.time() - started:.0f}s; logs in {os.path.join(work, 'logs')}")
