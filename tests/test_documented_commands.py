@@ -1,4 +1,5 @@
-"""Every command the README and the tools' ``--help`` texts show runs as shown.
+"""Every command the README, docs/results.md and the tools' ``--help`` texts show runs as
+shown.
 
 The commands are extracted from the text (not listed here), so a command added to the
 README or to a help text is tested without touching this file. Each runs in-process on a
@@ -43,8 +44,13 @@ def _join_continuations(text: str) -> list[str]:
     return re.sub(r"\\\n\s*", " ", text).splitlines()
 
 
+#: The documents whose commands are run: the front door and the results it points to.
+DOCUMENTS = ("README.md", os.path.join("docs", "results.md"))
+
+
 def readme_commands() -> list[str]:
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = "\n".join(open(os.path.join(ROOT, name), encoding="utf-8").read()
+                     for name in DOCUMENTS)
     found = []
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
         for line in _join_continuations(block):
