@@ -21,19 +21,19 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, build_tool
 
 from adj_quant import pareto as pareto_cli
 from adj_quant import sweep as sweep_cli
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import export as export_cli
-from adj_quant.cli import score as score_cli
 from adj_quant.cli import quantize_checkpoint as quantize_cli
+from adj_quant.cli import score as score_cli
 from adj_quant.cli import train as train_cli
 from adj_quant.recipe.config import resolve
 
-from conftest import ROOT, TINY, build_tool
-
-PROGRAMS = r"(?:python (?:train|eval|quantizer)\.py|adjq-[a-z-]+|(?:python )?tools/build_tfrecords\.py|quantizer\.py)"
+PROGRAMS = (r"(?:python (?:train|eval|quantizer)\.py|adjq-[a-z-]+"
+            r"|(?:python )?tools/build_tfrecords\.py|quantizer\.py)")
 COMMAND_LINE = re.compile(rf"^\s*(?:\$ )?({PROGRAMS}(?:\s.*)?)$")
 INLINE = re.compile(rf"`({PROGRAMS}[^`]*)`")
 #: The tiny model's flags minus the ones a command may set itself.
