@@ -22,6 +22,19 @@ SCRIPTS = ("adjq-train", "adjq-eval", "adjq-score", "adjq-export", "adjq-quantiz
 CHECKOUT_SCRIPTS = ("quantizer.py",)
 
 
+#: Process groups of the commands running now (each command runs in its own session).
+RUNNING: set[int] = set()
+
+
+def kill_running() -> None:
+    """Kill the process group of every command still running (after an interrupt)."""
+    for pgid in list(RUNNING):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class ScriptNotFound(Exception):
     pass
 
@@ -66,6 +79,7 @@ def run_cmd(argv, cwd, env, timeout, stdout_path=None, stderr_path=None) -> Resu
     err = open(stderr_path, "w+b") if stderr_path else subprocess.PIPE
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                             stderr=err, start_new_session=True)
+    RUNNING.add(proc.pid)
     timed_out = False
     try:
         o, e = proc.communicate(timeout=timeout)
@@ -84,6 +98,7 @@ def run_cmd(argv, cwd, env, timeout, stdout_path=None, stderr_path=None) -> Resu
         err.seek(0)
         e = err.read()
         err.close()
+    RUNNING.discard(proc.pid)
     return Result(proc.returncode, o.decode("utf-8", "replace"), e.decode("utf-8", "replace"),
                   time.time() - started, timed_out)
 

@@ -22,7 +22,14 @@ import sys
 import time
 
 from .cases import TIMEOUT, Case, all_cases, fast_cases
-from .commands import ScriptNotFound, check_import, child_env, command_argv, run_cmd
+from .commands import (
+    ScriptNotFound,
+    check_import,
+    child_env,
+    command_argv,
+    kill_running,
+    run_cmd,
+)
 from .fixtures import Ctx, Fixtures
 from .outcomes import OUTCOMES, Result, classify, meaningful_lines
 
@@ -179,13 +186,19 @@ def run_cases(cases: list[Case], fx: Fixtures, work: str, env: dict, timeout: in
               jobs: int = 1, done=None) -> list[dict]:
     """Run ``cases`` (``jobs`` at a time); ``done(i, row)`` after each, in finishing order."""
     rows: dict[str, dict] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         futures = {pool.submit(run_case, c, fx, work, env, timeout): c for c in cases}
         for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
             row = future.result()
             rows[row["name"]] = row
             if done:
                 done(i, row)
+    except BaseException:  # an interrupt: no new case, and kill the running ones
+        pool.shutdown(wait=False, cancel_futures=True)
+        kill_running()
+        raise
+    pool.shutdown()
     return [rows[c.name] for c in cases]
 
 
@@ -246,7 +259,12 @@ def main(argv=None) -> int:
             with open(a.json, "w") as f:
                 json.dump({"repo": repo, "cases": finished}, f, indent=1)
 
-    rows = run_cases(cases, fx, work, env, a.timeout, a.jobs, done)
+    try:
+        rows = run_cases(cases, fx, work, env, a.timeout, a.jobs, done)
+    except KeyboardInterrupt:
+        print(f"interrupted after {len(finished)} cases" + (f"; they are in {a.json}" if a.json
+                                                            else ""), file=sys.stderr)
+        return 130
     print()
     print(report(rows))
     print(f"\n{time.time() - started:.0f}s; logs in {os.path.join(work, 'logs')}")
