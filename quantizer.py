@@ -9,8 +9,8 @@ checkpoint. ALGORITHM 1 = bin, 2 = fixed-point. This runs
 
 import sys
 
+from adj_quant.cli import quantize_checkpoint
 from adj_quant.errors import OneLineParser, UserError, cli_main
-from adj_quant.seed_quantizers import cli as quantize_checkpoint
 
 OLD_ALGORITHMS = {"1": "bin", "2": "fixed-point"}
 
@@ -21,9 +21,11 @@ def main(argv=None):
         prog="python quantizer.py",
         description="Old form of adjq-quantize-checkpoint (see docs/checkpoint_quantization.md).",
     )
-    p.add_argument("network", metavar="NETWORK", help="ResNet depth, 50 or 101 (validated, not needed)")
+    p.add_argument("network", metavar="NETWORK",
+                   help="ResNet depth, 50 or 101 (validated, not needed)")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint prefix or directory")
-    p.add_argument("num_classes", metavar="NUM_CLASSES", help="number of classes (validated, not needed)")
+    p.add_argument("num_classes", metavar="NUM_CLASSES",
+                   help="number of classes (validated, not needed)")
     p.add_argument("algorithm", metavar="ALGORITHM", help="1 = bin, 2 = fixed-point")
     p.add_argument("bits", metavar="BITS", help="bits per value")
     a = p.parse_args(argv)
@@ -32,7 +34,8 @@ def main(argv=None):
     if not a.num_classes.isdigit() or int(a.num_classes) < 1:
         raise UserError(f"NUM_CLASSES {a.num_classes!r} is not a positive integer; pass e.g. 10")
     if a.algorithm not in OLD_ALGORITHMS:
-        raise UserError(f"ALGORITHM {a.algorithm!r} is not supported; use 1 (bin) or 2 (fixed-point)")
+        raise UserError(f"ALGORITHM {a.algorithm!r} is not supported; "
+                        "use 1 (bin) or 2 (fixed-point)")
     try:
         bits = int(a.bits)
     except ValueError:

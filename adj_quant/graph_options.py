@@ -1,9 +1,9 @@
 """Graph-optimizer settings for the training and evaluation steps: a leaner grappler.
 
 TensorFlow rewrites a ``tf.function``'s graph with its optimizer, grappler, the first time
-the function runs. The training step of the quantized EfficientNet-B0 has about 9 000
-nodes, and grappler takes about 3 s of its first call. Two parts of that change nothing in
-adjq's graphs, so :func:`lean_grappler` leaves them out:
+the function runs; on the quantized training step, a large graph, that is a sizeable part
+of the first call. Two parts of that change nothing in adjq's graphs, so
+:func:`lean_grappler` leaves them out:
 
 * the **second round**: by default grappler runs its list of passes (pruning, constant
   folding, arithmetic simplification, remapping to fused kernels, ...) twice; on this step
@@ -11,12 +11,11 @@ adjq's graphs, so :func:`lean_grappler` leaves them out:
   rewrite;
 * the **function optimizer** (specializing and inlining nested functions): adjq's nested
   functions are the quantizers, which are either XLA-compiled or deliberately not inlined
-  (:mod:`adj_quant.adjustable_quantizer`), so it leaves the graph as it is and spends
-  about 0.4 s finding that out.
+  (:mod:`adj_quant.adjustable_quantizer`), so it leaves the graph as it is and only spends
+  time finding that out.
 
-Measured in fresh processes (224x224, batch 16, 2-core CPU, three rounds, variants
-alternated): the first call of the quantized step took 9.1-9.4 s instead of 11.5-11.7 s.
-The step itself and its results are unchanged (the tests compare the gradients with
+Leaving them out shortens the first call (``bench/README.md`` has the measurement). The
+step itself and its results are unchanged (the tests compare the gradients with
 TensorFlow's defaults, bit for bit).
 
 The setting travels with each function call (TensorFlow's per-thread *function call

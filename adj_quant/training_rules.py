@@ -99,11 +99,11 @@ def slot_variables(variables: list[tf.Variable], name: str) -> list[tf.Variable]
     ``name``.
 
     One name for all of them: creating a variable under a name the process has not used
-    before costs about 0.6 ms (measured on the project's 2-core machine; TensorFlow prepares
-    a kernel per distinct set of op attributes, the name among them), under a name it has
-    used 0.1 ms. With a name per slot, the Adam slots of EfficientNet-B0's 1 012 quantized
-    variables took 1.5 s of every stage's start. Checkpoints address slots by their place in
-    the object graph (``adam/m/17``), not by name.
+    before is several times slower than under a used one (TensorFlow prepares a kernel per
+    distinct set of op attributes, the name among them), so a name per slot made creating
+    the Adam slots of a large quantized network a noticeable part of every stage's start
+    (``bench/README.md``). Checkpoints address slots by their place in the object graph
+    (``adam/m/17``), not by name.
     """
     return [tf.Variable(np.zeros(v.shape, v.dtype.as_numpy_dtype), trainable=False, name=name)
             for v in variables]

@@ -443,93 +443,108 @@ def _keras_source(path: str, model: str | None) -> Source:
 
 def _keras_values(km, family: _KerasFamily, source: Source) -> dict:
     """{our slim name: (array, Keras weight name)} of a Keras application model."""
-    import keras
-
     net = nets.build(family.model, num_classes=source.num_classes)
-    scope = net.scope
-    values = {}
-
-    def layer(name):
-        try:
-            return km.get_layer(name)
-        except ValueError:
-            raise UserError(f"SOURCE {source.path} has no Keras layer {name!r}; is it an "
-                            f"unmodified {family.title}?") from None
-
-    def conv(ours, conv_name, bn_name=None, flip_input=False, dense_as_conv=False):
-        lyr = layer(conv_name)
-        weights = [np.asarray(w, np.float32) for w in lyr.get_weights()]
-        kernel, bias = weights[0], (weights[1] if len(weights) > 1 else None)
-        if flip_input:  # caffe BGR input channels -> RGB
-            kernel = kernel[:, :, ::-1, :]
-        if dense_as_conv:
-            kernel = kernel.reshape((1, 1) + kernel.shape)
-        depthwise = isinstance(lyr, keras.layers.DepthwiseConv2D)
-        what = "depthwise_kernel" if depthwise else "kernel"
-        values[f"{scope}/{ours}/{'depthwise_weights' if depthwise else 'weights'}"] = (
-            np.ascontiguousarray(kernel), f"{conv_name}/{what}")
-        if bn_name is None:
-            if bias is None:
-                raise UserError(f"SOURCE {source.path}: Keras layer {conv_name!r} has no bias")
-            values[f"{scope}/{ours}/biases"] = (bias, f"{conv_name}/bias")
-            return
-        bn = layer(bn_name)
-        if abs(float(bn.epsilon) - net.bn_epsilon) > 1e-9:
-            raise UserError(f"SOURCE {source.path}: Keras layer {bn_name!r} has batch-norm "
-                            f"epsilon {bn.epsilon}, {family.model} uses {net.bn_epsilon}")
-        channels = kernel.shape[-2] if depthwise else kernel.shape[-1]
-        gamma = (np.asarray(bn.gamma, np.float32) if bn.gamma is not None
-                 else np.ones(channels, np.float32))
-        beta = (np.asarray(bn.beta, np.float32) if bn.beta is not None
-                else np.zeros(channels, np.float32))
-        mean = np.asarray(bn.moving_mean, np.float32)
-        if bias is not None:  # BN(conv + b) == BN'(conv) with moving_mean - b
-            mean = mean - bias
-        for var, value, keras_name in (
-                ("gamma", gamma, "gamma"), ("beta", beta, "beta"),
-                ("moving_mean", mean, "moving_mean" + (" - conv bias" if bias is not None else "")),
-                ("moving_variance", np.asarray(bn.moving_variance, np.float32),
-                 "moving_variance")):
-            values[f"{scope}/{ours}/BatchNorm/{var}"] = (value, f"{bn_name}/{keras_name}")
-
     if family.model == "efficientnet_b0":
         _check_efficientnet_normalisation(km, source)
+    values = {}
+    for ours, conv_name, bn_name, options in _keras_layer_map(family.model):
+        _add_keras_conv(values, km, net, family, source, ours, conv_name, bn_name, **options)
+    return values
+
+
+def _keras_layer_map(model: str) -> list[tuple[str, str, str | None, dict]]:
+    """``(our scope, Keras conv layer, Keras batch-norm layer or None, options)`` of every
+    convolution of a Keras application, in the order they are converted."""
+    if model == "efficientnet_b0":
         from slim_nets import efficientnet_b0 as eb0
 
-        conv("Conv", "stem_conv", "stem_bn")
+        out = [("Conv", "stem_conv", "stem_bn", {})]
         letters = []
         for stage, repeats in enumerate((1, 2, 2, 3, 3, 4, 1)):
             letters += [f"block{stage + 1}{chr(ord('a') + j)}_" for j in range(repeats)]
         for k, block in zip(letters, eb0.blocks()):
             if block.has_expand:
-                conv(f"{block.scope}/expand", f"{k}expand_conv", f"{k}expand_bn")
-            conv(f"{block.scope}/dws", f"{k}dwconv", f"{k}bn")
-            conv(f"{block.scope}/se_1", f"{k}se_reduce")
-            conv(f"{block.scope}/se_2", f"{k}se_expand")
-            conv(f"{block.scope}/project", f"{k}project_conv", f"{k}project_bn")
-        conv("Conv_1", "top_conv", "top_bn")
-        conv("Logits", "predictions")
-    elif family.model.startswith("mobilenet_v2"):
-        conv("Conv", "Conv1", "bn_Conv1")
-        conv("expanded_conv/depthwise", "expanded_conv_depthwise", "expanded_conv_depthwise_BN")
-        conv("expanded_conv/project", "expanded_conv_project", "expanded_conv_project_BN")
+                out.append((f"{block.scope}/expand", f"{k}expand_conv", f"{k}expand_bn", {}))
+            out += [(f"{block.scope}/dws", f"{k}dwconv", f"{k}bn", {}),
+                    (f"{block.scope}/se_1", f"{k}se_reduce", None, {}),
+                    (f"{block.scope}/se_2", f"{k}se_expand", None, {}),
+                    (f"{block.scope}/project", f"{k}project_conv", f"{k}project_bn", {})]
+        return out + [("Conv_1", "top_conv", "top_bn", {}), ("Logits", "predictions", None, {})]
+    if model.startswith("mobilenet_v2"):
+        out = [("Conv", "Conv1", "bn_Conv1", {}),
+               ("expanded_conv/depthwise", "expanded_conv_depthwise",
+                "expanded_conv_depthwise_BN", {}),
+               ("expanded_conv/project", "expanded_conv_project", "expanded_conv_project_BN",
+                {})]
         for i in range(1, 17):
             for part in ("expand", "depthwise", "project"):
-                conv(f"expanded_conv_{i}/{part}", f"block_{i}_{part}", f"block_{i}_{part}_BN")
-        conv("Conv_1", "Conv_1", "Conv_1_bn")
-        conv("Logits/Conv2d_1c_1x1", "predictions", dense_as_conv=True)
-    else:  # ResNet50: conv<s>_block<b>_<i>_{conv,bn} -> block<s-1>/unit_<b>/bottleneck_v1/...
-        conv("conv1", "conv1_conv", "conv1_bn", flip_input=True)
-        parts = {0: "shortcut", 1: "conv1", 2: "conv2", 3: "conv3"}
-        for stage, units in ((2, 3), (3, 4), (4, 6), (5, 3)):
-            for b in range(1, units + 1):
-                for i, part in parts.items():
-                    if i == 0 and b > 1:
-                        continue
-                    k = f"conv{stage}_block{b}_{i}"
-                    conv(f"block{stage - 1}/unit_{b}/bottleneck_v1/{part}", f"{k}_conv", f"{k}_bn")
-        conv("logits", "predictions", dense_as_conv=True)
-    return values
+                out.append((f"expanded_conv_{i}/{part}", f"block_{i}_{part}",
+                            f"block_{i}_{part}_BN", {}))
+        return out + [("Conv_1", "Conv_1", "Conv_1_bn", {}),
+                      ("Logits/Conv2d_1c_1x1", "predictions", None, {"dense_as_conv": True})]
+    # ResNet50: conv<s>_block<b>_<i>_{conv,bn} -> block<s-1>/unit_<b>/bottleneck_v1/...
+    out = [("conv1", "conv1_conv", "conv1_bn", {"flip_input": True})]
+    parts = {0: "shortcut", 1: "conv1", 2: "conv2", 3: "conv3"}
+    for stage, units in ((2, 3), (3, 4), (4, 6), (5, 3)):
+        for b in range(1, units + 1):
+            for i, part in parts.items():
+                if i == 0 and b > 1:
+                    continue
+                k = f"conv{stage}_block{b}_{i}"
+                out.append((f"block{stage - 1}/unit_{b}/bottleneck_v1/{part}", f"{k}_conv",
+                            f"{k}_bn", {}))
+    return out + [("logits", "predictions", None, {"dense_as_conv": True})]
+
+
+def _keras_layer(km, family: _KerasFamily, source: Source, name: str):
+    try:
+        return km.get_layer(name)
+    except ValueError:
+        raise UserError(f"SOURCE {source.path} has no Keras layer {name!r}; is it an "
+                        f"unmodified {family.title}?") from None
+
+
+def _add_keras_conv(values: dict, km, net, family: _KerasFamily, source: Source, ours: str,
+                    conv_name: str, bn_name: str | None = None, flip_input: bool = False,
+                    dense_as_conv: bool = False) -> None:
+    """Add one Keras convolution (or dense layer) and its batch norm or bias to ``values``."""
+    import keras
+
+    scope = net.scope
+    lyr = _keras_layer(km, family, source, conv_name)
+    weights = [np.asarray(w, np.float32) for w in lyr.get_weights()]
+    kernel, bias = weights[0], (weights[1] if len(weights) > 1 else None)
+    if flip_input:  # caffe BGR input channels -> RGB
+        kernel = kernel[:, :, ::-1, :]
+    if dense_as_conv:
+        kernel = kernel.reshape((1, 1) + kernel.shape)
+    depthwise = isinstance(lyr, keras.layers.DepthwiseConv2D)
+    what = "depthwise_kernel" if depthwise else "kernel"
+    values[f"{scope}/{ours}/{'depthwise_weights' if depthwise else 'weights'}"] = (
+        np.ascontiguousarray(kernel), f"{conv_name}/{what}")
+    if bn_name is None:
+        if bias is None:
+            raise UserError(f"SOURCE {source.path}: Keras layer {conv_name!r} has no bias")
+        values[f"{scope}/{ours}/biases"] = (bias, f"{conv_name}/bias")
+        return
+    bn = _keras_layer(km, family, source, bn_name)
+    if abs(float(bn.epsilon) - net.bn_epsilon) > 1e-9:
+        raise UserError(f"SOURCE {source.path}: Keras layer {bn_name!r} has batch-norm "
+                        f"epsilon {bn.epsilon}, {family.model} uses {net.bn_epsilon}")
+    channels = kernel.shape[-2] if depthwise else kernel.shape[-1]
+    gamma = (np.asarray(bn.gamma, np.float32) if bn.gamma is not None
+             else np.ones(channels, np.float32))
+    beta = (np.asarray(bn.beta, np.float32) if bn.beta is not None
+            else np.zeros(channels, np.float32))
+    mean = np.asarray(bn.moving_mean, np.float32)
+    if bias is not None:  # BN(conv + b) == BN'(conv) with moving_mean - b
+        mean = mean - bias
+    for var, value, keras_name in (
+            ("gamma", gamma, "gamma"), ("beta", beta, "beta"),
+            ("moving_mean", mean, "moving_mean" + (" - conv bias" if bias is not None else "")),
+            ("moving_variance", np.asarray(bn.moving_variance, np.float32),
+             "moving_variance")):
+        values[f"{scope}/{ours}/BatchNorm/{var}"] = (value, f"{bn_name}/{keras_name}")
 
 
 def _check_efficientnet_normalisation(km, source: Source) -> None:

@@ -8,17 +8,17 @@ import sys
 import numpy as np
 import pytest
 
-from adj_quant.seed_quantizers.checkpoint_quantizer import (
+from adj_quant.errors import UserError
+from adj_quant.seed_quantizers.formulas import (
     bin_quantize,
     fixed_point_quantize,
     relative_error,
     uint8_dequantize,
     uint8_quantize,
 )
-from adj_quant.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = "adj_quant.seed_quantizers.cli"
+TOOL = "adj_quant.cli.quantize_checkpoint"
 
 
 # ---------------------------------------------------------------------------------------
@@ -57,7 +57,9 @@ def test_fixed_point_saturates_both_sides():
     # unsigned: m=1.99 -> int_bits=1, f=3-1=2, q in [-7, 7]; 1.99*4=7.96 -> 8 -> 7
     np.testing.assert_array_equal(fixed_point_quantize(np.array([0.0, 1.99]), 3), [0.0, 1.75])
     # round half to even: m=3 -> int_bits=2, sign=0, f=4-2=2; 0.625*4=2.5 -> 2, 0.875*4=3.5 -> 4
-    np.testing.assert_array_equal(fixed_point_quantize(np.array([0.625, 0.875, 3.0]), 4), [0.5, 1.0, 3.0])
+    np.testing.assert_array_equal(
+        fixed_point_quantize(np.array([0.625, 0.875, 3.0]), 4), [0.5, 1.0, 3.0]
+    )
 
 
 def test_fixed_point_negative_fractional_bits():
@@ -71,7 +73,9 @@ def test_fixed_point_decimal_preshift():
     # m=0.03 -> 0.3 -> 3 (s=2), int_bits=2, sign=1, f=8-2-1=5: q = rint(x*100*32)
     # 0.03 -> 96 -> 0.03; -0.012 -> -38.4 -> -38 -> -38/3200 = -0.011875
     x = np.array([0.03, -0.012, 0.0])
-    np.testing.assert_allclose(fixed_point_quantize(x, 8), [0.03, -0.011875, 0.0], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(
+        fixed_point_quantize(x, 8), [0.03, -0.011875, 0.0], rtol=0, atol=1e-15
+    )
     z = np.zeros(4, np.float32)
     np.testing.assert_array_equal(fixed_point_quantize(z, 8), z)
 
@@ -150,9 +154,16 @@ def _slim_values(big=False):
     }
 
 
-QUANTIZED = {"conv1/weights", "conv1/BatchNorm/gamma", "conv1/BatchNorm/beta", "logits/weights", "logits/biases"}
-# uint8 with the default --min_size 1024: only conv1/weights (3*3*64*64) of _slim_values(big=True) is
-# that large; logits/weights (640), gamma, beta (64) and biases (10) stay float.
+QUANTIZED = {
+    "conv1/weights",
+    "conv1/BatchNorm/gamma",
+    "conv1/BatchNorm/beta",
+    "logits/weights",
+    "logits/biases",
+}
+# uint8 with the default --min_size 1024: only conv1/weights (3*3*64*64) of
+# _slim_values(big=True) is that large; logits/weights (640), gamma, beta (64) and biases (10)
+# stay float.
 UINT8_QUANTIZED = {"conv1/weights"}
 
 
@@ -188,7 +199,7 @@ def _run_tool_in_process(*args):
     import contextlib
     import io
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -212,7 +223,7 @@ def _assert_one_line_error(proc, *needles):
 def test_slim_round_trip_bin(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     values = _slim_values()
     prefix = _write_slim(tmp_path / "run", values)
@@ -221,7 +232,9 @@ def test_slim_round_trip_bin(tmp_path, capsys):
     outdir = tmp_path / "run" / "bin_4bits"
     assert out["output"] == str(outdir / "model.ckpt-100")
     assert tf.train.latest_checkpoint(str(outdir)) == out["output"]
-    assert out["num_quantized"] == len(QUANTIZED) and out["num_copied"] == len(values) - len(QUANTIZED)
+    assert out["num_quantized"] == len(QUANTIZED) and out["num_copied"] == len(values) - len(
+        QUANTIZED
+    )
     assert set(out["errors"]) == {f"{SLIM}/{k}" for k in QUANTIZED}
     assert out["min_error"] <= out["avg_error"] <= out["max_error"]
     assert out["avg_error"] == pytest.approx(np.mean(list(out["errors"].values())))
@@ -244,20 +257,36 @@ def test_slim_round_trip_bin(tmp_path, capsys):
         main([prefix, "--algorithm", "bin", "--bits", "4"])
     assert exc.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main([str(tmp_path / "run"), "--algorithm", "fixed-point", "--bits", "6", "--output",
-                 str(outdir), "--overwrite"]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "run"),
+                "--algorithm",
+                "fixed-point",
+                "--bits",
+                "6",
+                "--output",
+                str(outdir),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "Processed 9 variables" in text and "Min error:" in text and "Avg error:" in text
     w = tf.train.load_checkpoint(str(outdir / "model.ckpt-100")).get_tensor(f"{SLIM}/conv1/weights")
     np.testing.assert_array_equal(w, fixed_point_quantize(values[f"{SLIM}/conv1/weights"], 6))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []  # no temp dirs left
+    assert (
+        sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+    )  # no temp dirs left
 
 
 def test_no_trainable_and_uint8_bits(tmp_path, capsys):
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
-    prefix = _write_slim(tmp_path, {"global_step": np.array(5, np.int64),
-                                    "bn/moving_mean": np.ones(3, np.float32)})
+    prefix = _write_slim(
+        tmp_path, {"global_step": np.array(5, np.int64), "bn/moving_mean": np.ones(3, np.float32)}
+    )
     with pytest.raises(SystemExit) as exc:
         main([prefix, "--algorithm", "bin", "--bits", "8"])
     assert exc.value.code == 2
@@ -274,8 +303,11 @@ def test_no_trainable_and_uint8_bits(tmp_path, capsys):
 def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.seed_quantizers.checkpoint_quantizer import load_uint8_checkpoint, uint8_to_float_checkpoint
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
+    from adj_quant.seed_quantizers.checkpoint_quantizer import (
+        load_uint8_checkpoint,
+        uint8_to_float_checkpoint,
+    )
 
     values = _slim_values(big=True)
     prefix = _write_slim(tmp_path / "run", values)
@@ -294,7 +326,9 @@ def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
         return sum(os.path.getsize(f) for f in tf.io.gfile.glob(p + ".data-*"))
 
     quant_bytes = sum(values[f"{SLIM}/{k}"].nbytes for k in UINT8_QUANTIZED)
-    copied_bytes = sum(v.nbytes for k, v in values.items() if k[len(SLIM) + 1:] not in UINT8_QUANTIZED)
+    copied_bytes = sum(
+        v.nbytes for k, v in values.items() if k[len(SLIM) + 1 :] not in UINT8_QUANTIZED
+    )
     ratio = quant_bytes / (data_bytes(out["output"]) - copied_bytes)
     assert 3.8 < ratio <= 4.0, ratio  # the quantized part is about a quarter of its float size
 
@@ -312,11 +346,16 @@ def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
     assert relative_error(w, loaded[w_key]) == pytest.approx(out["errors"][w_key])
     assert loaded["global_step"] == 1234
     logits = f"{SLIM}/logits/weights"  # 640 elements < 1024: stored float, bit for bit
-    assert loaded[logits].dtype == np.float32 and loaded[logits].tobytes() == values[logits].tobytes()
+    assert (
+        loaded[logits].dtype == np.float32 and loaded[logits].tobytes() == values[logits].tobytes()
+    )
 
     back = uint8_to_float_checkpoint(out["output"], tmp_path / "float")
     r2 = tf.train.load_checkpoint(back)
-    assert r2.get_variable_to_dtype_map() == tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
+    assert (
+        r2.get_variable_to_dtype_map()
+        == tf.train.load_checkpoint(prefix).get_variable_to_dtype_map()
+    )
     np.testing.assert_array_equal(r2.get_tensor(w_key), loaded[w_key])
 
 
@@ -326,12 +365,19 @@ def test_uint8_checkpoint_smaller_and_loadable(tmp_path, capsys):
 
 # Hand-built: "big" has exactly 1024 elements, "small" 1023, "tiny" 5; "ids" is int; "moving_mean"
 # is large but batch-norm state, which is never quantized (the size rule only narrows the set).
-BIG, SMALL, TINY, IDS, MEAN = "net/big/kernel", "net/small/kernel", "net/tiny/bias", "net/ids", "net/bn/moving_mean"
+BIG, SMALL, TINY, IDS, MEAN = (
+    "net/big/kernel",
+    "net/small/kernel",
+    "net/tiny/bias",
+    "net/ids",
+    "net/bn/moving_mean",
+)
 
 
 def _min_size_values():
     rng = np.random.default_rng(11)
-    # Levels j/256 - 0.5 for j = 0..255, four times: lo = -0.5, hi = 127/256, so s = 255/(hi-lo) = 256
+    # Levels j/256 - 0.5 for j = 0..255, four times: lo = -0.5, hi = 127/256, so
+    # s = 255/(hi-lo) = 256
     # exactly and q = rha(256 x) - rha(-128) = j. Two values sit halfway between levels:
     # 256 x = +10.5 -> 11 -> q 139 and 256 x = -10.5 -> -11 -> q 117 (half away from zero; half to
     # even would give 138 and 118).
@@ -354,7 +400,8 @@ def _min_size_values():
 
 
 def _check_min_size_output(path, values, expected_q, expected_range, quantized):
-    """Quantized keys are uint8 with the hand-computed levels and range; all others bit-identical."""
+    """Quantized keys are uint8 with the hand-computed levels and range; all others
+    bit-identical."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(path)
@@ -370,12 +417,14 @@ def _check_min_size_output(path, values, expected_q, expected_range, quantized):
             assert reader.get_tensor(key + "/quant_min") == np.float32(lo)
             assert reader.get_tensor(key + "/quant_max") == np.float32(hi)
         else:
-            assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), key
+            assert got.dtype == v.dtype and got.shape == v.shape and got.tobytes() == v.tobytes(), (
+                key
+            )
 
 
 def test_uint8_min_size_default_1024(tmp_path, capsys):
+    from adj_quant.cli.quantize_checkpoint import main
     from adj_quant.seed_quantizers.checkpoint_quantizer import load_uint8_checkpoint
-    from adj_quant.seed_quantizers.cli import main
 
     values, expected_q, expected_range = _min_size_values()
     prefix = _write_slim(tmp_path / "run", values)
@@ -407,12 +456,21 @@ def test_uint8_min_size_boundaries_library(tmp_path):
     def rha(v):
         return int(np.copysign(np.floor(abs(v) + 0.5), v))
 
-    expected_q[SMALL] = np.array([min(max(rha(v * s) - rha(lo * s), 0), 255) for v in x], np.uint8).reshape(33, 31)
+    expected_q[SMALL] = np.array(
+        [min(max(rha(v * s) - rha(lo * s), 0), 255) for v in x], np.uint8
+    ).reshape(33, 31)
     expected_range[SMALL] = (lo, hi)
 
-    for min_size, quantized in ((0, {BIG, SMALL, TINY}), (5, {BIG, SMALL, TINY}), (6, {BIG, SMALL}),
-                                (1023, {BIG, SMALL}), (1024, {BIG})):
-        res = quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / f"ms{min_size}", min_size=min_size)
+    for min_size, quantized in (
+        (0, {BIG, SMALL, TINY}),
+        (5, {BIG, SMALL, TINY}),
+        (6, {BIG, SMALL}),
+        (1023, {BIG, SMALL}),
+        (1024, {BIG}),
+    ):
+        res = quantize_checkpoint(
+            prefix, "uint8", output_dir=tmp_path / f"ms{min_size}", min_size=min_size
+        )
         assert set(res.errors) == quantized, min_size
         assert res.min_size == min_size
         assert set(res.left_float) == {MEAN} | ({SMALL, TINY} - quantized)
@@ -420,15 +478,23 @@ def test_uint8_min_size_boundaries_library(tmp_path):
 
     # the default is 1024, and "not given" (None) means the default too
     for kwargs in ({}, {"min_size": None}):
-        res = quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / "default", overwrite=True, **kwargs)
+        res = quantize_checkpoint(
+            prefix, "uint8", output_dir=tmp_path / "default", overwrite=True, **kwargs
+        )
         assert set(res.errors) == {BIG} and res.min_size == 1024
 
     # every quantizable variable too small: refused, nothing written
-    with pytest.raises(UserError, match=f"no trainable float variable with at least 1025 elements.*{BIG}, 1024"):
+    with pytest.raises(
+        UserError, match=f"no trainable float variable with at least 1025 elements.*{BIG}, 1024"
+    ):
         quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / "none", min_size=1025)
     assert not (tmp_path / "none").exists()
-    for bad, needle in ((-1, "is negative"), (2.5, "not an integer"), ("8", "not an integer"),
-                        (True, "not an integer")):
+    for bad, needle in (
+        (-1, "is negative"),
+        (2.5, "not an integer"),
+        ("8", "not an integer"),
+        (True, "not an integer"),
+    ):
         with pytest.raises(UserError, match=needle):
             quantize_checkpoint(prefix, "uint8", output_dir=tmp_path / "bad", min_size=bad)
     # bin / fixed-point take no size threshold: the default is accepted (all trainable floats are
@@ -459,30 +525,55 @@ def test_uint8_min_size_cli_report(tmp_path):
         "Stored in 8 bits: 2 variables (float, at least --min_size 6 elements)",
         "Left float: 2 variables (1 below --min_size, 1 state)",
     ]
-    too_big = _run_tool(prefix, "--algorithm", "uint8", "--min_size", "5000", "--output", tmp_path / "none")
+    too_big = _run_tool(
+        prefix, "--algorithm", "uint8", "--min_size", "5000", "--output", tmp_path / "none"
+    )
     _assert_one_line_error(too_big, "at least 5000 elements", "--min_size 1024 or less")
 
 
 @pytest.mark.slow  # several TensorFlow subprocesses
 def test_min_size_cli_errors_in_process(tmp_path):
     missing = tmp_path / "nope" / "model.ckpt-1"  # the flag is checked first, before the checkpoint
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "-1"),
-                           "--min_size -1 is negative", ">= 0")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size=-5"), "--min_size -5 is negative")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "1.5"),
-                           "--min_size '1.5' is not an integer", "default 1024")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "abc"), "'abc' is not an integer")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin", "--bits", "8", "--min_size", "1024"),
-                           "--min_size applies only to --algorithm uint8", "bin")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "fixed-point", "--bits", "8", "--min_size", "0"),
-                           "--min_size applies only to --algorithm uint8", "fixed-point")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "0"), "checkpoint not found")
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "-1"),
+        "--min_size -1 is negative",
+        ">= 0",
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "uint8", "--min_size=-5"),
+        "--min_size -5 is negative",
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "1.5"),
+        "--min_size '1.5' is not an integer",
+        "default 1024",
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "abc"),
+        "'abc' is not an integer",
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "bin", "--bits", "8", "--min_size", "1024"),
+        "--min_size applies only to --algorithm uint8",
+        "bin",
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(
+            missing, "--algorithm", "fixed-point", "--bits", "8", "--min_size", "0"
+        ),
+        "--min_size applies only to --algorithm uint8",
+        "fixed-point",
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "uint8", "--min_size", "0"),
+        "checkpoint not found",
+    )
 
 
 def test_tf2_object_checkpoint_round_trip(tmp_path, capsys):
     import tensorflow as tf
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     rng = np.random.default_rng(5)
     kernel = rng.normal(0, 0.05, (16, 8)).astype(np.float32)
@@ -498,12 +589,18 @@ def test_tf2_object_checkpoint_round_trip(tmp_path, capsys):
 
     assert main([str(tmp_path / "tf2"), "--algorithm", "bin", "--bits", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["output"] == os.path.join(str(tmp_path / "tf2" / "bin_8bits"), os.path.basename(prefix))
-    assert set(out["errors"]) == {"v/.ATTRIBUTES/VARIABLE_VALUE", "layer/bias/.ATTRIBUTES/VARIABLE_VALUE"}
+    assert out["output"] == os.path.join(
+        str(tmp_path / "tf2" / "bin_8bits"), os.path.basename(prefix)
+    )
+    assert set(out["errors"]) == {
+        "v/.ATTRIBUTES/VARIABLE_VALUE",
+        "layer/bias/.ATTRIBUTES/VARIABLE_VALUE",
+    }
     assert 0.5 < out["errors"]["v/.ATTRIBUTES/VARIABLE_VALUE"] < 1.2
 
-    new = tf.train.Checkpoint(v=tf.Variable(np.zeros_like(kernel)), layer=tf.Module(),
-                              step=tf.Variable(0, dtype=tf.int64))
+    new = tf.train.Checkpoint(
+        v=tf.Variable(np.zeros_like(kernel)), layer=tf.Module(), step=tf.Variable(0, dtype=tf.int64)
+    )
     new.layer.bias = tf.Variable(np.zeros_like(bias))
     new.layer.moving_mean = tf.Variable(np.zeros(8, np.float32))
     new.restore(tf.train.latest_checkpoint(str(tmp_path / "tf2" / "bin_8bits"))).assert_consumed()
@@ -516,14 +613,16 @@ def test_tf2_object_checkpoint_round_trip(tmp_path, capsys):
 
 
 def test_keras_model_with_optimizer(tmp_path, capsys):
-    """Keras 3 lists model weights under optimizer/_trainable_variables and slots under _variables."""
+    """Keras 3 lists model weights under optimizer/_trainable_variables and slots under
+    _variables."""
     import tensorflow as tf
 
-    from adj_quant.seed_quantizers.cli import main
+    from adj_quant.cli.quantize_checkpoint import main
 
     def build():
-        model = tf.keras.Sequential([tf.keras.Input((6,)), tf.keras.layers.Dense(4),
-                                     tf.keras.layers.BatchNormalization()])
+        model = tf.keras.Sequential(
+            [tf.keras.Input((6,)), tf.keras.layers.Dense(4), tf.keras.layers.BatchNormalization()]
+        )
         opt = tf.keras.optimizers.SGD(momentum=0.9)
         opt.build(model.trainable_variables)
         return model, opt
@@ -542,18 +641,32 @@ def test_keras_model_with_optimizer(tmp_path, capsys):
     tf.train.Checkpoint(model=model2, optimizer=opt2).read(out["output"]).assert_consumed()
     for a, b in zip(model.trainable_variables, model2.trainable_variables):
         np.testing.assert_array_equal(b.numpy(), bin_quantize(a.numpy(), 3))
-    for a, b in zip(model.non_trainable_variables + opt.variables,
-                    model2.non_trainable_variables + opt2.variables):
+    for a, b in zip(
+        model.non_trainable_variables + opt.variables,
+        model2.non_trainable_variables + opt2.variables,
+    ):
         np.testing.assert_array_equal(b.numpy(), a.numpy())
 
 
 @pytest.mark.slow  # several TensorFlow subprocesses
 def test_cli_errors_in_process(tmp_path):
     missing = tmp_path / "nope" / "model.ckpt-1"
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin", "--bits", "8"), "checkpoint not found", str(missing))
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin", "--bits", "17"), "--bits 17", "1..16")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "fixed-point", "--bits", "1"), "--bits 1", "2..32")
-    _assert_one_line_error(_run_tool_in_process(missing, "--algorithm", "bin"), "--bits is required")
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "bin", "--bits", "8"),
+        "checkpoint not found",
+        str(missing),
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "bin", "--bits", "17"), "--bits 17", "1..16"
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "fixed-point", "--bits", "1"),
+        "--bits 1",
+        "2..32",
+    )
+    _assert_one_line_error(
+        _run_tool_in_process(missing, "--algorithm", "bin"), "--bits is required"
+    )
     proc = _run_tool_in_process(missing, "--algorithm", "ternary", "--bits", "8")
     _assert_one_line_error(proc, "invalid choice", "ternary")
 
@@ -586,11 +699,14 @@ def test_old_quantizer_form(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "--algorithm fixed-point --bits 8" in captured.err
     w = tf.train.load_checkpoint(str(tmp_path / "fixed-point_8bits" / "model.ckpt-100")).get_tensor(
-        f"{SLIM}/logits/weights")
+        f"{SLIM}/logits/weights"
+    )
     np.testing.assert_array_equal(w, fixed_point_quantize(values[f"{SLIM}/logits/weights"], 8))
-    for argv, needle in ((["34", prefix, "10", "1", "8"], "NETWORK"),
-                         (["101", prefix, "ten", "1", "8"], "NUM_CLASSES"),
-                         (["101", prefix, "10", "3", "8"], "ALGORITHM")):
+    for argv, needle in (
+        (["34", prefix, "10", "1", "8"], "NETWORK"),
+        (["101", prefix, "ten", "1", "8"], "NUM_CLASSES"),
+        (["101", prefix, "10", "3", "8"], "ALGORITHM"),
+    ):
         with pytest.raises(SystemExit) as exc:
             quantizer.main(argv)
         assert exc.value.code == 2
@@ -599,7 +715,7 @@ def test_old_quantizer_form(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [[], ["--algorithm", "bin"], ["ckpt", "--algorithm", "int3"]])
 def test_missing_or_bad_arguments_are_one_line(argv, capsys):
-    from adj_quant.seed_quantizers import cli
+    from adj_quant.cli import quantize_checkpoint as cli
 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

@@ -1,4 +1,5 @@
-"""Every command the README and the tools' ``--help`` texts show runs as shown.
+"""Every command the README, docs/results.md and the tools' ``--help`` texts show runs as
+shown.
 
 The commands are extracted from the text (not listed here), so a command added to the
 README or to a help text is tested without touching this file. Each runs in-process on a
@@ -20,19 +21,19 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, build_tool
 
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import export as export_cli
 from adj_quant.cli import pareto as pareto_cli
+from adj_quant.cli import quantize_checkpoint as quantize_cli
 from adj_quant.cli import score as score_cli
 from adj_quant.cli import sweep as sweep_cli
 from adj_quant.cli import train as train_cli
 from adj_quant.recipe.config import resolve
-from adj_quant.seed_quantizers import cli as quantize_cli
 
-from conftest import ROOT, TINY, build_tool
-
-PROGRAMS = r"(?:python (?:train|eval|quantizer)\.py|adjq-[a-z-]+|(?:python )?tools/build_tfrecords\.py|quantizer\.py)"
+PROGRAMS = (r"(?:python (?:train|eval|quantizer)\.py|adjq-[a-z-]+"
+            r"|(?:python )?tools/build_tfrecords\.py|quantizer\.py)")
 COMMAND_LINE = re.compile(rf"^\s*(?:\$ )?({PROGRAMS}(?:\s.*)?)$")
 INLINE = re.compile(rf"`({PROGRAMS}[^`]*)`")
 #: The tiny model's flags minus the ones a command may set itself.
@@ -43,8 +44,13 @@ def _join_continuations(text: str) -> list[str]:
     return re.sub(r"\\\n\s*", " ", text).splitlines()
 
 
+#: The documents whose commands are run: the front door and the results it points to.
+DOCUMENTS = ("README.md", os.path.join("docs", "results.md"))
+
+
 def readme_commands() -> list[str]:
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    text = "\n".join(open(os.path.join(ROOT, name), encoding="utf-8").read()
+                     for name in DOCUMENTS)
     found = []
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
         for line in _join_continuations(block):

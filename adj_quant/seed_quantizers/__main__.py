@@ -1,3 +1,7 @@
-from adj_quant.seed_quantizers.cli import main
+"""``python -m adj_quant.seed_quantizers``: the same as ``adjq-quantize-checkpoint``."""
 
-main()
+import sys
+
+from adj_quant.cli.quantize_checkpoint import main
+
+sys.exit(main())

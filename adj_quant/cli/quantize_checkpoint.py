@@ -20,8 +20,9 @@ import re
 import sys
 from collections import Counter
 
-from adj_quant.seed_quantizers.checkpoint_quantizer import ALGORITHMS, UINT8_MIN_SIZE  # numpy only; TensorFlow is imported lazily
 from adj_quant.errors import OneLineParser, UserError, cli_main
+from adj_quant.seed_quantizers.formulas import ALGORITHMS, UINT8_MIN_SIZE  # numpy only
+from adj_quant.seed_quantizers.variables import BELOW_MIN_SIZE
 
 
 def build_parser():
@@ -29,8 +30,8 @@ def build_parser():
         prog="adjq-quantize-checkpoint",
         description=(
             "Quantize every trainable float variable of a checkpoint (TF2 object or TF1/slim "
-            "name-based; for uint8 only those with at least --min_size elements), copy everything else "
-            "unchanged, and save the result to "
+            "name-based; for uint8 only those with at least --min_size elements), copy "
+            "everything else unchanged, and save the result to "
             "<checkpoint dir>/bin_<B>bits/, <checkpoint dir>/fixed-point_<B>bits/ or "
             "<checkpoint dir>/uint8/."
         ),
@@ -40,7 +41,8 @@ def build_parser():
     p.add_argument(
         "checkpoint",
         metavar="CHECKPOINT",
-        help="checkpoint prefix (e.g. dir/model.ckpt-100) or a directory (its latest checkpoint is used)",
+        help="checkpoint prefix (e.g. dir/model.ckpt-100) or a directory (its latest "
+        "checkpoint is used)",
     )
     p.add_argument(
         "--algorithm",
@@ -64,30 +66,35 @@ def build_parser():
         metavar="N",
         default=None,
         help=f"uint8 only: store a float variable in 8 bits only if it has at least N elements "
-        f"(default {UINT8_MIN_SIZE}, like the minimum_size of TensorFlow's quantize_weights transform); "
-        "smaller ones (biases, batch-norm vectors) are copied unchanged; 0 stores every one in 8 bits",
+        f"(default {UINT8_MIN_SIZE}, like the minimum_size of TensorFlow's quantize_weights "
+        "transform); smaller ones (biases, batch-norm vectors) are copied unchanged; 0 stores "
+        "every one in 8 bits",
     )
     p.add_argument(
         "--output",
         metavar="DIR",
         default=None,
-        help="output directory (default: <checkpoint dir>/<algorithm>_<B>bits, or <checkpoint dir>/uint8)",
+        help="output directory (default: <checkpoint dir>/<algorithm>_<B>bits, or "
+        "<checkpoint dir>/uint8)",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the output directory if it exists (atomically); without it an existing one is refused",
+        help="replace the output directory if it exists (atomically); without it an existing "
+        "one is refused",
     )
     p.add_argument(
         "--include-optimizer-slots",
         action="store_true",
-        help="also quantize optimizer slots and moving-average shadows (copied unchanged by default)",
+        help="also quantize optimizer slots and moving-average shadows (copied unchanged by "
+        "default)",
     )
     p.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON object (output, algorithm, bits, counts, min/max/avg error, per-variable errors; "
-        "for uint8 also min_size, num_8bit, num_left_float and left_float) instead of text, and no progress bar",
+        help="print one JSON object (output, algorithm, bits, counts, min/max/avg error, "
+        "per-variable errors; for uint8 also min_size, num_8bit, num_left_float and "
+        "left_float) instead of text, and no progress bar",
     )
     return p
 
@@ -98,7 +105,8 @@ def parse_min_size(text):
         return None
     if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):
         raise UserError(
-            f"--min_size {text!r} is not an integer; pass a whole number of elements >= 0 (default {UINT8_MIN_SIZE})"
+            f"--min_size {text!r} is not an integer; pass a whole number of elements >= 0 "
+            f"(default {UINT8_MIN_SIZE})"
         )
     return int(text)
 
@@ -112,10 +120,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import adj_quant.cli.quiet  # noqa: F401,PLC0415  (quiet TensorFlow start-up)
     from adj_quant.seed_quantizers import checkpoint_quantizer as ckpt_quant  # noqa: PLC0415
+    from adj_quant.seed_quantizers import formulas  # noqa: PLC0415
 
     # Cheap checks first: bad flags are reported before TensorFlow is imported.
-    bits = ckpt_quant.check_bits(args.algorithm, args.bits)
-    min_size = ckpt_quant.check_min_size(args.algorithm, parse_min_size(args.min_size))
+    bits = formulas.check_bits(args.algorithm, args.bits)
+    min_size = formulas.check_min_size(args.algorithm, parse_min_size(args.min_size))
     prefix = ckpt_quant.resolve_checkpoint(args.checkpoint)
 
     progress = None
@@ -150,9 +159,10 @@ def main(argv=None):
                 f"(float, at least --min_size {summary['min_size']} elements)"
             )
             why = Counter(summary["left_float"].values())
-            label = {ckpt_quant.BELOW_MIN_SIZE: "below --min_size"}
+            label = {BELOW_MIN_SIZE: "below --min_size"}
             detail = ", ".join(f"{n} {label.get(kind, kind)}" for kind, n in sorted(why.items()))
-            print(f"Left float: {_plural(summary['num_left_float'], 'variable')}" + (f" ({detail})" if detail else ""))
+            left = _plural(summary["num_left_float"], "variable")
+            print(f"Left float: {left}" + (f" ({detail})" if detail else ""))
         print(f"Output: {summary['output']}")
         print(f"Min error: {summary['min_error']:.4f}%")
         print(f"Max error: {summary['max_error']:.4f}%")
