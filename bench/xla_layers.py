@@ -1,7 +1,7 @@
 """Why whole-step XLA is slow on CPU: single layers of EfficientNet-B0, forward and
 forward + backward, plain ``tf.function`` against ``jit_compile=True``.
 
-    python bench/xla_layers.py      # about 30 s on 2 cores
+    python bench/xla_layers.py
 
 Each line gives the median of 6 timed calls (after one warm-up) per setting, alternating
 the settings, and the XLA/plain ratio.
