@@ -18,6 +18,7 @@ from adj_quant.quantizers.base import register
 from adj_quant.quantizers.formula import (
     _adjusted_range_math,
     _bits_math,
+    _calibrated_range,
     _check_bits_tensor,
     _check_range,
     _float_input,
@@ -202,9 +203,10 @@ class AdjustableQuantizer(tf.Module):
         return out if dtype == tf.float32 else tf.cast(out, dtype)
 
     def set_range(self, minimum, maximum) -> None:
-        """Set the calibrated per-channel range ``[minimum, maximum]``."""
-        minimum = np.asarray(minimum, np.float32).reshape([self.channels])
-        maximum = np.asarray(maximum, np.float32).reshape([self.channels])
+        """Set the calibrated per-channel range ``[minimum, maximum]`` (``channels`` values
+        each; checked as :func:`quantize` checks its range)."""
+        minimum, maximum = _calibrated_range(minimum, maximum, self.channels, self.axis,
+                                             f"quantizer {self.scope}")
         self.init_min.assign(minimum)
         self.init_max.assign(maximum)
 

@@ -232,7 +232,7 @@ def _fake_quantize_math(x, low, width, bits, axis: int, bits_grad: str):
     return _CORE[bits_grad](x, scale, zero, levels)
 
 
-def _check_range(minimum, maximum, axis) -> None:
+def _check_range(minimum, maximum, axis, who: str = "quantize") -> None:
     """Refuse ``minimum > maximum`` or a NaN bound (values known when tracing or eager)."""
     lo, hi = tf.get_static_value(minimum), tf.get_static_value(maximum)
     if lo is None or hi is None:
@@ -245,10 +245,32 @@ def _check_range(minimum, maximum, axis) -> None:
     where = f" for channel {c} of axis {axis}" if lo.size > 1 else ""
     more = f" (and {bad.size - 1} more channels)" if bad.size > 1 else ""
     if np.isnan(lo[c]) or np.isnan(hi[c]):
-        raise UserError(f"quantize: the range [{lo[c]!s}, {hi[c]!s}]{where} is NaN{more}; pass "
+        raise UserError(f"{who}: the range [{lo[c]!s}, {hi[c]!s}]{where} is NaN{more}; pass "
                         "numbers")
-    raise UserError(f"quantize: minimum {lo[c]!s} > maximum {hi[c]!s}{where}{more}; pass "
+    raise UserError(f"{who}: minimum {lo[c]!s} > maximum {hi[c]!s}{where}{more}; pass "
                     "minimum <= maximum (swapped arguments?)")
+
+
+def _calibrated_range(minimum, maximum, channels: int, axis, who: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """A quantizer's ``set_range`` arguments as two float32 ``[channels]`` arrays (any
+    shape holding ``channels`` values). Not numbers, another number of values,
+    ``minimum > maximum`` or a NaN bound are the one-line UserError that the functional
+    :func:`~adj_quant.quantizers.adjustable.quantize` gives for them. A range wider than
+    float32 holds is accepted, as by ``quantize``: the quantizer bounds its width."""
+    arrays = []
+    for name, v in (("minimum", minimum), ("maximum", maximum)):
+        try:
+            a = np.asarray(v, np.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"{who}: {name} is not a number or a list of numbers (got "
+                            f"{type(v).__name__})") from None
+        if a.size != channels:
+            raise UserError(f"{who}: {name} has shape {list(a.shape)}, expected [{channels}] "
+                            "(one value per channel)")
+        arrays.append(a.reshape([channels]))
+    _check_range(arrays[0], arrays[1], axis, who)
+    return arrays[0], arrays[1]
 
 
 def _check_bits_tensor(bits: tf.Tensor) -> tf.Tensor:

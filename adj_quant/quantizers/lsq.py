@@ -39,7 +39,13 @@ import tensorflow as tf
 
 from adj_quant.errors import UserError
 from adj_quant.quantizers.base import register
-from adj_quant.quantizers.formula import _float_input, _sum_to, check_axis, check_bits
+from adj_quant.quantizers.formula import (
+    _calibrated_range,
+    _float_input,
+    _sum_to,
+    check_axis,
+    check_bits,
+)
 
 #: Lower bound of the step in the forward pass.
 STEP_EPSILON = 1e-8
@@ -235,9 +241,10 @@ class LsqQuantizer(tf.Module):
         """Set the calibrated per-channel range and initialise from it: activations
         ``s = (M - m) / (2^b - 1)``, ``beta = m`` (LSQ+'s min/max initialisation); signed
         ``s = max(|m|, |M|) / (2^(b-1) - 1)``, so that the whole range is representable
-        (biases; weights then get :meth:`init_from_weights`)."""
-        minimum = np.asarray(minimum, np.float32).reshape([self.channels])
-        maximum = np.asarray(maximum, np.float32).reshape([self.channels])
+        (biases; weights then get :meth:`init_from_weights`). The range is checked as
+        :func:`adj_quant.quantizers.adjustable.quantize` checks its range."""
+        minimum, maximum = _calibrated_range(minimum, maximum, self.channels, self.axis,
+                                             f"quantizer {self.scope}")
         self.init_min.assign(minimum)
         self.init_max.assign(maximum)
         offset, step = self._init_from_range(minimum, maximum)
