@@ -84,6 +84,16 @@ _MEMBERS = ("for_tensor", "__call__", "bits", "bits_variables", "adjusted_range"
             "init_from_weights")
 
 
+def _defines(cls: type, member: str) -> bool:
+    """Whether ``cls``'s instances have ``member`` as a method (``getattr(cls, "__call__")``
+    would find the metaclass's, so the class's own namespaces are searched)."""
+    for k in cls.__mro__:
+        if member in vars(k):
+            v = vars(k)[member]
+            return callable(v) or isinstance(v, (classmethod, staticmethod))
+    return False
+
+
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -95,7 +105,7 @@ def register(name: str):
                         "and underscores, e.g. 'adjq'")
 
     def decorate(cls: type) -> type:
-        missing = [m for m in _MEMBERS if not callable(getattr(cls, m, None))]
+        missing = [m for m in _MEMBERS if not _defines(cls, m)]
         if missing:
             raise UserError(f"quantizer {name!r} ({cls.__qualname__}) lacks "
                             f"{', '.join(missing)}; define every member of "
