@@ -3,9 +3,11 @@
 Built from a float model (:class:`adj_quant.network.FloatNetwork`): batch norm is folded into every conv's weights and bias, then
 every weight tensor, the input of every conv/FC (except a stem, whose input is the 8-bit
 image), every swish input, every sigmoid input (EfficientNet's SE gates) and every bias
-gets an :class:`AdjustableQuantizer` (``QuantConfig.quantizer="adjq"``) or, as the LSQ+
-baseline at fixed bits (``"lsq"``), an :class:`adj_quant.lsq_quantizer.LsqQuantizer`.
-Where they go follows from the network's declaration alone.
+gets a quantizer (:class:`adj_quant.quantizers.Quantizer`) of the registered kind
+``QuantConfig.quantizer`` names: the adjustable quantizer (``"adjq"``,
+:class:`adj_quant.quantizers.adjustable.AdjustableQuantizer`) or, as the LSQ+ baseline at
+fixed bits, ``"lsq"`` (:class:`adj_quant.quantizers.lsq.LsqQuantizer`). Where they go
+follows from the network's declaration alone.
 
 Quantizer ("tensor") names, used by ``initial_thresholds.json``::
 
@@ -28,15 +30,16 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant import network as nw
+from adj_quant import quantizers
 from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
-from adj_quant.adjustable_quantizer import AdjustableQuantizer, check_bits, check_bits_grad, range_preset
-from adj_quant.lsq_quantizer import LsqQuantizer
+from adj_quant.quantizers import Quantizer
+from adj_quant.quantizers.formula import check_bits, check_bits_grad, range_preset
 
 BIAS_RANGES = ("live", "calibrated")
-#: ``--quantizer``: the adjustable quantizer (the method) or LSQ+ (a baseline at fixed bits).
-QUANTIZERS = ("adjq", "lsq")
-Quantizer = AdjustableQuantizer | LsqQuantizer
+#: ``--quantizer``: the registered quantizers (adj_quant.quantizers.names()): the adjustable
+#: quantizer (the method) and LSQ+ (a baseline at fixed bits).
+QUANTIZERS = quantizers.names()
 #: Quantizer-name suffixes of the activation sites (calibrated on data, exported as ranges).
 ACTIVATION_SITES = ("/input", "/swish_input", "/sigmoid_input")
 
@@ -82,15 +85,14 @@ class QuantConfig:
     def make_quantizer(self, scope: str, channels: int, *, init_bits: int, axis: int = -1,
                        bits_trainable: bool = False, signed: bool = False,
                        live_range: bool = False, compiled: bool = True) -> Quantizer:
-        """The quantizer of one tensor under this config: ``signed`` for weights and
-        biases (LSQ+ quantizes them symmetrically, without offset); ``live_range`` and
-        ``compiled`` are the adjustable quantizer's (LSQ+ has a learned step instead)."""
-        if self.quantizer == "lsq":
-            return LsqQuantizer(scope, channels, axis=axis, init_bits=init_bits, signed=signed)
-        return AdjustableQuantizer(scope, channels, axis=axis, init_bits=init_bits,
-                                   bits_trainable=bits_trainable,
-                                   range_preset_id=self.range_preset, bits_grad=self.bits_grad,
-                                   live_range=live_range, compiled=compiled)
+        """The quantizer of one tensor under this config (``Quantizer.for_tensor`` of the
+        registered ``quantizer``): ``signed`` for weights and biases (LSQ+ quantizes them
+        symmetrically, without offset); ``live_range`` and ``compiled`` are the adjustable
+        quantizer's (LSQ+ has a learned step instead)."""
+        return quantizers.get(self.quantizer).for_tensor(
+            scope, channels, axis=axis, init_bits=init_bits, bits_trainable=bits_trainable,
+            signed=signed, live_range=live_range, compiled=compiled,
+            range_preset_id=self.range_preset, bits_grad=self.bits_grad)
 
 
 class QuantizedLayer(tf.Module):
@@ -241,7 +243,7 @@ class QuantizedNetwork(tf.Module):
         return result
 
     def bits_variables(self) -> list[tf.Variable]:
-        return [q.bits_scale for q in self.quantizers().values() if q.bits_scale is not None]
+        return [v for q in self.quantizers().values() for v in q.bits_variables()]
 
     def bit_assignment(self):
         """Current bits of every quantized tensor as a :class:`adj_quant.cost.BitAssignment`."""
@@ -268,14 +270,14 @@ class QuantizedNetwork(tf.Module):
             if layer.bias_quant is not None:
                 b = layer.biases.numpy()
                 layer.bias_quant.set_range([b.min()], [b.max()])
-        self._init_lsq_weights()
+        self._init_from_weights()
 
-    def _init_lsq_weights(self) -> None:
-        """LSQ+'s weight initialisation (``LsqQuantizer.init_from_weights``: mean +- 3 std
-        of the weights) of every LSQ weight quantizer, in place of its min/max one."""
+    def _init_from_weights(self) -> None:
+        """Every weight quantizer's initialisation from the weights themselves
+        (``Quantizer.init_from_weights``, after their min/max range; LSQ+: mean +- 3 std of
+        the weights, the adjustable quantizer: nothing more)."""
         for layer in self.layers.values():
-            if isinstance(layer.weight_quant, LsqQuantizer):
-                layer.weight_quant.init_from_weights(layer.weights.numpy())
+            layer.weight_quant.init_from_weights(layer.weights.numpy())
 
     def calibrate_activations(self, batches, num_images: int | None = None,
                               progress: bool = True) -> int:
@@ -393,4 +395,4 @@ class QuantizedNetwork(tf.Module):
                             "(another swish_bits/bias_bits setting?); recalibrate")
         for name, quant in quants.items():
             quant.set_range(data[name]["min"], data[name]["max"])
-        self._init_lsq_weights()
+        self._init_from_weights()

@@ -1,13 +1,13 @@
 """XLA settings for the quantizer kernels: faster compilation and an on-disk cache.
 
 Every activation quantizer runs as an XLA-compiled kernel, one per distinct tensor shape
-(:mod:`adj_quant.adjustable_quantizer`); EfficientNet-B0 at one image size and batch has
+(:mod:`adj_quant.quantizers.kernels`); EfficientNet-B0 at one image size and batch has
 about 35 such shapes, each compiled once forward and once backward. Two settings make that
-cheap; :func:`configure` applies them when the quantizer module is imported, unless the
-user's own ``XLA_FLAGS`` / ``TF_XLA_FLAGS`` already set them:
+cheap; :func:`configure` applies them, unless the user's own ``XLA_FLAGS`` /
+``TF_XLA_FLAGS`` already set them:
 
 * ``--xla_cpu_use_fusion_emitters=false`` (``XLA_FLAGS``): XLA's older CPU loop emitter
-  compiles these small elementwise kernels about twice as fast and runs them as fast;
+  compiles these small elementwise kernels faster, and the kernels run as fast;
 * ``--tf_xla_persistent_cache_directory=DIR`` (``TF_XLA_FLAGS``): compiled kernels are kept
   on disk, so running the same command again (a sweep's next point, a rerun with other
   numbers) loads them instead of compiling again. The cache's keys contain TensorFlow's
@@ -19,8 +19,17 @@ user's own ``XLA_FLAGS`` / ``TF_XLA_FLAGS`` already set them:
   fingerprint keeps machines with other instruction sets (a shared home directory) apart.
   ``ADJQ_XLA_CACHE=off`` turns the cache off.
 
-TensorFlow reads both variables when it first compiles with XLA, so setting them after
-``import tensorflow`` but before any compilation takes effect. A kernel from the cache is
+Importing this module (or any of adjq) changes nothing; :func:`configure` is called:
+
+* by the quantizer kernels themselves (:mod:`adj_quant.quantizers.kernels`), once, when the
+  first one is traced: before XLA compiles it;
+* by a program, before its first TensorFlow op, for the kernel cache.
+
+TensorFlow reads ``XLA_FLAGS`` when it first compiles with XLA, so the emitter setting
+applied by the first kernel takes effect. ``TF_XLA_FLAGS`` is read earlier, when TensorFlow's
+runtime starts (its first op, e.g. creating a variable, long before the first kernel): set
+after that it has no effect, so the cache is only used by a program that calls
+:func:`configure` first (after ``import tensorflow`` is fine). A kernel from the cache is
 the same executable that compiling would produce.
 """
 

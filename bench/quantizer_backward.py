@@ -1,6 +1,6 @@
 """Ways to compute the activation quantizer's backward pass with XLA on the CPU.
 
-The backward of one activation quantizer (adj_quant/adjustable_quantizer.py, ``_make_core``)
+The backward of one activation quantizer (adj_quant/quantizers/formula.py, ``_make_core``)
 produces the input gradient ``g_in = g * inside`` and three per-channel sums over the whole
 tensor: the gradients of the scale, the zero point and the levels. This script times
 several ways of writing that computation on random data of one activation's shape, each
@@ -18,7 +18,7 @@ sums are from the first way's (the one adjq uses):
 * ``plain``: no XLA at all;
 * ``input_grad_only`` / ``one_sum_only``: the parts alone, for scale.
 
-    python bench/quantizer_backward.py                       # 16x112x112x96, ~1 min
+    python bench/quantizer_backward.py                       # 16x112x112x96
     python bench/quantizer_backward.py --shape 16,56,56,144 --repeats 10
 """
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from adj_quant import adjustable_quantizer as q
 from adj_quant.errors import UserError
+from adj_quant.quantizers import adjustable as q
+from adj_quant.quantizers import formula
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -86,8 +87,9 @@ def _expected_gradients(x, g, m, w, a, beta, b0, bits_scale, bits_grad="original
     }
 
 
-@pytest.mark.parametrize("bits_grad", q.BITS_GRAD_MODES)
-@pytest.mark.parametrize("a, beta, bits_scale", [(1.0, 0.0, 1.0), (0.7, 0.1, 1.3), (1.2, -0.15, 0.8)])
+@pytest.mark.parametrize("bits_grad", formula.BITS_GRAD_MODES)
+@pytest.mark.parametrize("a, beta, bits_scale",
+                         [(1.0, 0.0, 1.0), (0.7, 0.1, 1.3), (1.2, -0.15, 0.8)])
 def test_gradients_match_hand_derivation(a, beta, bits_scale, bits_grad):
     x = np.array([-2.3, -1.3, -0.62, -0.1, 0.05, 0.33, 0.71, 0.98, 1.6], np.float64)
     g = np.array([0.6, 0.3, -1.0, 0.5, 2.0, -0.7, 1.1, -0.4, 0.9], np.float64)
@@ -130,7 +132,7 @@ def test_clip_passes_no_gradient_outside_or_to_bounds():
     # Boundaries are inclusive: a value exactly on a bound still gets gradient.
     v = tf.Variable([2.0, 8.0, 1.0])
     with tf.GradientTape() as tape:
-        y = tf.reduce_sum(q.clip_ste(v, 2.0, 8.0))
+        y = tf.reduce_sum(formula.clip_ste(v, 2.0, 8.0))
     np.testing.assert_array_equal(tape.gradient(y, v).numpy(), [1.0, 1.0, 0.0])
 
 
@@ -160,7 +162,7 @@ def test_bad_input_is_a_user_error():
     with pytest.raises(UserError, match="shape"):
         q.quantize(np.ones((2, 3), np.float32), np.zeros(4), 1.0, 8)
     with pytest.raises(UserError, match="range preset 9"):
-        q.range_preset(9)
+        formula.range_preset(9)
     with pytest.raises(UserError, match="bits 1 is not a bit-width"):
         q.AdjustableQuantizer("t", 1, init_bits=1)
     with pytest.raises(UserError, match="bits 3.5 is not a bit-width"):
@@ -199,7 +201,7 @@ def _plain_tf_quantizer(x, low, width, bits):
     """
     ste = lambda v: v + tf.stop_gradient(tf.round(v) - v)  # noqa: E731
     levels = tf.pow(2.0, bits) - 1.0
-    scale = levels / (width + q.EPSILON)
+    scale = levels / (width + formula.EPSILON)
     zero = ste(low * scale)
     t = ste(x * scale) - zero
     return (tf.minimum(tf.maximum(t, 0.0), levels) + zero) / scale
@@ -281,7 +283,8 @@ def _eager_and_traced(fn, *args):
 def test_overflowing_ranges_give_finite_outputs(lo, hi, bits):
     x = tf.constant([[1e29, -1e30, 0.5], [2e29, 1e30, 3e38], [0.0, -3e38, F32_MAX]], tf.float32)
     lo32, hi32 = np.float64(np.float32(lo)), np.float64(np.float32(hi))
-    step = (hi32 - lo32 + 1e-7) / (2**bits - 1) + 2 * np.spacing(np.float32(min(max(-lo, hi), 3e38)))
+    step = ((hi32 - lo32 + 1e-7) / (2**bits - 1)
+            + 2 * np.spacing(np.float32(min(max(-lo, hi), 3e38))))
     for out in _eager_and_traced(lambda x: q.quantize(x, lo, hi, bits), x):
         assert np.isfinite(out).all()
         assert (out >= lo32 - step).all() and (out <= hi32 + 1e-7 + step).all()
@@ -372,7 +375,8 @@ def test_non_integer_bits_are_refused_inside_tf_function():
     x = np.zeros((2, 3), np.float32)
     with pytest.raises(UserError, match=r"bits \[3.5\] must be integers"):  # checked when tracing
         tf.function(lambda: q.quantize(x, 0.0, 1.0, 3.5), autograph=False)()
-    with pytest.raises(Exception, match=r"bits \[3.5\] must be integers"):  # autograph: StagingError
+    # autograph: a StagingError
+    with pytest.raises(Exception, match=r"bits \[3.5\] must be integers"):
         tf.function(lambda: q.quantize(x, 0.0, 1.0, 3.5))()
     traced = tf.function(lambda b: q.quantize(x, 0.0, 1.0, b))
     with pytest.raises(tf.errors.InvalidArgumentError, match="bits must be integers"):
@@ -390,7 +394,8 @@ def test_init_bits_must_be_an_integer_bit_width(bits):
 
 def test_integer_valued_float_bits_are_accepted():
     assert q.AdjustableQuantizer("t", 1, init_bits=4.0).init_bits == 4
-    assert q.is_bit_width(4.0) and not q.is_bit_width(3.5) and not q.is_bit_width(float("nan"))
+    assert formula.is_bit_width(4.0) and not formula.is_bit_width(3.5)
+    assert not formula.is_bit_width(float("nan"))
 
 
 def test_axis_out_of_range_is_a_user_error():
@@ -403,3 +408,61 @@ def test_axis_out_of_range_is_a_user_error():
     quant = q.AdjustableQuantizer("t", 3, axis=3)
     with pytest.raises(UserError, match="quantizer t: axis 3 is out of range for x of rank 2"):
         quant(tf.constant(x))
+
+
+# --------------------------------------------------------------------------- set_range checks
+
+BAD_RANGES = [
+    ([0.0, 1.0], [1.0, 0.5]),                       # minimum > maximum in channel 1
+    ([0.0, float("nan")], [1.0, 1.0]),              # a NaN bound
+    ([2.0, 3.0], [1.0, float("nan")]),              # both, in two channels
+]
+
+
+@pytest.mark.parametrize("lo, hi", BAD_RANGES)
+@pytest.mark.parametrize("kind", ["adjq", "lsq"])
+def test_set_range_refuses_what_quantize_refuses_with_its_message(kind, lo, hi):
+    from adj_quant.quantizers.lsq import LsqQuantizer
+
+    with pytest.raises(UserError) as functional:
+        q.quantize(tf.zeros([3, 2]), lo, hi, 8)
+    make = q.AdjustableQuantizer if kind == "adjq" else LsqQuantizer
+    quant = make("t/q", 2)
+    before = [v.numpy().copy() for v in quant.variables]
+    with pytest.raises(UserError) as module:
+        quant.set_range(lo, hi)
+    message = str(module.value)
+    assert message == str(functional.value).replace("quantize:", "quantizer t/q:", 1)
+    assert "\n" not in message and "channel" in message
+    for old, v in zip(before, quant.variables):  # nothing was assigned
+        np.testing.assert_array_equal(v.numpy(), old)
+
+
+def test_set_range_refuses_another_channel_count_and_non_numbers_in_one_line():
+    quant = q.AdjustableQuantizer("t/q", 2)
+    with pytest.raises(UserError, match=r"^quantizer t/q: minimum has shape \[3\], expected "
+                                        r"\[2\] \(one value per channel\)$"):
+        quant.set_range([0.0, 0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(UserError, match=r"^quantizer t/q: maximum has shape \[\], expected \[2\]"):
+        quant.set_range([0.0, 0.0], 1.0)
+    with pytest.raises(UserError, match=r"^quantizer t/q: minimum is not a number or a list of "
+                                        r"numbers \(got str\)$"):
+        quant.set_range("low", [1.0, 1.0])
+    # any shape holding one value per channel is still taken, and a one-channel scalar
+    quant.set_range([[-2.0], [-1.0]], np.array([3.0, 4.0]))
+    np.testing.assert_array_equal(quant.init_min.numpy(), [-2.0, -1.0])
+    bias = q.AdjustableQuantizer("t/b", 1)
+    bias.set_range(-0.5, 0.25)
+    np.testing.assert_array_equal(bias.init_max.numpy(), [0.25])
+
+
+def test_set_range_takes_a_range_wider_than_float32_as_quantize_does():
+    """``[-3e38, 3e38]``: ``max - min`` overflows float32. quantize accepts it (the width
+    counts as the float32 maximum) and so does the module, with the same finite result."""
+    x = tf.constant([[-3e38, 0.0], [1e37, 3e38], [-1e38, 2.5e38]], tf.float32)
+    want = q.quantize(x, -3e38, 3e38, 8).numpy()
+    quant = q.AdjustableQuantizer("t/q", 2)
+    quant.set_range([-3e38, -3e38], [3e38, 3e38])
+    got = quant(x).numpy()
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)

@@ -1,4 +1,4 @@
-"""The LSQ+ baseline quantizer (adj_quant/lsq_quantizer.py, docs/baselines.md): its forward
+"""The LSQ+ baseline quantizer (adj_quant/quantizers/lsq.py, docs/baselines.md): its forward
 against numpy, its gradients against hand-derived numbers and against TensorFlow's autodiff
 of the same formula, its initialisation, and ``--quantizer lsq`` in the network, the cost,
 the checkpoints and the recipe."""
@@ -15,9 +15,9 @@ from adj_quant import nets
 from adj_quant.checkpoints import ModelSpec, restore_model
 from adj_quant.cli import train as train_cli
 from adj_quant.errors import UserError
-from adj_quant.lsq_quantizer import LsqQuantizer, code_range, lsq_quantize, weight_init_step
 from adj_quant.network import FloatNetwork
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+from adj_quant.quantizers.lsq import LsqQuantizer, code_range, lsq_quantize, weight_init_step
 from adj_quant.recipe import validation
 
 from conftest import TINY, save_small_keras_model
@@ -233,7 +233,7 @@ def test_weight_init_is_lsq_plus_three_sigma():
     want = np.maximum(np.abs(mean - 3 * std), np.abs(mean + 3 * std)) / 8
     np.testing.assert_allclose(q.step.numpy(), want, rtol=1e-5)
     np.testing.assert_allclose(weight_init_step(w, 4, -1), want, rtol=1e-5)
-    assert q.offset is None and q.bits_scale is None
+    assert q.offset is None and q.bits_variables() == []
     # depthwise: channels on axis 2
     dws = rng.normal(0, 0.3, [3, 3, 5, 1])
     d = dws[:, :, :, 0].reshape(9, 5)

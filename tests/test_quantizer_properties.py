@@ -27,7 +27,8 @@ import tensorflow as tf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from adj_quant import adjustable_quantizer as q
+from adj_quant.quantizers import adjustable as q
+from adj_quant.quantizers import formula
 
 F32_MAX = float(np.finfo(np.float32).max)
 X_MAX = float(np.float32(1e30))  # "up to 1e30", as a float32
@@ -250,7 +251,7 @@ def _expected_range_and_bits(c):
         m, M = (v.min(), v.max()) if n == 1 else (v.min(0), v.max(0))
     else:
         m, M = c["lo"].astype(np.float64), c["hi"].astype(np.float64)
-    (a_lo, a_hi), (b_lo, b_hi) = q.RANGE_PRESETS[c["preset"]]
+    (a_lo, a_hi), (b_lo, b_hi) = formula.RANGE_PRESETS[c["preset"]]
     # Documented: a width or minimum beyond float32 counts as the float32 maximum; a negative
     # width (preset 7's negative range_scale) as zero.
     w = np.minimum(M - m, F32_MAX)

@@ -411,7 +411,7 @@ def validate(o: Options) -> None:
         raise UserError(f"--eval_crop {o.eval_crop} must be a fraction in (0, 1]; 1.0 keeps "
                         "the whole image")
     from adj_quant.bits import is_bit_width
-    from adj_quant.adjustable_quantizer import range_preset
+    from adj_quant.quantizers.formula import range_preset
 
     for name in ("weight_bits", "act_bits"):
         if not is_bit_width(getattr(o, name)):

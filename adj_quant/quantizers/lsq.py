@@ -37,13 +37,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from adj_quant.adjustable_quantizer import (
+from adj_quant.errors import UserError
+from adj_quant.quantizers.base import register
+from adj_quant.quantizers.formula import (
+    _calibrated_range,
     _float_input,
     _sum_to,
     check_axis,
     check_bits,
 )
-from adj_quant.errors import UserError
 
 #: Lower bound of the step in the forward pass.
 STEP_EPSILON = 1e-8
@@ -139,9 +141,13 @@ def weight_init_step(values, bits: int, axis: int) -> np.ndarray:
     return np.maximum(bound / 2.0 ** (check_bits(bits) - 1), MIN_INIT_STEP).astype(np.float32)
 
 
+@register("lsq")
 class LsqQuantizer(tf.Module):
-    """Per-channel LSQ+ quantizer at fixed bits, a drop-in for
-    :class:`adj_quant.adjustable_quantizer.AdjustableQuantizer` in the quantized network.
+    """Per-channel LSQ+ quantizer at fixed bits (``--quantizer lsq``), a drop-in for
+    :class:`adj_quant.quantizers.adjustable.AdjustableQuantizer` in the quantized network
+    (formula and gradients: the module docstring)::
+
+        out = clip(round((x - beta) / s), Q_N, Q_P) * s + beta
 
     Variables (names under ``scope``): ``init_min`` / ``init_max`` (the calibrated range,
     not trainable, kept for ``initial_thresholds.json``), ``step`` and, unsigned only,
@@ -153,8 +159,6 @@ class LsqQuantizer(tf.Module):
     :meth:`init_from_weights` applies LSQ+'s weight initialisation from the tensor itself.
     """
 
-    #: The bits never train: no ``bits_scale`` (what ``QuantizedNetwork.bits_variables`` reads).
-    bits_scale = None
     bits_trainable = False
     live_range = False
 
@@ -179,6 +183,17 @@ class LsqQuantizer(tf.Module):
         self.step = tf.Variable(hi, name=f"{scope}/step")
         self.offset = None if self.signed else tf.Variable(lo, name=f"{scope}/offset")
 
+    @classmethod
+    def for_tensor(cls, scope: str, channels: int, *, axis: int, init_bits: int,
+                   bits_trainable: bool, signed: bool, live_range: bool, compiled: bool,
+                   range_preset_id: int, bits_grad: str) -> LsqQuantizer:
+        """The quantizer of one tensor of the quantized network: ``signed`` for weights and
+        biases (symmetric codes, no offset). Trainable bits are refused; ``live_range``,
+        ``compiled``, ``range_preset_id`` and ``bits_grad`` do not apply (the step and the
+        offset are learned)."""
+        return cls(scope, channels, axis=axis, init_bits=init_bits, signed=signed,
+                   bits_trainable=bits_trainable)
+
     def _init_from_range(self, minimum: np.ndarray, maximum: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray]:
         """``(offset, step)`` that make ``[minimum, maximum]`` representable per channel."""
@@ -195,6 +210,10 @@ class LsqQuantizer(tf.Module):
     def bits(self) -> tf.Tensor:
         """The fixed per-channel bits ``[channels]`` (float, as the cost code reads them)."""
         return tf.fill([self.channels], float(self.init_bits))
+
+    def bits_variables(self) -> list[tf.Variable]:
+        """None: the bits never train."""
+        return []
 
     def base_range(self, x: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """``(m, M)``: the calibrated per-channel range."""
@@ -222,9 +241,10 @@ class LsqQuantizer(tf.Module):
         """Set the calibrated per-channel range and initialise from it: activations
         ``s = (M - m) / (2^b - 1)``, ``beta = m`` (LSQ+'s min/max initialisation); signed
         ``s = max(|m|, |M|) / (2^(b-1) - 1)``, so that the whole range is representable
-        (biases; weights then get :meth:`init_from_weights`)."""
-        minimum = np.asarray(minimum, np.float32).reshape([self.channels])
-        maximum = np.asarray(maximum, np.float32).reshape([self.channels])
+        (biases; weights then get :meth:`init_from_weights`). The range is checked as
+        :func:`adj_quant.quantizers.adjustable.quantize` checks its range."""
+        minimum, maximum = _calibrated_range(minimum, maximum, self.channels, self.axis,
+                                             f"quantizer {self.scope}")
         self.init_min.assign(minimum)
         self.init_max.assign(maximum)
         offset, step = self._init_from_range(minimum, maximum)

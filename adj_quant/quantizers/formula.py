@@ -1,0 +1,351 @@
+"""The adjustable quantizer's formula, its gradients and the checks of its inputs
+(docs/method.md, "The quantizer"). Pure functions of tensors: no variables, no compiled
+kernels (those are in :mod:`adj_quant.quantizers.kernels`).
+
+For channel ``c`` with calibrated minimum ``m_c`` and width ``w_c = M_c - m_c``::
+
+    W_c = w_c * clip(range_scale_c, r_alpha)             # adjusted width
+    L_c = m_c + w_c * clip(range_shift_c, r_beta)        # adjusted minimum
+    b_c = clip(round(bits_scale_c * b0), 2, 8)           # trainable bits (else b0)
+    s_c = (2^b_c - 1) / (W_c + 1e-7)
+    z_c = round(L_c * s_c)
+    out = (clip(round(x * s_c) - z_c, 0, 2^b_c - 1) + z_c) / s_c
+
+Gradients (see ``docs/method.md``, "The estimator"): ``round`` is straight-through; the
+clips of ``range_scale``, ``range_shift`` and the bits pass the gradient to their input only
+inside ``[lo, hi]`` (bounds inclusive) and never to the bounds. The clip of the integer code
+is ``minimum(maximum(t, 0), 2^b - 1)`` with ordinary gradients, as the original TF1 graph ran
+it: elements above the range send their gradient to the upper bound ``2^b - 1`` and through
+it to the bits (``bits_grad="original"``, the default). ``bits_grad="scale_only"`` gives the
+bound no gradient (the estimator as the original's ``ClipByValue`` override was written,
+which never fired); the bits then learn only through the scale ``s``.
+
+The quantizer is total on finite inputs: its output is finite whenever ``x``, the range and
+the bits are. Where the formula above would overflow float32 (ranges near +-3e38, a near-zero
+width beyond ~1e27) its terms are bounded; elsewhere the bounds are inactive and the result
+is bit for bit the formula's (see :func:`adj_quant.quantizers.adjustable.fake_quantize`). A
+negative width counts as zero. The computation runs in float32 for every floating dtype; the
+result is cast back.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+from adj_quant.bits import MAX_BITS, MIN_BITS, is_bit_width
+from adj_quant.errors import UserError
+
+EPSILON = 1e-7
+#: Largest finite float32, and the smallest normal one (smaller ones may be flushed to 0).
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+#: Bound on the zero point ``|round(L s)|``: ``s`` is lowered to ``_MAX_CODE / |L|`` where
+#: ``|L| s`` would exceed it (a near-zero width at a magnitude above ~1e27).
+_MAX_CODE = 2.0 ** 124
+#: ``--bits_grad``: does the upper clip bound ``2^b - 1`` pass gradient to the bits?
+BITS_GRAD_MODES = ("original", "scale_only")
+
+#: ``--range`` presets: (r_alpha, r_beta) clip intervals of range_scale and range_shift.
+RANGE_PRESETS: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {
+    1: ((0.5, 1.3), (-0.2, 0.4)),
+    2: ((0.5, 1.0), (-0.2, 0.4)),
+    3: ((0.2, 1.7), (-0.4, 0.7)),
+    4: ((0.1, 2.0), (-0.5, 1.0)),
+    5: ((0.0, 2.0), (-0.6, 1.2)),
+    6: ((0.0, 2.2), (-0.8, 1.5)),
+    7: ((-100.0, 100.0), (-100.0, 100.0)),
+}
+
+
+def range_preset(preset: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    if preset not in RANGE_PRESETS:
+        raise UserError(f"unknown range preset {preset!r}; choose one of "
+                        f"{', '.join(map(str, RANGE_PRESETS))}")
+    return RANGE_PRESETS[preset]
+
+
+def check_bits(bits, name: str = "bits") -> int:
+    if not is_bit_width(bits):
+        raise UserError(f"{name} {bits!r} is not a bit-width; use an integer from {MIN_BITS} "
+                        f"to {MAX_BITS}")
+    return int(bits)
+
+
+def check_bits_grad(mode: str) -> str:
+    if mode not in BITS_GRAD_MODES:
+        raise UserError(f"bits_grad {mode!r} is not an estimator; choose one of "
+                        f"{', '.join(BITS_GRAD_MODES)}")
+    return mode
+
+
+def check_axis(axis, rank: int, who: str) -> int:
+    """``axis`` of a rank-``rank`` tensor as an index in ``[0, rank)``; else a UserError."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise UserError(f"{who}: axis {axis!r} is not an integer; use one from {-rank} to "
+                        f"{rank - 1} (x has rank {rank})")
+    if not -rank <= axis < rank:
+        raise UserError(f"{who}: axis {axis} is out of range for x of rank {rank}; use an axis "
+                        f"from {-rank} to {rank - 1}")
+    return int(axis) % rank
+
+
+def _float_input(x, who: str) -> tf.Tensor:
+    """``x`` as a tensor of its own floating dtype; Python numbers and lists become float32.
+    Integer, bool, string (...) tensors and arrays are refused."""
+    if isinstance(x, (tf.Tensor, tf.Variable, np.ndarray, np.generic)):
+        try:
+            dtype = tf.as_dtype(x.dtype).base_dtype
+        except TypeError:
+            dtype = None
+        if dtype is None or not dtype.is_floating:
+            name = dtype.name if dtype is not None else str(x.dtype)
+            raise UserError(f"{who}: x has dtype {name}; the quantizer takes floating-point "
+                            "values (bfloat16, float16, float32, float64): cast x first")
+        return tf.convert_to_tensor(x, dtype)
+    try:
+        return tf.convert_to_tensor(x, tf.float32)
+    except (TypeError, ValueError):
+        raise UserError(f"{who}: x is not a tensor, an array or a list of numbers") from None
+
+
+def _numeric_input(v, who: str, name: str) -> tf.Tensor:
+    """A range or bits argument as a float32 tensor (a tensor of any real dtype is cast)."""
+    if isinstance(v, (tf.Tensor, tf.Variable)):
+        if not (v.dtype.is_floating or v.dtype.is_integer):
+            raise UserError(f"{who}: {name} has dtype {v.dtype.name}; pass real numbers")
+        return tf.cast(v, tf.float32)
+    try:
+        return tf.convert_to_tensor(v, tf.float32)
+    except (TypeError, ValueError):
+        raise UserError(f"{who}: {name} {v!r} is not a number or a list of numbers") from None
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def round_ste(x: tf.Tensor) -> tf.Tensor:
+    """``round`` whose gradient is the identity."""
+    return x + tf.stop_gradient(tf.round(x) - x)
+
+
+def clip_ste(x: tf.Tensor, lo, hi) -> tf.Tensor:
+    """``clip`` passing gradient to ``x`` only where ``lo <= x <= hi``, none to the bounds."""
+    return tf.clip_by_value(x, tf.stop_gradient(lo), tf.stop_gradient(hi))
+
+
+def _channel_shape(rank: int, axis: int) -> list[int]:
+    shape = [1] * rank
+    shape[axis] = -1
+    return shape
+
+
+def _sum_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """Sum ``t`` over the axes along which ``like`` (a scalar or same-rank tensor) broadcasts."""
+    if like.shape.rank == 0:
+        return tf.reduce_sum(t)
+    axes = [i for i, d in enumerate(like.shape) if d == 1]
+    return tf.reduce_sum(t, axes, keepdims=True) if axes else t
+
+
+def _max_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """``t`` reduced by max over the axes along which ``like`` broadcasts (cf. ``_sum_to``)."""
+    if t.shape.rank == 0:
+        return t
+    if like.shape.rank != t.shape.rank:
+        return tf.reduce_max(t)
+    axes = [i for i, d in enumerate(like.shape) if d == 1 and t.shape[i] != 1]
+    return tf.reduce_max(t, axes, keepdims=True) if axes else t
+
+
+def _forward_math(x, scale, zero, levels):
+    r = tf.round(x * scale)
+    c = tf.minimum(tf.maximum(r, zero), zero + levels)
+    # The clamp only acts where a grid point lies beyond the float32 range (a range
+    # reaching within half a step of +-3.4e38); it keeps those outputs finite.
+    out = tf.minimum(tf.maximum(c / scale, -_F32_MAX), _F32_MAX)
+    return out, r, tf.equal(r, c)
+
+
+def _make_core(bound_gradient: bool):
+    """The quantize-dequantize kernel with the estimator written out by hand.
+
+    ``(clip(round(x s) - z, 0, n) + z) / s`` is computed as ``clip(round(x s), z, z + n) / s``;
+    the two are equal because ``round(x s)``, ``z`` and ``n`` are integer-valued floats. With
+    ``m`` = "inside", i.e. ``z <= round(x s) <= z + n`` (the ties go to ``t``, as TF's
+    Maximum/Minimum gradients do), and ``u`` = "above", i.e. ``round(x s) > z + n``::
+
+        d out/dx = m,   d out/ds = (m x - out) / s,   d out/dz = (1 - m) / s,
+        d out/dn = u / s            (only with ``bound_gradient``; else 0)
+
+    The backward recomputes ``out`` and the masks from ``x`` instead of keeping them: inside
+    one compiled kernel that costs a few flops per element and saves two tensors per
+    quantizer from being held between the forward and the backward pass.
+
+    ``zero`` has ``scale``'s shape or ``scale`` is a scalar, so the per-channel sums can be
+    divided by ``scale``; ``levels`` is a scalar or has ``scale``'s shape.
+    """
+
+    @tf.custom_gradient
+    def core(x, scale, zero, levels):
+        out, _, _ = _forward_math(x, scale, zero, levels)
+
+        def grad(g):
+            out, r, inside = _forward_math(x, scale, zero, levels)
+            g_in = tf.where(inside, g, tf.zeros_like(g))
+            d_scale = _sum_to(g_in * x - g * out, scale) / scale
+            d_zero = _sum_to(g - g_in, zero) / scale
+            if bound_gradient:
+                above = r > zero + levels
+                d_levels = _sum_to(tf.where(above, g, tf.zeros_like(g)) / scale, levels)
+            else:
+                d_levels = tf.zeros_like(levels)
+            return g_in, d_scale, d_zero, d_levels
+
+        return out, grad
+
+    return core
+
+
+_CORE = {"original": _make_core(True), "scale_only": _make_core(False)}
+
+
+def _fake_quantize_math(x, low, width, bits, axis: int, bits_grad: str):
+    """:func:`~adj_quant.quantizers.adjustable.fake_quantize` on a float32 ``x`` with a
+    checked ``axis`` (the formula)."""
+    rank = len(x.shape)
+
+    def per_channel(v):
+        v = tf.cast(v, tf.float32)
+        return tf.reshape(v, _channel_shape(rank, axis)) if v.shape.rank == 1 else v
+
+    low, width, bits = per_channel(low), per_channel(width), per_channel(bits)
+    low = tf.clip_by_value(low, -_F32_MAX, _F32_MAX)
+    width = tf.clip_by_value(width, 0.0, _F32_MAX)
+    levels = tf.pow(tf.constant(2.0, tf.float32), bits) - 1.0
+    scale = levels / (width + EPSILON)
+    scale = tf.minimum(tf.maximum(scale, _F32_TINY),
+                       tf.stop_gradient(_MAX_CODE / _max_to(tf.abs(low), scale)))
+    zero = round_ste(low * scale)
+    return _CORE[bits_grad](x, scale, zero, levels)
+
+
+def _check_range(minimum, maximum, axis, who: str = "quantize") -> None:
+    """Refuse ``minimum > maximum`` or a NaN bound (values known when tracing or eager)."""
+    lo, hi = tf.get_static_value(minimum), tf.get_static_value(maximum)
+    if lo is None or hi is None:
+        return
+    lo, hi = np.broadcast_arrays(np.atleast_1d(lo), np.atleast_1d(hi))
+    bad = np.flatnonzero(~(lo <= hi))
+    if not bad.size:
+        return
+    c = int(bad[0])
+    where = f" for channel {c} of axis {axis}" if lo.size > 1 else ""
+    more = f" (and {bad.size - 1} more channels)" if bad.size > 1 else ""
+    if np.isnan(lo[c]) or np.isnan(hi[c]):
+        raise UserError(f"{who}: the range [{lo[c]!s}, {hi[c]!s}]{where} is NaN{more}; pass "
+                        "numbers")
+    raise UserError(f"{who}: minimum {lo[c]!s} > maximum {hi[c]!s}{where}{more}; pass "
+                    "minimum <= maximum (swapped arguments?)")
+
+
+def _calibrated_range(minimum, maximum, channels: int, axis, who: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """A quantizer's ``set_range`` arguments as two float32 ``[channels]`` arrays (any
+    shape holding ``channels`` values). Not numbers, another number of values,
+    ``minimum > maximum`` or a NaN bound are the one-line UserError that the functional
+    :func:`~adj_quant.quantizers.adjustable.quantize` gives for them. A range wider than
+    float32 holds is accepted, as by ``quantize``: the quantizer bounds its width."""
+    arrays = []
+    for name, v in (("minimum", minimum), ("maximum", maximum)):
+        try:
+            a = np.asarray(v, np.float32)
+        except (TypeError, ValueError):
+            raise UserError(f"{who}: {name} is not a number or a list of numbers (got "
+                            f"{type(v).__name__})") from None
+        if a.size != channels:
+            raise UserError(f"{who}: {name} has shape {list(a.shape)}, expected [{channels}] "
+                            "(one value per channel)")
+        arrays.append(a.reshape([channels]))
+    _check_range(arrays[0], arrays[1], axis, who)
+    return arrays[0], arrays[1]
+
+
+def _check_bits_tensor(bits: tf.Tensor) -> tf.Tensor:
+    """Bits known when tracing (or eager) are checked now; others get a runtime assertion."""
+    known = tf.get_static_value(bits)
+    if known is not None:
+        if (np.any(known < MIN_BITS) or np.any(known > MAX_BITS)
+                or np.any(known != np.round(known))):
+            raise UserError(f"quantize: bits {np.unique(known).tolist()} must be integers in "
+                            f"[{MIN_BITS}, {MAX_BITS}]")
+        return bits
+    ok = tf.reduce_all((bits >= MIN_BITS) & (bits <= MAX_BITS) & (tf.round(bits) == bits))
+    check = tf.debugging.Assert(
+        ok, [f"quantize: bits must be integers in [{MIN_BITS}, {MAX_BITS}], got", bits])
+    with tf.control_dependencies([check]):
+        return tf.identity(bits)
+
+
+def _bits_math(bits_scale, init_bits: int) -> tf.Tensor:
+    """``clip(round(bits_scale * init_bits), 2, 8)`` with straight-through round and clip."""
+    return clip_ste(round_ste(bits_scale * init_bits), float(MIN_BITS), float(MAX_BITS))
+
+
+def _live_range_math(x, axis: int, per_tensor: bool) -> tuple[tf.Tensor, tf.Tensor]:
+    """``x``'s own min/max: per tensor (shape ``[1]``) or per channel along ``axis``."""
+    if per_tensor:
+        return tf.reshape(tf.reduce_min(x), [1]), tf.reshape(tf.reduce_max(x), [1])
+    axes = [i for i in range(len(x.shape)) if i != axis]
+    return tf.reduce_min(x, axes), tf.reduce_max(x, axes)
+
+
+def _adjusted_range_math(minimum, maximum, range_scale, range_shift, alpha, beta):
+    """``(L, W) = (m + w clip(range_shift, beta), w clip(range_scale, alpha))``, ``w = M - m``."""
+    # Capped so that an overflowed width (calibrated at +-3e38) times a zero shift
+    # stays finite; no effect on any width float32 can hold.
+    width = tf.minimum(maximum - minimum, _F32_MAX)
+    scale = clip_ste(range_scale, *alpha)
+    shift = clip_ste(range_shift, *beta)
+    return minimum + width * shift, width * scale
+
+
+def _quantizer_math(x, init_min, init_max, range_scale, range_shift, bits_scale, *, axis: int,
+                    init_bits: int, alpha, beta, bits_grad: str, live_range: bool,
+                    per_tensor: bool) -> tf.Tensor:
+    """One :class:`~adj_quant.quantizers.adjustable.AdjustableQuantizer` call on a float32
+    ``x``, from its variables' values.
+
+    ``bits_scale`` is None for fixed bits. The keyword arguments are the quantizer's
+    settings; compiled (:mod:`adj_quant.quantizers.kernels`) they are part of the function's
+    signature.
+    """
+    if live_range:
+        minimum, maximum = _live_range_math(x, axis, per_tensor)
+    else:
+        minimum, maximum = init_min, init_max
+    low, width = _adjusted_range_math(minimum, maximum, range_scale, range_shift, alpha, beta)
+    if bits_scale is None:
+        bits = tf.fill(tf.shape(low), float(init_bits))
+    else:
+        bits = _bits_math(bits_scale, init_bits)
+    if per_tensor:
+        low, width, bits = low[0], width[0], bits[0]
+    return _fake_quantize_math(x, low, width, bits, axis, bits_grad)
+
+
+def _quantizer_vjp_math(g, x, init_min, init_max, range_scale, range_shift, bits_scale,
+                        **settings) -> list[tf.Tensor]:
+    """The gradients of :func:`_quantizer_math` given the output gradient ``g``: for ``x``,
+    ``init_min``, ``init_max``, ``range_scale``, ``range_shift`` and (if not None)
+    ``bits_scale``. The forward is recomputed from ``x``; nothing of it is kept."""
+    params = [init_min, init_max, range_scale, range_shift]
+    params += [] if bits_scale is None else [bits_scale]
+    with tf.GradientTape() as tape:
+        tape.watch([x] + params)
+        out = _quantizer_math(x, init_min, init_max, range_scale, range_shift, bits_scale,
+                              **settings)
+    return tape.gradient(out, [x] + params, output_gradients=g,
+                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
