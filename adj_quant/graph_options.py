@@ -11,7 +11,7 @@ of the first call. Two parts of that change nothing in adjq's graphs, so
   rewrite;
 * the **function optimizer** (specializing and inlining nested functions): adjq's nested
   functions are the quantizers, which are either XLA-compiled or deliberately not inlined
-  (:mod:`adj_quant.adjustable_quantizer`), so it leaves the graph as it is and only spends
+  (:mod:`adj_quant.quantizers.kernels`), so it leaves the graph as it is and only spends
   time finding that out.
 
 Leaving them out shortens the first call (``bench/README.md`` has the measurement). The

@@ -2,5 +2,5 @@
 8-bit weight storage of a TF checkpoint. ``formulas`` quantizes arrays, ``variables`` decides
 which variables of a checkpoint are trainable, ``checkpoint_quantizer`` reads, quantizes and
 writes checkpoints. The command is :mod:`adj_quant.cli.quantize_checkpoint`
-(``adjq-quantize-checkpoint``, ``python -m adj_quant.seed_quantizers``); the checkout's
+(``adjq-quantize-checkpoint``); the checkout's
 ``quantizer.py`` is the seed's old form of it."""
