@@ -274,7 +274,7 @@ def test_surrogate_max_forward_and_gradient_split():
 
 
 @pytest.mark.parametrize("style", ["adjq", "micronet"])
-def test_metric_value_gradient_reaches_per_channel_bits(style):
+def test_micronet_cost_gradient_reaches_per_channel_bits(style):
     bits = M.BitAssignment.uniform(B0, 4, 4)
     scope = "expanded_conv_3/project"  # 1x1 conv 144 -> 40 at 28x28
     w = tf.Variable(tf.fill([40], 4.0))
@@ -282,9 +282,9 @@ def test_metric_value_gradient_reaches_per_channel_bits(style):
     s = tf.Variable(tf.fill([144], 6.0))
     bits.weight[scope], bits.act[scope], bits.swish["expanded_conv_3/dws"] = w, a, s
     with tf.GradientTape() as tape:
-        value = M.metric_value(B0, 224, bits, style=style, gamma=0.7)
+        value = M.micronet_cost(bits, 224, arch=B0, style=style, gamma=0.7).score
     gw, ga, gs = tape.gradient(value, [w, a, s])
-    assert value.dtype == tf.float32
+    assert value.dtype == tf.float64
     if style == "adjq":
         # params 144/32 per weight channel; ops 2*784*144*40 * 0.3 / 40 / 32
         expected_w = 4.5 / 6.9e6 + 2116.8 / 1170e6
