@@ -159,17 +159,17 @@ def main(argv=None) -> int:
         what = f"bits from {args.quant_info}"
     else:
         swish = _DEFAULT_BITS if args.swish_bits is None else args.swish_bits
-        bias = _DEFAULT_BITS if args.bias_bits is None else args.bias_bits
+        bias = _DEFAULT_BITS if args.bias_bits is None else (args.bias_bits or None)  # 0: float
         bits = cost.BitAssignment.uniform(arch, args.weight_bits, args.act_bits, swish, bias)
         if bits.is_float():
             what = "float model (weights and activations 32 bits)"
         else:
             what = (f"weights {args.weight_bits} bits, activations {args.act_bits} bits, "
                     f"swish {'float' if swish == -1 else (args.act_bits if swish == 0 else swish)}"
-                    f", biases {'float' if bias == 0 else bias}")
-    official = cost.count_micronet(arch, args.img_size, bits, per_layer=args.per_layer,
-                                     freebie=not args.no_freebie)
-    own = cost.count_adjq(arch, args.img_size, bits)
+                    f", biases {'float' if bias is None else bias}")
+    official = cost.micronet_cost(bits, args.img_size, arch=arch, per_layer=args.per_layer,
+                                  freebie=not args.no_freebie)
+    own = cost.micronet_cost(bits, args.img_size, arch=arch, style="adjq")
     mn, aq = official.as_floats(), own.as_floats()
     if args.json:
         print(json.dumps({"params": mn["params"], "multiplies": mn["multiplies"],
