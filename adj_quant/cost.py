@@ -233,7 +233,8 @@ class BitAssignment:
 
         Symbolic tensors (inside ``tf.function``) are unknown and make this False.
         """
-        values = list(self.weight.values()) + list(self.swish.values()) + [self.bias_bits]
+        values = list(self.weight.values()) + list(self.swish.values())
+        values.append(counted_bits(self.bias_bits))
         values += [v for scope, v in self.act.items() if scope not in self.image_inputs]
         return all(_is_all(v, FLOAT_BITS) for v in values)
 
@@ -477,7 +478,8 @@ def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignme
     rows = []
     for spec in layers:
         counts = layer_fn(spec, _lookup(bits.weight, spec.scope, "weight"),
-                          _lookup(bits.act, spec.scope, "act"), bits.bias_bits, gamma=gamma)
+                          _lookup(bits.act, spec.scope, "act"), counted_bits(bits.bias_bits),
+                          gamma=gamma)
         rows.append((spec.scope, spec.kind, counts))
     for op in ops:
         if op.kind == "swish":

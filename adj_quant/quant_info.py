@@ -32,7 +32,15 @@ import numpy as np
 from adj_quant.errors import UserError
 from adj_quant.bits import is_bit_width
 from adj_quant.files import write_json_atomic
-from adj_quant.cost import FLOAT_BITS, IMAGE_BITS, BitAssignment, _static, element_ops, network_layers
+from adj_quant.cost import (
+    FLOAT_BITS,
+    IMAGE_BITS,
+    BitAssignment,
+    _static,
+    counted_bits,
+    element_ops,
+    network_layers,
+)
 from adj_quant.network import Network
 
 SUMMARY_KEYS = ("avg_weight_bits", "avg_act_bits", "params", "ops", "score_adjq",
@@ -234,8 +242,8 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
         raise UserError(f"{source}: unexpected swish scope '{extra[0]}' in 'swish_inputs' — "
                         f"{_ARCH_HINT}")
     bias = _need(data, "bias_bits", "", source)
-    if bias is None:
-        bias_bits = FLOAT_BITS
+    if bias is None:  # float biases, counted at 32 bits
+        bias_bits = counted_bits(None)
     elif not isinstance(bias, int) or not is_bit_width(bias, allow_float=True):
         raise UserError(f"{source}: bias_bits is {bias!r}; use an integer in [2, 8] or null "
                         f"for float biases")

@@ -555,6 +555,9 @@ def test_float_biases_agree_in_config_model_counts_and_quant_info(tmp_path):
     layers = M.network_layers(TOY, 32)
     expected = sum(spec.cout * 0.75 - 2 for spec in layers)
     assert float(floats.params) - float(eight.params) == pytest.approx(expected)
+    unset = M.BitAssignment.uniform(TOY, 8, 8)
+    unset.bias_bits = None  # None is float wherever bits are counted
+    assert M.micronet_cost(unset, 32, arch=TOY).as_floats() == floats.as_floats()
 
 
 def test_micronet_cost_of_a_float_model_is_its_parameter_count_with_the_freebie():
