@@ -93,7 +93,8 @@ class LayerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ElementOp:
-    """A non-conv op of the MicroNet table. ``hw`` is the spatial side: ``hw*hw*channels`` elements."""
+    """A non-conv op of the MicroNet table. ``hw`` is the spatial side: ``hw*hw*channels``
+    elements."""
 
     kind: str  # one of ELEMENT_KINDS
     # swish and sigmoid: the scope whose output they take (key of BitAssignment.swish);
@@ -438,7 +439,8 @@ def adjq_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
 
 @dataclasses.dataclass
 class Counts:
-    """Totals (float64 tensors); ``ops = multiplies + adds``; ``score = params/P_REF + ops/O_REF``."""
+    """Totals (float64 tensors); ``ops = multiplies + adds``;
+    ``score = params/P_REF + ops/O_REF``."""
 
     params: Any
     multiplies: Any

@@ -29,9 +29,7 @@ import os
 
 import numpy as np
 
-from adj_quant.errors import UserError
 from adj_quant.bits import is_bit_width
-from adj_quant.files import write_json_atomic
 from adj_quant.cost import (
     FLOAT_BITS,
     IMAGE_BITS,
@@ -41,6 +39,8 @@ from adj_quant.cost import (
     element_ops,
     network_layers,
 )
+from adj_quant.errors import UserError
+from adj_quant.files import write_json_atomic
 from adj_quant.network import Network
 
 SUMMARY_KEYS = ("avg_weight_bits", "avg_act_bits", "params", "ops", "score_adjq",
@@ -197,7 +197,8 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
     Raises :class:`UserError` naming the first mismatch (in network order).
     """
     if not isinstance(data, dict):
-        raise UserError(f"{source}: the top level must be a JSON object — is this a quant_info.json?")
+        raise UserError(f"{source}: the top level must be a JSON object — is this a "
+                        "quant_info.json?")
     weight, act = {}, {}
     layout = groups(arch)
     layers = set(arch.layer_names)

@@ -16,8 +16,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant import cost as cost_lib
-from adj_quant import distribution
-from adj_quant import graph_options
+from adj_quant import distribution, graph_options
 from adj_quant import training_rules as rules
 from adj_quant.checkpoints import (
     CorruptCheckpoint,
@@ -228,7 +227,8 @@ class Trainer:
                 print(f"[{self.stage}] {latest} is corrupt ({err.reason}); resuming from "
                       f"{earlier} instead", file=sys.stderr)
                 continue
-            print(f"[{self.stage}] resuming from {latest} (mini-epoch {int(self.mini_epoch.numpy())})")
+            print(f"[{self.stage}] resuming from {latest} "
+                  f"(mini-epoch {int(self.mini_epoch.numpy())})")
             return True
         return False
 
