@@ -14,7 +14,7 @@ from adj_quant.errors import UserError
 from adj_quant.recipe import config as config_lib
 from adj_quant.recipe.config import FIELDS, Options, check_config_change, record_config, resolve
 
-FLOAT_FLAGS = [name for name, f in FIELDS.items() if config_lib._type_of(f) is float]
+FLOAT_FLAGS = [opt.name for opt in config_lib.SCHEMA if opt.type is float]
 
 
 def _refused(argv, capsys, main=train_cli.main):

@@ -400,10 +400,6 @@ def place_of(stage: str | None) -> str:
     return "eval" if stage is None else "pretrain" if stage == "pretrain" else "quantized"
 
 
-def _type_of(opt: Opt):
-    return opt.type
-
-
 def choices_of(name: str) -> tuple | None:
     return FIELDS[name].resolved_choices()
 

@@ -3,8 +3,7 @@
 1. ``pretrain``   float EfficientNet-B0 with batch norm, cross-entropy;
 2. ``calibrate``  initial thresholds of the BN-folded float model (``initial_thresholds.json``);
 3. ``qat8``       fixed 8-bit quantization-aware training, ranges learned, KD from the float model;
-4. ``adjustable`` trainable bits and ranges with the metric term (``--bits_trainable
-                  --iter_train``);
+4. ``adjustable`` trainable bits and ranges, the metric term (``--bits_trainable --iter_train``);
 5. ``finetune``   bits frozen (``--finetune``) with SWA, from the best checkpoint near the target.
 
 Each stage reads the previous stage's output from the run directory unless ``--ckpt_path``
