@@ -4,6 +4,11 @@ Precedence, lowest first: built-in defaults, the config file's top level, the co
 file's table for the stage being run (``[pretrain]``, ``[qat8]``, ...), then the flags
 given on the command line. Flag names are those of the original Adjustable Quantization
 commands (docs/method.md, "Flags"); ``--alpha``, ``--beta`` and ``--gamma`` are loss weights.
+
+Every option is declared once, in :data:`SCHEMA` (type, default, choices, help, docs row,
+defaults per place, how it behaves on resume, whether evaluation takes it from the trained
+run); the :class:`Options` dataclass, the argparse flags, the TOML checks, the resume rules
+and the flags table of docs/method.md (:func:`flags_table`) are derived from it.
 """
 
 from __future__ import annotations
