@@ -57,7 +57,7 @@ class SwishMode(enum.Enum):
 
     @classmethod
     def from_flag(cls, flag: int) -> "SwishMode":
-        if isinstance(flag, bool) or flag not in cls.flags():
+        if flag not in cls.flags():
             raise UserError(f"swish_bits {flag} is not a swish mode; use 8 (fixed "
                             "8 bits), 0 (trainable bits from act_bits) or -1 (not quantized)")
         return cls(flag)
