@@ -19,7 +19,6 @@ import tensorflow as tf
 
 from adj_quant import cost as cost_lib
 from adj_quant import quant_info as quant_info_lib
-from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork, Network
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 
@@ -53,20 +52,15 @@ def micronet_cost(qnet: QuantizedNetwork, img_size: int = 224, style: str = "mic
                   gamma: float = 0.7) -> cost_lib.Counts:
     """The model's MicroNet cost at its current bits: ``.score``, ``.params``, ``.ops``.
 
-    Differentiable with respect to the bits (``gamma`` splits the gradient of a max of
-    weight and activation bits); float32 tensors, to add to a loss. ``style="adjq"``
-    counts as the original submission did. The 16-bit freebie of an unquantized network
-    does not apply.
+    :func:`adj_quant.cost.micronet_cost` with its defaults, as float32 tensors to add to a
+    loss: differentiable with respect to the bits (``gamma`` splits the gradient of a max
+    of weight and activation bits). ``style="adjq"`` counts as the original submission
+    did.
     """
-    if style not in cost_lib.STYLES:
-        raise UserError(f"style {style!r}: use one of {', '.join(cost_lib.STYLES)}")
-    layers = cost_lib.network_layers(qnet.net, img_size)
-    ops = cost_lib.element_ops(qnet.net, img_size)
-    counts = cost_lib.count_specs(layers, ops, qnet.bit_assignment(), style,
-                                    freebie=False, gamma=gamma)
+    counts = cost_lib.micronet_cost(qnet, img_size, style=style, gamma=gamma)
     as32 = lambda t: tf.cast(t, tf.float32)  # noqa: E731  (to add to a float32 loss)
     return cost_lib.Counts(as32(counts.params), as32(counts.multiplies), as32(counts.adds),
-                             as32(counts.ops), as32(counts.score))
+                           as32(counts.ops), as32(counts.score))
 
 
 def save_quant_info(qnet: QuantizedNetwork, path, summary: dict | None = None) -> dict:

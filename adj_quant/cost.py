@@ -34,21 +34,20 @@ no quantizer of ours (micronet) and which ``adjq`` charges at a flat 8 bits.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from adj_quant.errors import UserError
 from adj_quant.bits import FLOAT_BITS, is_bit_width
-import math
-
+from adj_quant.errors import UserError
 from adj_quant.network import Network
 
 P_REF, O_REF = 6.9e6, 1170e6
 
 IMAGE_BITS = 8
-STYLES = ("micronet", "adjq")
+STYLES = ("adjq", "micronet")  # the loss counting (--metric_style), then the official
 LAYER_KINDS = ("conv", "dws", "fc")
 ELEMENT_KINDS = ("swish", "sigmoid", "relu", "relu6", "hard_swish", "gap", "maxpool", "se_scale",
                  "residual_add")
@@ -94,7 +93,8 @@ class LayerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ElementOp:
-    """A non-conv op of the MicroNet table. ``hw`` is the spatial side: ``hw*hw*channels`` elements."""
+    """A non-conv op of the MicroNet table. ``hw`` is the spatial side: ``hw*hw*channels``
+    elements."""
 
     kind: str  # one of ELEMENT_KINDS
     # swish and sigmoid: the scope whose output they take (key of BitAssignment.swish);
@@ -174,6 +174,11 @@ def _check_uniform_bits(name: str, value, allowed_extra: tuple[int, ...]) -> Non
                     f"(or 32 for the float model)")
 
 
+def counted_bits(bits: int | None) -> int:
+    """Bits as the counts take them: None (a float tensor, e.g. float biases) is 32."""
+    return FLOAT_BITS if bits is None else bits
+
+
 @dataclasses.dataclass
 class BitAssignment:
     """Bit-widths of every quantized tensor of the network, keyed by slim scope.
@@ -184,7 +189,9 @@ class BitAssignment:
     ``swish[scope]``: bits of the input of an activation function (scalar or ``[C]``):
     every swish site and, when quantized, every sigmoid site (EfficientNet's SE gates,
     ``<block>/se_2``; absent means float). ``bias_bits``: bits of all biases. 32 anywhere
-    means "not quantized" (float). Values may be numbers, numpy arrays or tf tensors.
+    means "not quantized" (float): a float tensor is counted at 32 bits, without a scale
+    and offset (:func:`counted_bits` turns a config's None into 32). Values may be numbers,
+    numpy arrays or tf tensors.
     """
 
     weight: dict[str, Any]
@@ -198,10 +205,11 @@ class BitAssignment:
                 bias_bits=8, se_gate: bool = True) -> "BitAssignment":
         """The same bits everywhere.
 
-        ``swish_bits``: 8 (or any of 2..8) fixed, 0 "trainable, starting from ``act_bits``"
-        (counted at ``act_bits``), -1 float. ``se_gate``: the SE sigmoid's input is quantized
-        like a swish input. ``bias_bits`` 0 means float biases. Weight and activation bits
-        of 32/32 give the float model (swish, gates and biases float too).
+        ``swish_bits`` (the flag's values): 8 (or any of 2..8) fixed, 0 "trainable, starting
+        from ``act_bits``" (counted at ``act_bits``), -1 float. ``se_gate``: the SE sigmoid's
+        input is quantized like a swish input. ``bias_bits`` None (or the flag's 0) means
+        float biases. Weight and activation bits of 32/32 give the float model (swish, gates
+        and biases float too).
         """
         _check_uniform_bits("weight_bits", weight_bits, ())
         _check_uniform_bits("act_bits", act_bits, ())
@@ -213,7 +221,7 @@ class BitAssignment:
             swish, bias = FLOAT_BITS, FLOAT_BITS
         else:
             swish = {-1: FLOAT_BITS, 0: act_bits}.get(swish_bits, swish_bits)
-            bias = FLOAT_BITS if bias_bits == 0 else bias_bits
+            bias = counted_bits(bias_bits or None)  # the flag's 0 is float
         act = {scope: act_bits for scope in scopes}
         act.update({scope: IMAGE_BITS for scope in stems})
         sites = arch.activation_sites("swish") + (arch.activation_sites("sigmoid") if se_gate
@@ -226,7 +234,8 @@ class BitAssignment:
 
         Symbolic tensors (inside ``tf.function``) are unknown and make this False.
         """
-        values = list(self.weight.values()) + list(self.swish.values()) + [self.bias_bits]
+        values = list(self.weight.values()) + list(self.swish.values())
+        values.append(counted_bits(self.bias_bits))
         values += [v for scope, v in self.act.items() if scope not in self.image_inputs]
         return all(_is_all(v, FLOAT_BITS) for v in values)
 
@@ -430,7 +439,8 @@ def adjq_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
 
 @dataclasses.dataclass
 class Counts:
-    """Totals (float64 tensors); ``ops = multiplies + adds``; ``score = params/P_REF + ops/O_REF``."""
+    """Totals (float64 tensors); ``ops = multiplies + adds``;
+    ``score = params/P_REF + ops/O_REF``."""
 
     params: Any
     multiplies: Any
@@ -470,7 +480,8 @@ def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignme
     rows = []
     for spec in layers:
         counts = layer_fn(spec, _lookup(bits.weight, spec.scope, "weight"),
-                          _lookup(bits.act, spec.scope, "act"), bits.bias_bits, gamma=gamma)
+                          _lookup(bits.act, spec.scope, "act"), counted_bits(bits.bias_bits),
+                          gamma=gamma)
         rows.append((spec.scope, spec.kind, counts))
     for op in ops:
         if op.kind == "swish":
@@ -506,13 +517,66 @@ def count_adjq(arch: Network, img_size: int, bits: BitAssignment, per_layer: boo
                        "adjq", per_layer, False, gamma)
 
 
-def metric_value(arch: Network, img_size: int, bits: BitAssignment, style: str = "adjq",
-                 gamma: float = 0.7) -> tf.Tensor:
-    """Differentiable ``params / P_REF + ops / O_REF`` (float32 scalar) for the loss."""
-    if style == "micronet":
-        counts = count_micronet(arch, img_size, bits, gamma=gamma)
-    elif style == "adjq":
-        counts = count_adjq(arch, img_size, bits, gamma=gamma)
+def bits_of(model) -> BitAssignment:
+    """A model's current bits: a quantized model's own, 32 everywhere for a float one."""
+    from adj_quant.qnetwork import is_quantized
+
+    if is_quantized(model):
+        return model.bit_assignment()
+    return BitAssignment.uniform(model.arch, FLOAT_BITS, FLOAT_BITS)
+
+
+def micronet_cost(model_or_bits, img_size: int = 224, *, arch: Network | None = None,
+                  style: str = "micronet", gamma: float = 0.7, freebie: bool = True,
+                  per_layer: bool = False) -> Counts:
+    """The cost of a model (float or quantized, at its current bits) or of a
+    :class:`BitAssignment` (then ``arch`` is needed): float64 tensors, differentiable with
+    respect to the bits (``gamma`` splits the gradient of a max of weight and activation
+    bits). ``style``: ``micronet`` (official) or ``adjq`` (the submission's counting);
+    the 16-bit ``freebie`` of a fully float network applies to ``micronet`` only.
+    """
+    if isinstance(model_or_bits, BitAssignment):
+        if arch is None:
+            raise TypeError("micronet_cost(bits, ...) needs arch=, the network of the bits")
+        bits = model_or_bits
     else:
-        raise UserError(f"metric style {style!r}: use one of {', '.join(STYLES)}")
-    return tf.cast(counts.score, tf.float32)
+        bits, arch = bits_of(model_or_bits), arch or model_or_bits.arch
+    return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
+                       style, per_layer, freebie and style == "micronet", gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostReport:
+    """What validation, evaluation and sweeps report of a model's cost: the official counts
+    (params, ops, multiplies, adds, score_micronet), the submission's score_adjq and the
+    average bits."""
+
+    params: float
+    ops: float
+    multiplies: float
+    adds: float
+    score_micronet: float
+    score_adjq: float
+    avg_weight_bits: float
+    avg_act_bits: float
+
+    def score(self, style: str) -> float:
+        return self.score_micronet if style == "micronet" else self.score_adjq
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+def cost_report(model_or_bits, img_size: int = 224, *, arch: Network | None = None) -> CostReport:
+    """Both scores of :func:`micronet_cost` (default counting options) and the average bits."""
+    from adj_quant.quant_info import average_bits
+
+    bits = model_or_bits if isinstance(model_or_bits, BitAssignment) else bits_of(model_or_bits)
+    arch = arch or model_or_bits.arch
+    official = micronet_cost(bits, img_size, arch=arch, style="micronet")
+    own = micronet_cost(bits, img_size, arch=arch, style="adjq")
+    avg_w, avg_a = average_bits(bits, arch)
+    return CostReport(params=float(official.params), ops=float(official.ops),
+                      multiplies=float(official.multiplies), adds=float(official.adds),
+                      score_micronet=float(official.score), score_adjq=float(own.score),
+                      avg_weight_bits=avg_w, avg_act_bits=avg_a)

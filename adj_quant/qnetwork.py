@@ -22,6 +22,7 @@ Quantizer ("tensor") names, used by ``initial_thresholds.json``::
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 
@@ -44,17 +45,42 @@ QUANTIZERS = quantizers.names()
 ACTIVATION_SITES = ("/input", "/swish_input", "/sigmoid_input")
 
 
+class SwishMode(enum.Enum):
+    """How the inputs of the swishes (and SE gates) are quantized. The value is the
+    ``--swish_bits`` flag (and ``swish_bits`` of QuantConfig / model_spec.json) that asks
+    for it."""
+
+    FIXED8 = 8        # fixed 8 bits
+    TRAINABLE = 0     # bits from act_bits, trained with the others
+    FLOAT = -1        # not quantized
+
+    @classmethod
+    def flags(cls) -> tuple[int, ...]:
+        return tuple(mode.value for mode in cls)
+
+    @classmethod
+    def from_flag(cls, flag: int) -> "SwishMode":
+        if flag not in cls.flags():
+            raise UserError(f"swish_bits {flag} is not a swish mode; use 8 (fixed "
+                            "8 bits), 0 (trainable bits from act_bits) or -1 (not quantized)")
+        return cls(flag)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """Which tensors are quantized, at how many initial bits, and whether bits train."""
+    """Which tensors are quantized, at how many initial bits, and whether bits train.
+
+    ``swish_bits`` and ``bias_bits`` hold the flag values (as model_spec.json does):
+    :attr:`swish` and :attr:`quantized_bias_bits` say what they mean.
+    """
 
     weight_bits: int = 8
     act_bits: int = 8
-    swish_bits: int = 8       # 8: fixed 8 bits; 0: trainable bits from act_bits; -1: float
-    bias_bits: int = 8        # 0: float biases
+    swish_bits: int = 8       # the SwishMode's flag: 8 fixed, 0 trainable, -1 float
+    bias_bits: int = 8        # 0: float biases (quantized_bias_bits None)
     bits_trainable: bool = False
     range_preset: int = 5
-    bits_grad: str = "original"     # estimator of the upper clip bound (adjustable_quantizer.BITS_GRAD_MODES)
+    bits_grad: str = "original"     # the upper clip bound's estimator (formula.BITS_GRAD_MODES)
     bias_range: str = "live"        # "live": the bias tensor's own min/max; "calibrated": fixed
     quantize_se_gate: bool = True   # quantize every sigmoid's input (the SE gates) like a swish input
     #: "adjq": AdjustableQuantizer; "lsq": LsqQuantizer at fixed bits (range_preset,
@@ -67,9 +93,7 @@ class QuantConfig:
     def __post_init__(self):
         check_bits(self.weight_bits, "weight_bits")
         check_bits(self.act_bits, "act_bits")
-        if self.swish_bits not in (8, 0, -1):
-            raise UserError(f"swish_bits {self.swish_bits} is not a swish mode; use 8 (fixed "
-                            "8 bits), 0 (trainable bits from act_bits) or -1 (not quantized)")
+        SwishMode.from_flag(self.swish_bits)
         if self.bias_bits != 0:
             check_bits(self.bias_bits, "bias_bits")
         range_preset(self.range_preset)
@@ -82,6 +106,23 @@ class QuantConfig:
             raise UserError("quantizer 'lsq' runs at fixed bits; pass bits_trainable=False, or "
                             "quantizer 'adjq' to learn bits")
 
+    @classmethod
+    def from_options(cls, options, **overrides) -> "QuantConfig":
+        """The config named by the fields of ``options`` (recipe Options, or any object
+        with these attributes; ``range_preset`` is its ``range``), with ``overrides``."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {name: getattr(options, OPTION_NAMES.get(name, name)) for name in names}
+        return cls(**{**values, **overrides})
+
+    @property
+    def swish(self) -> SwishMode:
+        return SwishMode.from_flag(self.swish_bits)
+
+    @property
+    def quantized_bias_bits(self) -> int | None:
+        """The biases' bits; None: the biases stay float."""
+        return self.bias_bits or None
+
     def make_quantizer(self, scope: str, channels: int, *, init_bits: int, axis: int = -1,
                        bits_trainable: bool = False, signed: bool = False,
                        live_range: bool = False, compiled: bool = True) -> Quantizer:
@@ -93,6 +134,10 @@ class QuantConfig:
             scope, channels, axis=axis, init_bits=init_bits, bits_trainable=bits_trainable,
             signed=signed, live_range=live_range, compiled=compiled,
             range_preset_id=self.range_preset, bits_grad=self.bits_grad)
+
+
+#: QuantConfig fields whose option (flag) has another name.
+OPTION_NAMES = {"range_preset": "range"}
 
 
 class QuantizedLayer(tf.Module):
@@ -116,8 +161,8 @@ class QuantizedLayer(tf.Module):
         self.act_quant = None if stem else qcfg.make_quantizer(
             f"{full}/act_quant", cin, axis=-1, init_bits=qcfg.act_bits,
             bits_trainable=qcfg.bits_trainable)
-        self.bias_quant = None if qcfg.bias_bits == 0 else qcfg.make_quantizer(
-            f"{full}/bias_quant", 1, init_bits=qcfg.bias_bits, signed=True,
+        self.bias_quant = None if qcfg.quantized_bias_bits is None else qcfg.make_quantizer(
+            f"{full}/bias_quant", 1, init_bits=qcfg.quantized_bias_bits, signed=True,
             live_range=qcfg.bias_range == "live", compiled=False)
 
     def load_float(self, layer: nw.ConvLayer) -> None:
@@ -162,8 +207,8 @@ class QuantizedNetwork(tf.Module):
                                                  shapes[node.name][3], net.is_stem(node), qcfg)
                        for node in net.layers}
         self.swish_quant, self.gate_quant = {}, {}
-        if qcfg.swish_bits != -1:
-            trainable = qcfg.swish_bits == 0
+        if qcfg.swish is not SwishMode.FLOAT:
+            trainable = qcfg.swish is SwishMode.TRAINABLE
             channels = net.shapes(32)
 
             def activation_quantizer(scope, name):
@@ -247,7 +292,7 @@ class QuantizedNetwork(tf.Module):
 
     def bit_assignment(self):
         """Current bits of every quantized tensor as a :class:`adj_quant.cost.BitAssignment`."""
-        from adj_quant.cost import BitAssignment
+        from adj_quant.cost import BitAssignment, counted_bits
 
         weight = {s: l.weight_quant.bits() for s, l in self.layers.items()}
         act = {s: (8.0 if l.act_quant is None else l.act_quant.bits())
@@ -256,7 +301,7 @@ class QuantizedNetwork(tf.Module):
                  for s in self.net.activation_sites("swish")}
         swish.update({s: q.bits() for s, q in self.gate_quant.items()})
         return BitAssignment(weight=weight, act=act, swish=swish,
-                             bias_bits=self.qcfg.bias_bits or 32)
+                             bias_bits=counted_bits(self.qcfg.quantized_bias_bits))
 
     # ------------------------------------------------------------------ calibration
 
@@ -396,3 +441,9 @@ class QuantizedNetwork(tf.Module):
         for name, quant in quants.items():
             quant.set_range(data[name]["min"], data[name]["max"])
         self._init_from_weights()
+
+
+def is_quantized(model) -> bool:
+    """Whether ``model`` is a :class:`QuantizedNetwork` (else a float model, e.g.
+    :class:`adj_quant.network.FloatNetwork`, whose bits are 32 everywhere)."""
+    return isinstance(model, QuantizedNetwork)

@@ -29,10 +29,18 @@ import os
 
 import numpy as np
 
-from adj_quant.errors import UserError
 from adj_quant.bits import is_bit_width
+from adj_quant.cost import (
+    FLOAT_BITS,
+    IMAGE_BITS,
+    BitAssignment,
+    _static,
+    counted_bits,
+    element_ops,
+    network_layers,
+)
+from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
-from adj_quant.cost import FLOAT_BITS, IMAGE_BITS, BitAssignment, _static, element_ops, network_layers
 from adj_quant.network import Network
 
 SUMMARY_KEYS = ("avg_weight_bits", "avg_act_bits", "params", "ops", "score_adjq",
@@ -189,7 +197,8 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
     Raises :class:`UserError` naming the first mismatch (in network order).
     """
     if not isinstance(data, dict):
-        raise UserError(f"{source}: the top level must be a JSON object — is this a quant_info.json?")
+        raise UserError(f"{source}: the top level must be a JSON object — is this a "
+                        "quant_info.json?")
     weight, act = {}, {}
     layout = groups(arch)
     layers = set(arch.layer_names)
@@ -234,8 +243,8 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
         raise UserError(f"{source}: unexpected swish scope '{extra[0]}' in 'swish_inputs' — "
                         f"{_ARCH_HINT}")
     bias = _need(data, "bias_bits", "", source)
-    if bias is None:
-        bias_bits = FLOAT_BITS
+    if bias is None:  # float biases, counted at 32 bits
+        bias_bits = counted_bits(None)
     elif not isinstance(bias, int) or not is_bit_width(bias, allow_float=True):
         raise UserError(f"{source}: bias_bits is {bias!r}; use an integer in [2, 8] or null "
                         f"for float biases")

@@ -36,18 +36,22 @@ def metric_sign(metric: tf.Tensor, target: float) -> tf.Tensor:
     return tf.where(tf.stop_gradient(metric) > target, 1.0, -1.0)
 
 
-def adjustable_loss(q_logits, labels, f_logits, metric, *, alpha: float, beta: float,
-                    target: float) -> dict[str, tf.Tensor]:
-    """``kd + alpha * CE + sign * beta * metric`` and its parts."""
+def adjustable_loss(q_logits, labels, f_logits, metric, *, ce_weight: float,
+                    metric_weight: float, target: float) -> dict[str, tf.Tensor]:
+    """``kd + ce_weight * CE + sign * metric_weight * metric`` and its parts.
+
+    ``ce_weight`` and ``metric_weight`` are the loss weights of the ``--alpha`` and
+    ``--beta`` flags (not the quantizer's range-clip intervals r_alpha, r_beta).
+    """
     kd = distillation_loss(q_logits, f_logits)
     ce = cross_entropy(q_logits, labels)
     sign = metric_sign(metric, target)
-    total = kd + alpha * ce + sign * beta * metric
+    total = kd + ce_weight * ce + sign * metric_weight * metric
     return {"loss": total, "kd": kd, "cross_entropy": ce, "metric": metric, "sign": sign}
 
 
 def replica_share(parts: dict[str, tf.Tensor], fraction, replicas: int,
-                  beta: float = 0.0) -> dict[str, tf.Tensor]:
+                  metric_weight: float = 0.0) -> dict[str, tf.Tensor]:
     """One replica's share of a step's loss parts, so that their sum over the replicas is
     the one-device value (and so is the sum of their gradients).
 
@@ -57,7 +61,7 @@ def replica_share(parts: dict[str, tf.Tensor], fraction, replicas: int,
     """
     if replicas == 1:
         return parts
-    metric_term = parts["sign"] * beta * parts["metric"] if "metric" in parts else 0.0
+    metric_term = parts["sign"] * metric_weight * parts["metric"] if "metric" in parts else 0.0
     share = {"loss": fraction * (parts["loss"] - metric_term) + metric_term / replicas}
     for key, value in parts.items():
         if key != "loss":

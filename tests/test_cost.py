@@ -274,7 +274,7 @@ def test_surrogate_max_forward_and_gradient_split():
 
 
 @pytest.mark.parametrize("style", ["adjq", "micronet"])
-def test_metric_value_gradient_reaches_per_channel_bits(style):
+def test_micronet_cost_gradient_reaches_per_channel_bits(style):
     bits = M.BitAssignment.uniform(B0, 4, 4)
     scope = "expanded_conv_3/project"  # 1x1 conv 144 -> 40 at 28x28
     w = tf.Variable(tf.fill([40], 4.0))
@@ -282,9 +282,9 @@ def test_metric_value_gradient_reaches_per_channel_bits(style):
     s = tf.Variable(tf.fill([144], 6.0))
     bits.weight[scope], bits.act[scope], bits.swish["expanded_conv_3/dws"] = w, a, s
     with tf.GradientTape() as tape:
-        value = M.metric_value(B0, 224, bits, style=style, gamma=0.7)
+        value = M.micronet_cost(bits, 224, arch=B0, style=style, gamma=0.7).score
     gw, ga, gs = tape.gradient(value, [w, a, s])
-    assert value.dtype == tf.float32
+    assert value.dtype == tf.float64
     if style == "adjq":
         # params 144/32 per weight channel; ops 2*784*144*40 * 0.3 / 40 / 32
         expected_w = 4.5 / 6.9e6 + 2116.8 / 1170e6
@@ -501,3 +501,105 @@ def test_cli_exit_code_and_help():
                  "--bias_bits", "--quant_info", "--json", "--per_layer", "--no_freebie",
                  "--width_multiplier", "--depth_multiplier"):
         assert flag in out
+
+
+# --------------------------------------------------------------------------- one entry point
+
+TOY = nets.Network("toy", "toy", (
+    nets.Node("stem", "conv", kernel=3, filters=8, stride=2),
+    nets.Node("stem/swish", "act", fn="swish"),
+    nets.Node("block/dws", "dws", kernel=3),
+    nets.Node("block/dws/swish", "act", fn="swish"),
+    nets.Node("block/project", "conv", filters=8),
+    nets.Node("pool", "gap"),
+    nets.Node("logits", "fc", filters=3),
+))
+
+
+def _toy_models(**qcfg):
+    from adj_quant.network import FloatNetwork
+    from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+
+    float_model = FloatNetwork(TOY, seed=0)
+    return float_model, QuantizedNetwork.from_float(float_model, QuantConfig(**qcfg))
+
+
+def test_float_biases_count_at_32_bits_without_overhead_by_hand():
+    # CONV: 3x3, 2 -> 3 channels. Weights 9*2*3 = 54 at 8 bits: 13.5; overhead 2*3 (weights)
+    # + 2*2 (input). Biases: 3 at 8 bits = 0.75 + 2 overhead; float: 3 * 32/32 = 3, none.
+    quantized = _floats(M.micronet_layer_counts(CONV, 8, 8, 8))["params"]
+    float_bias = _floats(M.micronet_layer_counts(CONV, 8, 8, M.counted_bits(None)))["params"]
+    assert (quantized, float_bias) == (13.5 + 6 + 4 + 0.75 + 2, 13.5 + 6 + 4 + 3)
+    # adjq: weights 54 * 8/32 = 13.5, biases 3 * bits/32.
+    assert _floats(M.adjq_layer_counts(CONV, 8, 8, M.counted_bits(None)))["params"] == 16.5
+
+
+def test_float_biases_agree_in_config_model_counts_and_quant_info(tmp_path):
+    from adj_quant.qnetwork import QuantConfig
+
+    assert QuantConfig(bias_bits=0).quantized_bias_bits is None
+    assert QuantConfig(bias_bits=6).quantized_bias_bits == 6
+    _, qmodel = _toy_models(bias_bits=0)
+    assert all(layer.bias_quant is None for layer in qmodel.layers.values())
+    bits = qmodel.bit_assignment()
+    assert bits.bias_bits == M.FLOAT_BITS
+    for flag in (0, None):
+        assert M.BitAssignment.uniform(TOY, 8, 8, bias_bits=flag).bias_bits == M.FLOAT_BITS
+    path = str(tmp_path / "quant_info.json")
+    QI.save_quant_info(path, bits, TOY, {})
+    assert json.loads(Path(path).read_text())["bias_bits"] is None
+    assert QI.load_quant_info(path, TOY).bias_bits == M.FLOAT_BITS
+    # Against 8-bit biases, each layer's cout biases count 1 - 8/32 more, and 2 overhead less.
+    eight = M.micronet_cost(M.BitAssignment.uniform(TOY, 8, 8), 32, arch=TOY)
+    floats = M.micronet_cost(M.BitAssignment.uniform(TOY, 8, 8, bias_bits=None), 32, arch=TOY)
+    layers = M.network_layers(TOY, 32)
+    expected = sum(spec.cout * 0.75 - 2 for spec in layers)
+    assert float(floats.params) - float(eight.params) == pytest.approx(expected)
+    unset = M.BitAssignment.uniform(TOY, 8, 8)
+    unset.bias_bits = None  # None is float wherever bits are counted
+    assert M.micronet_cost(unset, 32, arch=TOY).as_floats() == floats.as_floats()
+
+
+def test_micronet_cost_of_a_float_model_is_its_parameter_count_with_the_freebie():
+    float_model, _ = _toy_models()
+    layers = M.network_layers(TOY, 32)
+    weights_and_biases = sum(spec.weights_per_out_channel * spec.cout + spec.cout
+                             for spec in layers)
+    counts = M.micronet_cost(float_model, 32)
+    assert float(counts.params) == weights_and_biases / 2  # every value 32 bits, 16 with it
+    assert float(M.micronet_cost(float_model, 32, freebie=False).params) == weights_and_biases
+
+
+def test_every_cost_entry_point_gives_the_same_numbers():
+    import adj_quant as aq
+    from adj_quant.quant_info import average_bits
+    from adj_quant.recipe import validation
+
+    float_model, qmodel = _toy_models(weight_bits=4, act_bits=6, swish_bits=0)
+    for model in (float_model, qmodel):
+        bits = M.bits_of(model)
+        official = M.count_micronet(TOY, 32, bits)  # the building blocks, counted directly
+        own = M.count_adjq(TOY, 32, bits)
+        report = M.cost_report(model, 32)
+        assert report.as_dict() == validation.scores(bits, TOY, 32)
+        assert (report.params, report.ops, report.score_micronet, report.score_adjq) == (
+            float(official.params), float(official.ops), float(official.score),
+            float(own.score))
+        assert (report.avg_weight_bits, report.avg_act_bits) == average_bits(bits, TOY)
+        for style, counts in (("micronet", official), ("adjq", own)):
+            assert float(M.micronet_cost(model, 32, style=style).score) == float(counts.score)
+            assert report.score(style) == float(counts.score)
+    public = aq.micronet_cost(qmodel, img_size=32, style="adjq")
+    assert public.score.dtype == tf.float32
+    assert float(public.score) == float(tf.cast(M.count_adjq(TOY, 32, qmodel.bit_assignment())
+                                                .score, tf.float32))
+
+
+def test_is_quantized_tells_the_model_kinds_apart():
+    from adj_quant.qnetwork import is_quantized
+
+    float_model, qmodel = _toy_models()
+    assert is_quantized(qmodel) and not is_quantized(float_model)
+    assert M.bits_of(float_model).is_float() and not M.bits_of(qmodel).is_float()
+    with pytest.raises(TypeError, match="needs arch="):
+        M.micronet_cost(M.BitAssignment.uniform(TOY, 8, 8), 32)

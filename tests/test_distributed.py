@@ -273,7 +273,7 @@ def test_replica_share_sums_to_the_one_device_loss():
     parts = {"loss": tf.constant(2.0 + 7 * 0.5 - 85 * 0.1), "kd": tf.constant(2.0),
              "cross_entropy": tf.constant(0.5), "metric": tf.constant(0.1),
              "sign": tf.constant(-1.0)}
-    shares = [rules.replica_share(parts, f, 2, beta=85.0) for f in (0.25, 0.75)]
+    shares = [rules.replica_share(parts, f, 2, metric_weight=85.0) for f in (0.25, 0.75)]
     for key in parts:
         total = sum(float(s[key]) for s in shares)
         # The batch means of the replicas' rows are here the same as the global one.

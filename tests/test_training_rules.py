@@ -64,8 +64,8 @@ def test_loss_sign_and_parts():
     kd = 0.01 * ((math.sqrt(0.25 + 1e-5) + math.sqrt(1e-5)) + (math.sqrt(1e-5) + math.sqrt(4 + 1e-5))) / 2
     ce = (-math.log(math.exp(2) / (math.exp(1) + math.exp(2)))
           - math.log(1 / (1 + math.exp(-1)))) / 2
-    above = rules.adjustable_loss(q, labels, f, tf.constant(0.3), alpha=7.0, beta=85.0, target=0.18)
-    below = rules.adjustable_loss(q, labels, f, tf.constant(0.1), alpha=7.0, beta=85.0, target=0.18)
+    above = rules.adjustable_loss(q, labels, f, tf.constant(0.3), ce_weight=7.0, metric_weight=85.0, target=0.18)
+    below = rules.adjustable_loss(q, labels, f, tf.constant(0.1), ce_weight=7.0, metric_weight=85.0, target=0.18)
     assert float(above["kd"]) == pytest.approx(kd, rel=1e-5)
     assert float(above["cross_entropy"]) == pytest.approx(ce, rel=1e-5)
     assert float(above["loss"]) == pytest.approx(kd + 7 * ce + 85 * 0.3, rel=1e-5)
@@ -74,7 +74,7 @@ def test_loss_sign_and_parts():
     for value, direction in ((0.3, 1.0), (0.1, -1.0)):
         m = tf.Variable(value)
         with tf.GradientTape() as tape:
-            loss = rules.adjustable_loss(q, labels, f, m * 1.0, alpha=7.0, beta=85.0,
+            loss = rules.adjustable_loss(q, labels, f, m * 1.0, ce_weight=7.0, metric_weight=85.0,
                                          target=0.18)["loss"]
         assert float(tape.gradient(loss, m)) == pytest.approx(direction * 85.0)
 

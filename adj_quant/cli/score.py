@@ -111,7 +111,8 @@ def _validate(args) -> None:
         if not is_bit_width(value):
             raise UserError(f"{flag} {value}: bits must be in [2, 8] (or --weight_bits 32 "
                             f"--act_bits 32 for the float model)")
-    if args.swish_bits is not None and not (is_bit_width(args.swish_bits) or args.swish_bits in (0, -1)):
+    if args.swish_bits is not None and not (is_bit_width(args.swish_bits)
+                                            or args.swish_bits in (0, -1)):
         raise UserError(f"--swish_bits {args.swish_bits}: use 2..8, 0 (trainable, counted at "
                         f"--act_bits) or -1 (not quantized)")
     if args.bias_bits is not None and not (is_bit_width(args.bias_bits) or args.bias_bits == 0):
@@ -144,9 +145,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
     import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
-    from adj_quant import cost
+    from adj_quant import cost, nets
     from adj_quant.quant_info import load_quant_info
-    from adj_quant import nets
     if getattr(args, "network", None):  # a run directory: the network it trained
         from adj_quant.checkpoints import ModelSpec
         arch = ModelSpec.from_json(args.network).arch
@@ -159,17 +159,17 @@ def main(argv=None) -> int:
         what = f"bits from {args.quant_info}"
     else:
         swish = _DEFAULT_BITS if args.swish_bits is None else args.swish_bits
-        bias = _DEFAULT_BITS if args.bias_bits is None else args.bias_bits
+        bias = _DEFAULT_BITS if args.bias_bits is None else (args.bias_bits or None)  # 0: float
         bits = cost.BitAssignment.uniform(arch, args.weight_bits, args.act_bits, swish, bias)
         if bits.is_float():
             what = "float model (weights and activations 32 bits)"
         else:
             what = (f"weights {args.weight_bits} bits, activations {args.act_bits} bits, "
                     f"swish {'float' if swish == -1 else (args.act_bits if swish == 0 else swish)}"
-                    f", biases {'float' if bias == 0 else bias}")
-    official = cost.count_micronet(arch, args.img_size, bits, per_layer=args.per_layer,
-                                     freebie=not args.no_freebie)
-    own = cost.count_adjq(arch, args.img_size, bits)
+                    f", biases {'float' if bias is None else bias}")
+    official = cost.micronet_cost(bits, args.img_size, arch=arch, per_layer=args.per_layer,
+                                  freebie=not args.no_freebie)
+    own = cost.micronet_cost(bits, args.img_size, arch=arch, style="adjq")
     mn, aq = official.as_floats(), own.as_floats()
     if args.json:
         print(json.dumps({"params": mn["params"], "multiplies": mn["multiplies"],

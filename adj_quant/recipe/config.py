@@ -4,12 +4,18 @@ Precedence, lowest first: built-in defaults, the config file's top level, the co
 file's table for the stage being run (``[pretrain]``, ``[qat8]``, ...), then the flags
 given on the command line. Flag names are those of the original Adjustable Quantization
 commands (docs/method.md, "Flags"); ``--alpha``, ``--beta`` and ``--gamma`` are loss weights.
+
+Every option is declared once, in :data:`SCHEMA` (type, default, choices, help, docs row,
+defaults per place, how it behaves on resume, whether evaluation takes it from the trained
+run); the :class:`Options` dataclass, the argparse flags, the TOML checks, the resume rules
+and the flags table of docs/method.md (:func:`flags_table`) are derived from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -23,6 +29,8 @@ from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
 
 STAGES = ("pretrain", "calibrate", "qat8", "adjustable", "finetune")
+
+
 def _default_config() -> str:
     """``configs/digits.toml``: packaged as ``adj_quant/configs`` when installed, the
     checkout's ``configs/`` otherwise."""
@@ -35,188 +43,371 @@ def _default_config() -> str:
 DEFAULT_CONFIG = _default_config()
 
 
-@dataclasses.dataclass
-class Options:
+# --------------------------------------------------------------------------- the schema
+
+#: How an option behaves when an interrupted stage resumes: ``arch_data`` options define
+#: the model or the data (its checkpoints hold another model, or another data split: a
+#: change is always refused); ``compared`` ones change what a stage trains (a change needs
+#: ``--allow_config_change`` and is recorded); ``uncompared`` ones only say where or how
+#: visibly it runs.
+RESUME_KINDS = ("arch_data", "compared", "uncompared")
+#: Where a stage-dependent default applies (``Opt.place_defaults``): float pretraining, the
+#: quantized stages (calibrate .. finetune), and evaluation/export (no stage).
+PLACES = ("pretrain", "quantized", "eval")
+#: Sections of the flags table in docs/method.md, in order.
+GROUPS = ("Data", "Model", "Quantization", "Loss", "Optimisation", "Devices", "Files and runs")
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyChoices:
+    """The choices of an option, read from the module that owns them (imported on first
+    use: the quantizer modules load TensorFlow): a tuple, or a function returning one."""
+
+    module: str
+    name: str
+
+    def resolve(self) -> tuple:
+        value = getattr(importlib.import_module(self.module), self.name)
+        return tuple(value() if callable(value) else value)  # a registry's names()
+
+
+@dataclasses.dataclass(frozen=True)
+class Opt:
+    """One option, declared once: its flag ``--name``, its TOML key and its field of
+    :class:`Options`, and everything derived from them."""
+
+    name: str
+    type: type  # bool, int, float or str; a default of None makes it optional
+    default: Any
+    help: str
+    group: str
+    choices: tuple | LazyChoices | None = None
+    #: ``non_negative`` or ``positive`` (None: no sign rule).
+    sign: str | None = None
+    resume: str = "compared"  # one of RESUME_KINDS
+    #: Evaluation and export take it from the ``config.json`` of the run that trained a
+    #: checkpoint unless given on the command line.
+    trained_with: bool = False
+    #: Defaults per place (PLACES) used when the value is still None after the config file
+    #: and the command line.
+    place_defaults: dict = dataclasses.field(default_factory=dict)
+    doc: str | None = None  # meaning in docs/method.md's flags table (default: help)
+    doc_default: str | None = None  # default column of that table (default: the value)
+
+    @property
+    def optional(self) -> bool:
+        return self.default is None
+
+    def resolved_choices(self) -> tuple | None:
+        if isinstance(self.choices, LazyChoices):
+            return self.choices.resolve()
+        return self.choices
+
+
+def _o(name, kind, default, help, group, **kw) -> Opt:  # noqa: A002 (the schema's own word)
+    return Opt(name, kind, default, help, group, **kw)
+
+
+_AD, _UN = "arch_data", "uncompared"
+SCHEMA: tuple[Opt, ...] = (
     # --- data
-    dataset: str = "digits"
-    img_size: int = 224
-    num_classes: int | None = None
-    labels_offset: int = 0
-    batch_size: int = 25
-    seed: int = 0
-    max_val_images: int | None = None
-    augment: str | None = None
-    eval_crop: float = 0.875
+    _o("dataset", str, "digits",
+       "'digits' (embedded default), 'synthetic', or a directory of slim ImageNet "
+       "TFRecord shards (train-*-of-*, validation-*-of-*)", "Data", resume=_AD,
+       trained_with=True,
+       doc="`digits` (bundled with scikit-learn), `synthetic`, or a directory of slim ImageNet "
+           "TFRecords"),
+    _o("img_size", int, 224, "input image size (square)", "Data", sign="positive", resume=_AD,
+       trained_with=True, doc="input side in pixels"),
+    _o("num_classes", int, None, "number of classes (default: the dataset's)", "Data",
+       sign="positive", resume=_AD, trained_with=True, doc="classes of the logits layer",
+       doc_default="the dataset's"),
+    _o("labels_offset", int, 0,
+       "subtracted from TFRecord labels (1 for the slim 1001-class convention)", "Data",
+       sign="non_negative", resume=_AD, trained_with=True,
+       doc="subtracted from TFRecord labels (1 for 1001-class shards)"),
+    _o("batch_size", int, 25, "images per training batch", "Data", sign="positive",
+       trained_with=True, doc="images per training step"),
+    _o("seed", int, 0, "random seed for initialisation, shuffling, augmentation and dropout",
+       "Data", sign="non_negative", trained_with=True,
+       doc="initialisation, shuffling, augmentation, dropout"),
+    _o("max_val_images", int, None,
+       "validate on at most this many images (default: the whole split)", "Data",
+       sign="positive", doc="validate on at most this many images", doc_default="all"),
+    _o("augment", str, None,
+       "training augmentation: inception (random 8-100% crop + flip), shift (small "
+       "random translation) or none (default: the dataset's own for pretrain -- "
+       "shift for digits, inception for TFRecords -- and none for the quantized stages)",
+       "Data", choices=LazyChoices("adj_quant.recipe.data", "AUGMENTATIONS"),
+       place_defaults={"quantized": "none"},
+       doc="`inception`, `shift` or `none`; see [What is quantized](#what-is-quantized)",
+       doc_default="per stage"),
+    _o("eval_crop", float, 0.875,
+       "fraction of the shorter side kept by the central crop of TFRecord images "
+       "(1.0: no crop)", "Data", resume=_AD, trained_with=True,
+       doc="central-crop fraction of TFRecord images (1.0: no crop)"),
     # --- model
-    model: str = "efficientnet_b0"
-    pretrained: str | None = None
-    width_multiplier: float = 1.0
-    depth_multiplier: float = 1.0
-    dropout: float | None = None
-    drop_connect: float | None = None
-    bn_momentum: float = 0.99
+    _o("model", str, "efficientnet_b0",
+       "the network: a declared name (efficientnet_b0, mobilenet_v2, mobilenet_v2_140, "
+       "resnet_v1_50, resnet_v1_50_keras, ...) or keras:PATH, a float Keras model file "
+       "(.keras) imported with its weights", "Model", resume=_AD, trained_with=True,
+       doc="a declared network ([networks.md](networks.md)) or `keras:PATH`"),
+    _o("pretrained", str, None,
+       "start from public float weights: a Keras applications weights file, an "
+       "official TPU EfficientNet checkpoint or a slim checkpoint (converted into "
+       "the run, see pretrained/README.md); the recipe then starts at calibrate", "Model",
+       doc="public float weights converted into the run's `pretrain` stage",
+       doc_default="none"),
+    _o("width_multiplier", float, 1.0,
+       "channel multiplier of the network (slim's MobileNet 'depth "
+       "multiplier'); 1.0 is the published network", "Model", resume=_AD, trained_with=True,
+       doc="channel multiplier (1.0: the published network)"),
+    _o("depth_multiplier", float, 1.0,
+       "multiplier of the blocks per stage (1.0 is the published network)", "Model",
+       resume=_AD, trained_with=True, doc="blocks per stage multiplier (B0 = 1)"),
+    _o("dropout", float, None,
+       "dropout before the logits (default: 0.2 in pretrain, 0 in the quantized stages)",
+       "Model", place_defaults={"pretrain": 0.2, "quantized": 0.0, "eval": 0.0},
+       doc="dropout before the logits", doc_default="0.2 in `pretrain`, else 0"),
+    _o("drop_connect", float, None,
+       "maximum drop-connect rate of the residual branches (default: 0.2 in "
+       "pretrain, 0 in the quantized stages)", "Model",
+       place_defaults={"pretrain": 0.2, "quantized": 0.0, "eval": 0.0},
+       doc="maximum drop-connect rate of the residual branches",
+       doc_default="0.2 in `pretrain`, else 0"),
+    _o("bn_momentum", float, 0.99,
+       "momentum of the batch-norm moving averages (float pretraining)", "Model",
+       doc="batch-norm moving averages (float pretraining)"),
     # --- quantization
-    weight_bits: int = 8
-    act_bits: int = 8
-    swish_bits: int = 8
-    bias_bits: int = 8
-    bits_trainable: bool = False
-    range: int = 5
-    bits_grad: str = "original"
-    bias_range: str = "live"
-    quantize_se_gate: bool = True
-    quantizer: str = "adjq"
-    calib_images: int = 10000
-    eval_initial_thresholds: bool = False
-    # --- loss
-    alpha: float = 7.0
-    beta: float = 85.0
-    gamma: float = 0.7
-    metric: float = 0.18
-    metric_style: str = "adjq"
-    metric_img_size: int | None = None
+    _o("weight_bits", int, 8, "initial weight bits b0 (2..8)", "Quantization", resume=_AD,
+       trained_with=True, doc="initial weight bits `b0` (2–8)"),
+    _o("act_bits", int, 8, "initial activation bits b0 (2..8)", "Quantization", resume=_AD,
+       trained_with=True, doc="initial layer-input bits `b0` (2–8)"),
+    _o("swish_bits", int, 8,
+       "swish inputs: 8 = fixed 8 bits, 0 = trainable bits from --act_bits, -1 = float",
+       "Quantization", resume=_AD, trained_with=True,
+       doc="swish and SE-gate inputs: 8 fixed, 0 trainable from `--act_bits`, −1 float"),
+    _o("bias_bits", int, 8, "bias bits (2..8); 0 keeps biases float", "Quantization",
+       resume=_AD, trained_with=True, doc="bias bits (2–8); 0 keeps biases float"),
+    _o("bits_trainable", bool, False, "learn per-channel bit-widths (bits_scale)",
+       "Quantization", resume=_AD, doc="learn per-channel bits (`bits_scale`)"),
+    _o("range", int, 5, "range preset 1..7: clip intervals of range_scale and range_shift",
+       "Quantization", resume=_AD, trained_with=True, doc="range preset 1–7"),
+    _o("bits_grad", str, "original",
+       "estimator of the bits: original (the upper clip bound 2^b-1 passes gradient "
+       "to the bits, as the original ran) or scale_only (only through the scale)",
+       "Quantization", choices=LazyChoices("adj_quant.quantizers.formula", "BITS_GRAD_MODES"),
+       doc="estimator of the bits: `original` or `scale_only`"),
+    _o("bias_range", str, "live",
+       "bias quantizer range: live (the bias tensor's own min/max at every step, "
+       "as the original) or calibrated (fixed at calibration)", "Quantization",
+       choices=LazyChoices("adj_quant.qnetwork", "BIAS_RANGES"), resume=_AD, trained_with=True,
+       doc="bias base range: `live` or `calibrated`"),
+    _o("quantize_se_gate", bool, True,
+       "quantize the input of the SE gate's sigmoid like a swish input", "Quantization",
+       resume=_AD, trained_with=True, doc="quantize the SE sigmoid's input like a swish input"),
+    _o("quantizer", str, "adjq",
+       "the fake quantizer: adjq (adjustable ranges and bits, the method) or lsq "
+       "(LSQ+: a learned per-channel step, and offset for activations, at the fixed "
+       "--weight_bits/--act_bits; a baseline, see docs/baselines.md)", "Quantization",
+       choices=LazyChoices("adj_quant.quantizers", "names"), resume=_AD, trained_with=True,
+       doc="`adjq` (this method) or `lsq`: LSQ+ at fixed bits, a baseline "
+           "([`baselines.md`](baselines.md))"),
+    _o("calib_images", int, 10000, "training images used to calibrate activation ranges",
+       "Quantization", sign="positive", trained_with=True,
+       doc="training images used for calibration"),
+    _o("eval_initial_thresholds", bool, False,
+       "also validate the quantized model with the initial thresholds", "Quantization",
+       doc="also validate with the initial thresholds after calibration"),
+    # --- loss (the flags keep the original names; inside: ce_weight, metric_weight, act_share)
+    _o("alpha", float, 7.0, "loss weight of the cross-entropy", "Loss", sign="non_negative",
+       doc="weight of the cross-entropy"),
+    _o("beta", float, 85.0, "loss weight of the metric term", "Loss", sign="non_negative",
+       doc="weight of the metric term"),
+    _o("gamma", float, 0.7,
+       "share of the metric gradient that goes to activation bits (1-gamma to weights)", "Loss",
+       doc="share of a max's metric gradient sent to the activation bits"),
+    _o("metric", float, 0.18,
+       "target score: the metric term pushes down above it and up below it", "Loss",
+       sign="non_negative", doc="target score"),
+    _o("metric_style", str, "adjq",
+       "counting used in the loss: adjq (the submission's) or micronet (official)", "Loss",
+       choices=LazyChoices("adj_quant.cost", "STYLES"),
+       doc="counting in the loss: `adjq` or `micronet`"),
+    _o("metric_img_size", int, None,
+       "image size at which the metric is counted (default: --img_size)", "Loss",
+       sign="positive", trained_with=True, doc="resolution at which the metric is counted",
+       doc_default="`--img_size`"),
     # --- optimisation
-    lr: float = 3e-6
-    lr_bits: float = 1e-3
-    lr_fixed: bool = False
-    lr_decay: float = 1e-4
-    reinit: int = 800
-    max_epoch: float = 2.0
-    iter_train: bool = False
-    iter_train_freq: int = 2
-    warm_up_epoch: float = 0.0
-    finetune: bool = False
-    swa_delay: float | None = None
-    swa_freq: float = 0.2
-    jit_compile: bool = False
+    _o("lr", float, 3e-6, "Adam learning rate of weights, biases, range_scale and range_shift",
+       "Optimisation", sign="non_negative",
+       doc="Adam rate of weights, biases, `range_scale`, `range_shift`", doc_default="3e-6"),
+    _o("lr_bits", float, 1e-3, "Adam learning rate of bits_scale", "Optimisation",
+       sign="non_negative", doc="Adam rate of `bits_scale` (constant)", doc_default="1e-3"),
+    _o("lr_fixed", bool, False, "keep the learning rates constant", "Optimisation",
+       doc="constant `--lr`, no slot re-initialisation"),
+    _o("lr_decay", float, 1e-4, "exponential decay per step of the learning rate",
+       "Optimisation", sign="non_negative", doc="exponential decay per step",
+       doc_default="1e-4"),
+    _o("reinit", int, 800, "re-initialise the Adam slots and restart the cosine every N steps",
+       "Optimisation", sign="positive",
+       doc="period in steps of the cosine and of the Adam re-initialisation"),
+    _o("max_epoch", float, 2.0,
+       "epochs to train; fractional values stop after whole mini-epochs (0.3 = 3)",
+       "Optimisation", sign="positive", doc="epochs, in steps of 0.1"),
+    _o("iter_train", bool, False,
+       "iterative training: train bits only in mini-epochs k % iter_train_freq == 0",
+       "Optimisation",
+       doc="train the bits only in mini-epochs with `k mod iter_train_freq = 0`"),
+    _o("iter_train_freq", int, 2, "period (in mini-epochs) of the bit phases of --iter_train",
+       "Optimisation", sign="positive", doc="period of the bit phases, in mini-epochs"),
+    _o("warm_up_epoch", float, 0.0, "epochs before bits start training", "Optimisation",
+       sign="non_negative", doc="epochs before the bits start training"),
+    _o("finetune", bool, False, "freeze the bits (train everything except bits_scale)",
+       "Optimisation", doc="freeze the bits"),
+    _o("swa_delay", float, None,
+       "start stochastic weight averaging after this many epochs (unset: no SWA)",
+       "Optimisation", sign="non_negative", doc="epoch from which SWA snapshots are taken",
+       doc_default="unset (no SWA)"),
+    _o("swa_freq", float, 0.2, "SWA snapshot period in epochs (multiples of 0.1)",
+       "Optimisation", sign="positive",
+       doc="SWA snapshot period in epochs (a multiple of 0.1)"),
+    _o("jit_compile", bool, False, "compile the training step with XLA", "Optimisation"),
     # --- devices
-    strategy: str = "auto"
-    logical_cpus: int = 1
-    worker_timeout: float = 300.0
-    sync_bn: bool = False
-    keep_checkpoints: int = 3
-    max_loss: float | None = None
-    collapse_patience: int = 3
+    _o("strategy", str, "auto",
+       "where to train (tf.distribute): auto (mirrored over all GPUs when there is "
+       "more than one, else one device), default (one device), mirrored (all local "
+       "GPUs, else all logical CPUs), multi_worker (one process per host, from "
+       "TF_CONFIG) or tpu (see docs/distributed.md); --batch_size is the global batch",
+       "Devices", choices=LazyChoices("adj_quant.distribution", "STRATEGIES"), resume=_UN,
+       doc="`tf.distribute` strategy: `auto`, `default`, `mirrored`, `multi_worker` or `tpu` "
+           "([distributed.md](distributed.md)); `--batch_size` is the global batch"),
+    _o("logical_cpus", int, 1,
+       "split the CPU into this many logical devices (try mirrored on a machine "
+       "without GPUs; it tests the plumbing, it is not faster)", "Devices", sign="positive",
+       resume=_UN, doc="split the CPU into this many logical devices"),
+    _o("worker_timeout", float, 300.0,
+       "seconds a multi_worker start waits for every worker of TF_CONFIG "
+       "before it gives up", "Devices", sign="positive", resume=_UN,
+       doc="seconds a `multi_worker` start waits for every worker"),
+    _o("sync_bn", bool, False,
+       "batch norm with the statistics of the global batch, summed over all replicas "
+       "(float pretraining under a multi-replica strategy)", "Devices",
+       doc="batch norm over the global batch (float pretraining, several replicas)"),
+    _o("keep_checkpoints", int, 3,
+       "keep the best and this many most recent checkpoints (0: keep all)", "Files and runs",
+       sign="non_negative", doc="keep the best and this many latest checkpoints (0: all)"),
+    _o("max_loss", float, None,
+       "stop when a training loss exceeds this (default: 1e6 x the stage's first "
+       "mini-epoch mean loss)", "Optimisation", sign="positive",
+       doc="a training loss above it stops the run (divergence)",
+       doc_default="1e6 × the first mini-epoch's mean loss"),
+    _o("collapse_patience", int, 3,
+       "stop when validation top-1, after being above chance, stays at chance "
+       "level for this many mini-epochs (0: never)", "Optimisation", sign="non_negative",
+       doc="stop when top-1, once above chance, stays at chance (≤ 1.5/classes) this many "
+           "mini-epochs; 0: never"),
     # --- files
-    ckpt_path: str | None = None
-    teacher_ckpt: str | None = None
-    run_dir: str | None = None
-    stage: str | None = None
-    config: str | None = None
-    progress: bool = True
-    allow_config_change: bool = False
+    _o("ckpt_path", str, None,
+       "initialise from this checkpoint (a prefix, or a directory: its best one)",
+       "Files and runs", doc="checkpoint (prefix or directory) to start from",
+       doc_default="the previous stage's best"),
+    _o("teacher_ckpt", str, None,
+       "float teacher checkpoint for distillation (default: the run's pretrain)",
+       "Files and runs", doc="float teacher for distillation",
+       doc_default="the run's `pretrain`, else that of `--ckpt_path`'s run"),
+    _o("run_dir", str, None,
+       "run directory holding every stage's output (default: runs/<dataset>)",
+       "Files and runs", resume=_UN, doc="directory of all stages",
+       doc_default="`runs/<dataset>`"),
+    _o("stage", str, None,
+       "run one stage: " + ", ".join(STAGES) + " (default: the whole recipe)",
+       "Files and runs", choices=STAGES, resume=_UN,
+       doc="`pretrain`, `calibrate`, `qat8`, `adjustable` or `finetune`", doc_default="all"),
+    _o("config", str, None,
+       "TOML config file (default for the digits recipe: configs/digits.toml)",
+       "Files and runs", resume=_UN, doc="TOML config file",
+       doc_default="`configs/digits.toml` for digits"),
+    _o("progress", bool, True,
+       "show progress bars on a terminal (off a terminal, e.g. in a log file, one "
+       "plain line per mini-epoch is printed instead)", "Files and runs", resume=_UN,
+       doc="progress bars, on a terminal only (a log file gets one line per mini-epoch)"),
+    _o("allow_config_change", bool, False,
+       "resume an interrupted stage with changed training flags (recorded "
+       "in config_history.json); architecture and data changes are always "
+       "refused", "Files and runs", resume=_UN,
+       doc="resume a stage with other training flags, recorded in `config_history.json` "
+           "(model and data changes are always refused)"),
+)
+
+FIELDS: dict[str, Opt] = {opt.name: opt for opt in SCHEMA}
+assert len(FIELDS) == len(SCHEMA), "an option is declared twice"
+assert all(o.resume in RESUME_KINDS and o.group in GROUPS for o in SCHEMA)
+assert all(set(o.place_defaults) <= set(PLACES) for o in SCHEMA)
 
 
-HELP = {
-    "dataset": "'digits' (embedded default), 'synthetic', or a directory of slim ImageNet "
-               "TFRecord shards (train-*-of-*, validation-*-of-*)",
-    "img_size": "input image size (square)",
-    "num_classes": "number of classes (default: the dataset's)",
-    "labels_offset": "subtracted from TFRecord labels (1 for the slim 1001-class convention)",
-    "batch_size": "images per training batch",
-    "seed": "random seed for initialisation, shuffling, augmentation and dropout",
-    "max_val_images": "validate on at most this many images (default: the whole split)",
-    "model": "the network: a declared name (efficientnet_b0, mobilenet_v2, mobilenet_v2_140, "
-             "resnet_v1_50, resnet_v1_50_keras, ...) or keras:PATH, a float Keras model file "
-             "(.keras) imported with its weights",
-    "pretrained": "start from public float weights: a Keras applications weights file, an "
-                  "official TPU EfficientNet checkpoint or a slim checkpoint (converted into "
-                  "the run, see pretrained/README.md); the recipe then starts at calibrate",
-    "width_multiplier": "channel multiplier of the network (slim's MobileNet 'depth "
-                        "multiplier'); 1.0 is the published network",
-    "depth_multiplier": "multiplier of the blocks per stage (1.0 is the published network)",
-    "augment": "training augmentation: inception (random 8-100% crop + flip), shift (small "
-               "random translation) or none (default: the dataset's own for pretrain -- "
-               "shift for digits, inception for TFRecords -- and none for the quantized stages)",
-    "eval_crop": "fraction of the shorter side kept by the central crop of TFRecord images "
-                 "(1.0: no crop)",
-    "dropout": "dropout before the logits (default: 0.2 in pretrain, 0 in the quantized stages)",
-    "drop_connect": "maximum drop-connect rate of the residual branches (default: 0.2 in "
-                    "pretrain, 0 in the quantized stages)",
-    "bn_momentum": "momentum of the batch-norm moving averages (float pretraining)",
-    "weight_bits": "initial weight bits b0 (2..8)",
-    "act_bits": "initial activation bits b0 (2..8)",
-    "swish_bits": "swish inputs: 8 = fixed 8 bits, 0 = trainable bits from --act_bits, -1 = float",
-    "bias_bits": "bias bits (2..8); 0 keeps biases float",
-    "bits_trainable": "learn per-channel bit-widths (bits_scale)",
-    "range": "range preset 1..7: clip intervals of range_scale and range_shift",
-    "bits_grad": "estimator of the bits: original (the upper clip bound 2^b-1 passes gradient "
-                 "to the bits, as the original ran) or scale_only (only through the scale)",
-    "bias_range": "bias quantizer range: live (the bias tensor's own min/max at every step, "
-                  "as the original) or calibrated (fixed at calibration)",
-    "quantize_se_gate": "quantize the input of the SE gate's sigmoid like a swish input",
-    "quantizer": "the fake quantizer: adjq (adjustable ranges and bits, the method) or lsq "
-                 "(LSQ+: a learned per-channel step, and offset for activations, at the fixed "
-                 "--weight_bits/--act_bits; a baseline, see docs/baselines.md)",
-    "calib_images": "training images used to calibrate activation ranges",
-    "eval_initial_thresholds": "also validate the quantized model with the initial thresholds",
-    "alpha": "loss weight of the cross-entropy",
-    "beta": "loss weight of the metric term",
-    "gamma": "share of the metric gradient that goes to activation bits (1-gamma to weights)",
-    "metric": "target score: the metric term pushes down above it and up below it",
-    "metric_style": "counting used in the loss: adjq (the submission's) or micronet (official)",
-    "metric_img_size": "image size at which the metric is counted (default: --img_size)",
-    "lr": "Adam learning rate of weights, biases, range_scale and range_shift",
-    "lr_bits": "Adam learning rate of bits_scale",
-    "lr_fixed": "keep the learning rates constant",
-    "lr_decay": "exponential decay per step of the learning rate",
-    "reinit": "re-initialise the Adam slots and restart the cosine every N steps",
-    "max_epoch": "epochs to train; fractional values stop after whole mini-epochs (0.3 = 3)",
-    "iter_train": "iterative training: train bits only in mini-epochs k % iter_train_freq == 0",
-    "iter_train_freq": "period (in mini-epochs) of the bit phases of --iter_train",
-    "warm_up_epoch": "epochs before bits start training",
-    "finetune": "freeze the bits (train everything except bits_scale)",
-    "swa_delay": "start stochastic weight averaging after this many epochs (unset: no SWA)",
-    "swa_freq": "SWA snapshot period in epochs (multiples of 0.1)",
-    "keep_checkpoints": "keep the best and this many most recent checkpoints (0: keep all)",
-    "jit_compile": "compile the training step with XLA",
-    "strategy": "where to train (tf.distribute): auto (mirrored over all GPUs when there is "
-                "more than one, else one device), default (one device), mirrored (all local "
-                "GPUs, else all logical CPUs), multi_worker (one process per host, from "
-                "TF_CONFIG) or tpu (see docs/distributed.md); --batch_size is the global batch",
-    "logical_cpus": "split the CPU into this many logical devices (try mirrored on a machine "
-                    "without GPUs; it tests the plumbing, it is not faster)",
-    "worker_timeout": "seconds a multi_worker start waits for every worker of TF_CONFIG "
-                      "before it gives up",
-    "sync_bn": "batch norm with the statistics of the global batch, summed over all replicas "
-               "(float pretraining under a multi-replica strategy)",
-    "ckpt_path": "initialise from this checkpoint (a prefix, or a directory: its best one)",
-    "teacher_ckpt": "float teacher checkpoint for distillation (default: the run's pretrain)",
-    "run_dir": "run directory holding every stage's output (default: runs/<dataset>)",
-    "stage": "run one stage: " + ", ".join(STAGES) + " (default: the whole recipe)",
-    "config": "TOML config file (default for the digits recipe: configs/digits.toml)",
-    "progress": "show progress bars on a terminal (off a terminal, e.g. in a log file, one "
-                "plain line per mini-epoch is printed instead)",
-    "max_loss": "stop when a training loss exceeds this (default: 1e6 x the stage's first "
-                "mini-epoch mean loss)",
-    "collapse_patience": "stop when validation top-1, after being above chance, stays at chance "
-                         "level for this many mini-epochs (0: never)",
-    "allow_config_change": "resume an interrupted stage with changed training flags (recorded "
-                           "in config_history.json); architecture and data changes are always "
-                           "refused",
-}
+class _OptionsMethods:
+    """What :class:`Options` adds to its fields (the fields come from :data:`SCHEMA`)."""
 
-FIELDS = {f.name: f for f in dataclasses.fields(Options)}
-AUGMENTATIONS = ("inception", "shift", "none")
-CHOICES = {"stage": STAGES, "metric_style": ("adjq", "micronet"),
-           "bits_grad": ("original", "scale_only"), "bias_range": ("live", "calibrated"),
-           "quantizer": ("adjq", "lsq"),
-           "augment": AUGMENTATIONS,
-           "strategy": ("auto", "default", "mirrored", "multi_worker", "tpu")}
+    @property
+    def swish_mode(self):
+        """``--swish_bits`` as a :class:`adj_quant.qnetwork.SwishMode`."""
+        from adj_quant.qnetwork import SwishMode
+
+        return SwishMode.from_flag(self.swish_bits)
+
+    @property
+    def quantized_bias_bits(self) -> int | None:
+        """``--bias_bits``, None for float biases (the flag's 0)."""
+        return self.bias_bits or None
+
+    @property
+    def metric_size(self) -> int:
+        """The image size at which the metric is counted."""
+        return self.metric_img_size or self.img_size
+
+
+def _field_type(opt: Opt):
+    return opt.type | None if opt.optional else opt.type
+
+
+#: The resolved options of a stage: one field per :data:`SCHEMA` entry, same name, same
+#: default (flag-level values: ``swish_bits`` 8/0/-1, ``bias_bits`` 0 for float biases;
+#: :attr:`swish_mode` and :attr:`quantized_bias_bits` give their meaning).
+Options = dataclasses.make_dataclass(
+    "Options", [(o.name, _field_type(o), dataclasses.field(default=o.default)) for o in SCHEMA],
+    bases=(_OptionsMethods,))
+Options.__module__ = __name__
+
+
+def _names(predicate) -> tuple[str, ...]:
+    return tuple(o.name for o in SCHEMA if predicate(o))
+
+
+#: Options that describe the data and the model, which evaluation and export take from the
+#: run that trained a checkpoint (its ``config.json``) unless given on the command line.
+TRAINED_FIELDS = _names(lambda o: o.trained_with)
+#: Options that define the model or the data of a stage: an interrupted stage never
+#: resumes with other values (its checkpoints hold another model, or another data split).
+ARCH_DATA_FIELDS = _names(lambda o: o.resume == "arch_data")
+#: Not compared when a stage resumes: where it runs does not change what it trains.
+UNCOMPARED_FIELDS = _names(lambda o: o.resume == "uncompared")
+#: Numbers that must not be negative (learning rates, loss weights, epochs, counts).
+NON_NEGATIVE = _names(lambda o: o.sign == "non_negative")
+POSITIVE = _names(lambda o: o.sign == "positive")
 #: Defaults that depend on the stage: float pretraining regularises, the quantized stages
 #: (and evaluation, stage None) run the network as the original did, without.
-PRETRAIN_ONLY = {"dropout": 0.2, "drop_connect": 0.2}
+PRETRAIN_ONLY = {o.name: o.place_defaults["pretrain"] for o in SCHEMA
+                 if "pretrain" in o.place_defaults}
 
 
-def _type_of(field: dataclasses.Field):
-    text = str(field.type)
-    if "bool" in text:
-        return bool
-    if "int" in text and "float" not in text:
-        return int
-    if "float" in text:
-        return float
-    return str
+def place_of(stage: str | None) -> str:
+    """The PLACES entry of a stage (None: evaluation or export)."""
+    return "eval" if stage is None else "pretrain" if stage == "pretrain" else "quantized"
+
+
+def choices_of(name: str) -> tuple | None:
+    return FIELDS[name].resolved_choices()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -240,25 +431,53 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
     commands) kept as written."""
 
 
+def _add_flag(parser: argparse.ArgumentParser, opt: Opt) -> None:
+    text = opt.help.replace("%", "%%")  # argparse %-formats help texts
+    if opt.default is not None or "default:" not in text:
+        text += f" (default: {opt.default})"
+    choices = opt.resolved_choices()
+    if opt.type is bool:
+        parser.add_argument(f"--{opt.name}", action=argparse.BooleanOptionalAction, help=text)
+    elif choices is not None:
+        parser.add_argument(f"--{opt.name}", type=opt.type, choices=choices, help=text)
+    else:
+        parser.add_argument(f"--{opt.name}", type=opt.type, metavar=opt.name.upper(), help=text)
+
+
 def build_parser(prog: str, description: str, extra: dict[str, dict] | None = None,
                  fields: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description, formatter_class=_HelpFormatter,
                      argument_default=argparse.SUPPRESS)
     for name in fields or FIELDS:
-        kind = _type_of(FIELDS[name])
-        default = FIELDS[name].default
-        text = HELP[name].replace("%", "%%")  # argparse %-formats help texts
-        if default is not None or "default:" not in text:
-            text += f" (default: {default})"
-        if kind is bool:
-            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=text)
-        elif name in CHOICES:
-            parser.add_argument(f"--{name}", type=kind, choices=CHOICES[name], help=text)
-        else:
-            parser.add_argument(f"--{name}", type=kind, metavar=name.upper(), help=text)
+        _add_flag(parser, FIELDS[name])
     for flag, kwargs in (extra or {}).items():
         parser.add_argument(flag, **kwargs)
     return parser
+
+
+# --------------------------------------------------------------------------- docs table
+
+
+def _doc_default(opt: Opt) -> str:
+    if opt.doc_default is not None:
+        return opt.doc_default
+    if opt.type is bool:
+        return "on" if opt.default else "off"
+    if opt.type is str:
+        return f"`{opt.default}`"
+    return str(opt.default)
+
+
+def flags_table() -> str:
+    """The "Flags" tables of docs/method.md, one per group (tests/test_config.py checks
+    that the docs hold exactly this)."""
+    parts = []
+    for group in GROUPS:
+        rows = [f"| `--{o.name}` | {_doc_default(o)} | {o.doc or o.help} |"
+                for o in SCHEMA if o.group == group]
+        parts.append("\n".join([f"**{group}**", "", "| flag | default | meaning |",
+                                "| --- | --- | --- |", *rows]))
+    return "\n\n".join(parts) + "\n"
 
 
 def _check_keys(table: dict, where: str) -> None:
@@ -295,7 +514,7 @@ def load_config(path: str) -> dict[str, Any]:
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
-    kind = _type_of(FIELDS[name])
+    kind = FIELDS[name].type
     if value is None:
         return None
     if kind is bool and not isinstance(value, bool):
@@ -327,11 +546,10 @@ def resolve(cli: dict[str, Any], stage: str | None) -> Options:
                 values[key] = _coerce(key, value, f"{config_path} [{stage}]")
     values.update(cli)
     values["config"] = config_path
-    for name, value in PRETRAIN_ONLY.items():
-        if values.get(name) is None:
-            values[name] = value if stage == "pretrain" else 0.0
-    if values.get("augment") is None and stage not in (None, "pretrain"):
-        values["augment"] = "none"  # pretrain: the dataset's own (see data.default_augment)
+    place = place_of(stage)  # augment in pretrain: the dataset's own (data.default_augment)
+    for opt in SCHEMA:
+        if place in opt.place_defaults and values.get(opt.name) is None:
+            values[opt.name] = opt.place_defaults[place]
     # Progress bars on a terminal only: in a log file their frames become endless lines
     # (the trainer prints one plain line per mini-epoch either way).
     values["progress"] = bool(values.get("progress", True)) and _stderr_is_terminal()
@@ -347,22 +565,27 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-#: Numbers that must not be negative (learning rates, loss weights, epochs, counts).
-NON_NEGATIVE = ("lr", "lr_bits", "lr_decay", "alpha", "beta", "metric", "warm_up_epoch",
-                "swa_delay", "labels_offset", "seed", "keep_checkpoints", "collapse_patience")
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_EPOCHS, MAX_MULTIPLIER, MAX_IMG_SIZE = 1e6, 16.0, 4096
 
 
 def validate(o: Options) -> None:
     """Refuse impossible values with one line each, before anything is written."""
-    for name, field in FIELDS.items():
-        value = getattr(o, name)
-        if _type_of(field) is float and value is not None and not math.isfinite(value):
-            raise UserError(f"--{name} {value} is not a finite number; pass a finite value")
-        if _type_of(field) is float and value is not None and abs(value) > FLOAT32_MAX:
-            raise UserError(f"--{name} {value} is beyond float32's range (the training runs in "
-                            "float32); pass a smaller value")
+    _check_numbers(o)
+    _check_sizes(o)
+    _check_choices(o)
+    _check_quantization(o)
+
+
+def _check_numbers(o: Options) -> None:
+    """Finite float32 numbers, the schema's sign rules, and the fractions."""
+    for opt in SCHEMA:
+        value = getattr(o, opt.name)
+        if opt.type is float and value is not None and not math.isfinite(value):
+            raise UserError(f"--{opt.name} {value} is not a finite number; pass a finite value")
+        if opt.type is float and value is not None and abs(value) > FLOAT32_MAX:
+            raise UserError(f"--{opt.name} {value} is beyond float32's range (the training runs "
+                            "in float32); pass a smaller value")
     for name in NON_NEGATIVE:
         value = getattr(o, name)
         if value is not None and value < 0:
@@ -372,15 +595,13 @@ def validate(o: Options) -> None:
                         "in [0, 1]")
     if not 0.0 <= o.bn_momentum < 1.0:
         raise UserError(f"--bn_momentum {o.bn_momentum} must be in [0, 1)")
-
-    def positive(name):
+    for name in POSITIVE:
         if getattr(o, name) is not None and getattr(o, name) <= 0:
             raise UserError(f"--{name} {getattr(o, name)} must be positive")
 
-    for name in ("img_size", "batch_size", "calib_images", "reinit", "iter_train_freq",
-                 "max_epoch", "swa_freq", "metric_img_size", "num_classes", "max_val_images",
-                 "max_loss", "logical_cpus", "worker_timeout"):
-        positive(name)
+
+def _check_sizes(o: Options) -> None:
+    """The model, its multipliers, the image size and the epochs."""
     check_model(o.model)
     if o.width_multiplier <= 0 or o.depth_multiplier <= 0:
         raise UserError("--width_multiplier and --depth_multiplier must be positive")
@@ -399,10 +620,14 @@ def validate(o: Options) -> None:
         raise UserError(f"--max_epoch {o.max_epoch} must be a multiple of 0.1 (one mini-epoch)")
     if round(o.swa_freq * 10) < 1:
         raise UserError(f"--swa_freq {o.swa_freq} must be at least 0.1 (one mini-epoch)")
-    for name, choices in CHOICES.items():
-        value = getattr(o, name)
-        if value is not None and value not in choices:
-            raise UserError(f"--{name} {value!r}: use one of {', '.join(choices)}")
+
+
+def _check_choices(o: Options) -> None:
+    """The schema's choices, and the fractions (dropout rates, crop)."""
+    for opt in SCHEMA:
+        value, choices = getattr(o, opt.name), opt.resolved_choices()
+        if choices is not None and value is not None and value not in choices:
+            raise UserError(f"--{opt.name} {value!r}: use one of {', '.join(choices)}")
     for name in ("dropout", "drop_connect"):
         value = getattr(o, name)
         if value is not None and not 0.0 <= value < 1.0:
@@ -410,7 +635,12 @@ def validate(o: Options) -> None:
     if not 0.0 < o.eval_crop <= 1.0:
         raise UserError(f"--eval_crop {o.eval_crop} must be a fraction in (0, 1]; 1.0 keeps "
                         "the whole image")
+
+
+def _check_quantization(o: Options) -> None:
+    """Bit-widths, the swish mode, the range preset and the quantizer's own rules."""
     from adj_quant.bits import is_bit_width
+    from adj_quant.qnetwork import QuantConfig, SwishMode
     from adj_quant.quantizers.formula import range_preset
 
     for name in ("weight_bits", "act_bits"):
@@ -419,7 +649,7 @@ def validate(o: Options) -> None:
                             "from 2 to 8")
     if o.bias_bits != 0 and not is_bit_width(o.bias_bits):
         raise UserError(f"--bias_bits {o.bias_bits}: use 2..8, or 0 for float biases")
-    if o.swish_bits not in (8, 0, -1):
+    if o.swish_bits not in SwishMode.flags():
         raise UserError(f"--swish_bits {o.swish_bits} is not a swish mode; use 8 (fixed 8 bits), "
                         "0 (trainable bits from --act_bits) or -1 (not quantized)")
     try:
@@ -430,10 +660,7 @@ def validate(o: Options) -> None:
         raise UserError("--quantizer lsq runs at fixed bits and cannot take --bits_trainable; "
                         "drop --bits_trainable (pass --no-bits_trainable where a config file "
                         "sets it, e.g. the [adjustable] table), or use --quantizer adjq")
-    from adj_quant.qnetwork import QuantConfig
-
-    QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits, o.bits_trainable, o.range,
-                o.bits_grad, o.bias_range, o.quantize_se_gate, o.quantizer)
+    QuantConfig.from_options(o)
 
 
 def check_model(model: str) -> None:
@@ -448,14 +675,6 @@ def check_model(model: str) -> None:
     elif model not in nets.names():
         raise UserError(f"--model {model!r} is not a known network; known networks: "
                         f"{', '.join(nets.names())} (or keras:PATH)")
-
-
-#: Options that describe the data and the model, which evaluation and export take from the
-#: run that trained a checkpoint (its ``config.json``) unless given on the command line.
-TRAINED_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "batch_size",
-                  "eval_crop", "model", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
-                  "swish_bits", "bias_bits", "range", "bias_range", "quantize_se_gate",
-                  "quantizer", "calib_images", "metric_img_size", "seed")
 
 
 def trained_config(ckpt_path: str) -> dict:
@@ -481,16 +700,6 @@ def save_resolved(o: Options, path: str) -> None:
 
 # --------------------------------------------------------------------------- resuming
 
-#: Options that define the model or the data of a stage: an interrupted stage never
-#: resumes with other values (its checkpoints hold another model, or another data split).
-ARCH_DATA_FIELDS = ("dataset", "img_size", "num_classes", "labels_offset", "eval_crop",
-                    "model", "width_multiplier", "depth_multiplier", "weight_bits", "act_bits",
-                    "swish_bits", "bias_bits", "bits_trainable", "range", "bias_range",
-                    "quantize_se_gate", "quantizer")
-#: Options that do not change what a stage computes.
-#: Not compared when a stage resumes: where it runs does not change what it trains.
-UNCOMPARED_FIELDS = ("progress", "config", "stage", "run_dir", "allow_config_change",
-                     "strategy", "logical_cpus", "worker_timeout")
 CONFIG_FILE, CONFIG_HISTORY = "config.json", "config_history.json"
 
 

@@ -3,7 +3,7 @@
 1. ``pretrain``   float EfficientNet-B0 with batch norm, cross-entropy;
 2. ``calibrate``  initial thresholds of the BN-folded float model (``initial_thresholds.json``);
 3. ``qat8``       fixed 8-bit quantization-aware training, ranges learned, KD from the float model;
-4. ``adjustable`` trainable bits and ranges with the metric term (``--bits_trainable --iter_train``);
+4. ``adjustable`` trainable bits and ranges, the metric term (``--bits_trainable --iter_train``);
 5. ``finetune``   bits frozen (``--finetune``) with SWA, from the best checkpoint near the target.
 
 Each stage reads the previous stage's output from the run directory unless ``--ckpt_path``
@@ -86,9 +86,10 @@ def keras_model(model: str) -> tuple[Network, dict]:
 
 
 def quant_config(o: Options, bits_trainable: bool | None = None) -> QuantConfig:
-    return QuantConfig(o.weight_bits, o.act_bits, o.swish_bits, o.bias_bits,
-                       o.bits_trainable if bits_trainable is None else bits_trainable, o.range,
-                       o.bits_grad, o.bias_range, o.quantize_se_gate, o.quantizer)
+    """The quantizer setup the options name; ``bits_trainable`` None: ``--bits_trainable``."""
+    if bits_trainable is None:
+        return QuantConfig.from_options(o)
+    return QuantConfig.from_options(o, bits_trainable=bits_trainable)
 
 
 def calibrate_activations(qmodel: QuantizedNetwork, o: Options) -> int:
@@ -110,13 +111,55 @@ def near_target_key(target: float):
     return key
 
 
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of the recipe, as data (:data:`RECIPE`)."""
+
+    name: str
+    #: ``float`` (pretrain), ``calibrate`` or ``quantized`` (trained quantized stages).
+    kind: str
+    #: The earlier stage whose best checkpoint it starts from (unless ``--ckpt_path``).
+    init_from: str | None = None
+    #: Where the activation thresholds come from: ``calibrate`` (the calibrate stage's
+    #: ``initial_thresholds.json``, applied to the float ``init_from`` model) or
+    #: ``checkpoint`` (the quantized ``init_from`` checkpoint holds them).
+    thresholds: str | None = None
+    #: Whether bits train: False, or None for ``--bits_trainable``.
+    bits_trainable: bool | None = None
+    #: How the best checkpoint is chosen: ``top1`` or ``near_target`` (at or below
+    #: ``--metric`` first, by top-1; then the lowest metric).
+    best: str = "top1"
+    #: Forces ``--finetune`` (bits frozen) and keeps the quantizer setup (the learned bits)
+    #: of a quantized start checkpoint.
+    finetune: bool = False
+
+    def best_key(self, o: Options):
+        return near_target_key(o.metric) if self.best == "near_target" else None
+
+
+RECIPE = (
+    StageSpec("pretrain", "float"),
+    StageSpec("calibrate", "calibrate", init_from="pretrain", bits_trainable=False),
+    StageSpec("qat8", "quantized", init_from="pretrain", thresholds="calibrate",
+              bits_trainable=False),
+    StageSpec("adjustable", "quantized", init_from="qat8", thresholds="checkpoint",
+              best="near_target"),
+    StageSpec("finetune", "quantized", init_from="adjustable", thresholds="checkpoint",
+              finetune=True),
+)
+SPECS = {spec.name: spec for spec in RECIPE}
+assert tuple(SPECS) == STAGES
+
+
 class Stage:
-    """Shared plumbing of one stage run."""
+    """Shared plumbing of one stage run: its options (resolved once), directory and
+    strategy."""
 
     def __init__(self, name: str, cli: dict):
         self.name = name
+        self.spec = SPECS[name]
         self.o = resolve(cli, name)
-        if name == "finetune":
+        if self.spec.finetune:
             self.o = dataclasses.replace(self.o, finetune=True)
         self.run_dir = self.o.run_dir or default_run_dir(self.o)
         self.dir = os.path.join(self.run_dir, name)
@@ -286,20 +329,24 @@ class Stage:
 def run_stage(name: str, body, cli: dict) -> dict:
     """Run ``body(stage)`` under the ``--strategy``, the chief holding the stage
     directory's lock; a finished stage is skipped."""
+    return _run_stage(name, body, cli)[1]
+
+
+def _run_stage(name: str, body, cli: dict) -> tuple[Stage, dict]:
     st = Stage(name, cli)
     if (done := st.already_finished()) is not None:
-        return done
+        return st, done
     st.distribute()
     if not st.chief:  # the chief locks, cleans and writes; the others follow it
         with st.strategy.scope():
-            return body(st)
+            return st, body(st)
     created = not os.path.exists(st.dir)
     try:
         with DirectoryLock(st.dir, f"[{name}] stage directory"), st.strategy.scope():
             if (done := st.already_finished()) is not None:  # finished while we waited
-                return done
+                return st, done
             st.check_resume()
-            return body(st)
+            return st, body(st)
     finally:
         if created and os.path.isdir(st.dir) and not os.listdir(st.dir):
             os.rmdir(st.dir)  # refused before writing anything: leave no trace
@@ -322,11 +369,19 @@ def _pretrain(st: Stage) -> dict:
     return st.finish(st.train(model))
 
 
+def _start_checkpoint(st: Stage) -> str:
+    """``--ckpt_path``, else the best checkpoint of the stage's ``init_from``."""
+    if st.o.ckpt_path:
+        return resolve_checkpoint(st.o.ckpt_path, "--ckpt_path")
+    return st.previous(st.spec.init_from)
+
+
 def _calibrate(st: Stage) -> dict:
     o = st.o
-    path = resolve_checkpoint(o.ckpt_path, "--ckpt_path") if o.ckpt_path else st.previous("pretrain")
+    path = _start_checkpoint(st)
     float_model = st.load_float(path, "--ckpt_path")
-    qmodel = QuantizedNetwork.from_float(float_model, quant_config(o, False), seed=o.seed)
+    qmodel = QuantizedNetwork.from_float(float_model, quant_config(o, st.spec.bits_trainable),
+                                         seed=o.seed)
     data_lib.dataset_info(*data_args(o))  # bad data is reported before anything is written
     st.start(None)
     seen = calibrate_activations(qmodel, o)
@@ -347,25 +402,25 @@ def _calibrate(st: Stage) -> dict:
     return st.finish(result)
 
 
-def _quantized_stage(st: Stage, *, bits_trainable: bool | None, source: str,
-                     best_key=None) -> dict:
-    name = st.name
-    o = st.o
+def _quantized_stage(st: Stage) -> dict:
+    """qat8, adjustable and finetune: a quantized model from the start checkpoint,
+    distilled from the float teacher, as the stage's :class:`StageSpec` says."""
+    spec, o = st.spec, st.o
     teacher = st.teacher()
-    if o.ckpt_path:
-        init = resolve_checkpoint(o.ckpt_path, "--ckpt_path")
-    else:
-        init = st.previous(source) if source != "calibrate" else st.previous("pretrain")
-    qcfg = quant_config(o, bits_trainable)
-    if name == "finetune":  # keep the learned bits: the quantizer setup of the source run
-        spec = model_spec_for(init, None, "--ckpt_path")
-        if spec.kind == "quant":
-            qcfg = spec.quant
-    thresholds = st.thresholds_path() if source == "calibrate" or o.ckpt_path else None
+    init = _start_checkpoint(st)
+    qcfg = quant_config(o, spec.bits_trainable)
+    if spec.finetune:  # keep the learned bits: the quantizer setup of the source run
+        source = model_spec_for(init, None, "--ckpt_path")
+        if source.kind == "quant":
+            qcfg = source.quant
+    thresholds = st.thresholds_path() if spec.thresholds == "calibrate" or o.ckpt_path else None
     model = st.quantized_from(init, "--ckpt_path", qcfg, thresholds)
     st.start(ModelSpec("quant", model.arch, qcfg))
-    result = st.train(model, teacher, best_key(o) if best_key else None)
+    result = st.train(model, teacher, spec.best_key(o))
     return st.finish(result)
+
+
+BODIES = {"float": _pretrain, "calibrate": _calibrate, "quantized": _quantized_stage}
 
 
 def pretrain(cli: dict) -> dict:
@@ -373,7 +428,7 @@ def pretrain(cli: dict) -> dict:
     into the stage directory instead (then the recipe goes on at calibrate)."""
     if cli.get("pretrained"):
         return _convert_pretrained(cli)
-    return run_stage("pretrain", _pretrain, cli)
+    return run_stage("pretrain", BODIES[SPECS["pretrain"].kind], cli)
 
 
 def adopt_pretrained_model(cli: dict) -> None:
@@ -428,26 +483,28 @@ def converted_pretrain_files(directory: str, final_dir: str, net: Network, info:
         "best_checkpoint": os.path.join(final_dir, CHECKPOINT_NAME), **info})
 
 
-calibrate = functools.partial(run_stage, "calibrate", _calibrate)
-qat8 = functools.partial(run_stage, "qat8", functools.partial(
-    _quantized_stage, bits_trainable=False, source="calibrate"))
-adjustable = functools.partial(run_stage, "adjustable", functools.partial(
-    _quantized_stage, bits_trainable=None, source="qat8",
-    best_key=lambda o: near_target_key(o.metric)))
-finetune = functools.partial(run_stage, "finetune", functools.partial(
-    _quantized_stage, bits_trainable=None, source="adjustable"))
+def _stage_function(spec: StageSpec):
+    def run(cli: dict) -> dict:
+        return run_stage(spec.name, BODIES[spec.kind], cli)
 
-STAGE_FUNCTIONS = {"pretrain": pretrain, "calibrate": calibrate, "qat8": qat8,
-                   "adjustable": adjustable, "finetune": finetune}
+    run.__name__ = run.__qualname__ = spec.name
+    run.__doc__ = f"Run the {spec.name} stage (:data:`RECIPE`) with the options ``cli``."
+    return run
+
+
+STAGE_FUNCTIONS = {spec.name: pretrain if spec.name == "pretrain" else _stage_function(spec)
+                   for spec in RECIPE}
+calibrate, qat8 = STAGE_FUNCTIONS["calibrate"], STAGE_FUNCTIONS["qat8"]
+adjustable, finetune = STAGE_FUNCTIONS["adjustable"], STAGE_FUNCTIONS["finetune"]
 assert tuple(STAGE_FUNCTIONS) == STAGES
 
 
-def write_final_quant_info(cli: dict, finetune_result: dict) -> str:
-    """``quant_info.json`` of the final model, beside its checkpoint."""
-    st = Stage("finetune", cli)
+def write_final_quant_info(st: Stage, finetune_result: dict) -> str:
+    """``quant_info.json`` of the final model, beside its checkpoint (written by the
+    chief of the finetune stage ``st``)."""
     path = finetune_result["best_checkpoint"]
     out = os.path.join(os.path.dirname(path), "quant_info.json")
-    if not st.distribute().chief:
+    if not st.chief:
         return out
     spec = model_spec_for(path, None, "final checkpoint")
     model = st.build(spec)
@@ -461,8 +518,10 @@ def write_final_quant_info(cli: dict, finetune_result: dict) -> str:
 
 def run_recipe(cli: dict) -> dict:
     adopt_pretrained_model(cli)
-    results = {stage: STAGE_FUNCTIONS[stage](cli) for stage in STAGES}
-    results["quant_info"] = write_final_quant_info(cli, results["finetune"])
+    results = {spec.name: STAGE_FUNCTIONS[spec.name](cli) for spec in RECIPE[:-1]}
+    last = RECIPE[-1]
+    st, results[last.name] = _run_stage(last.name, BODIES[last.kind], cli)
+    results["quant_info"] = write_final_quant_info(st, results[last.name])
     return results
 
 

@@ -16,8 +16,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from adj_quant import cost as cost_lib
-from adj_quant import distribution
-from adj_quant import graph_options
+from adj_quant import distribution, graph_options
 from adj_quant import training_rules as rules
 from adj_quant.checkpoints import (
     CorruptCheckpoint,
@@ -28,6 +27,7 @@ from adj_quant.checkpoints import (
 )
 from adj_quant.errors import UserError
 from adj_quant.files import is_disk_full
+from adj_quant.qnetwork import is_quantized
 from adj_quant.recipe import data as data_lib
 from adj_quant.recipe import validation
 from adj_quant.recipe.config import Options
@@ -63,7 +63,8 @@ class StageResult:
 class Trainer:
     """Train ``model`` for one stage.
 
-    ``teacher`` (a float model) turns on the adjustable loss (KD + alpha*CE + metric);
+    ``teacher`` (a float model) turns on the adjustable loss (KD + ce_weight * CE + the
+    metric term; the weights are the ``--alpha`` and ``--beta`` flags);
     without it the loss is plain cross-entropy (float pretraining).
 
     It trains under the ``tf.distribute`` strategy in whose scope it is built (the model's
@@ -85,8 +86,8 @@ class Trainer:
                             f"{self.steps_per_epoch} steps per epoch for "
                             f"{self.info.num_train} training images; an epoch needs at least "
                             f"{rules.MINI_EPOCHS} (one per mini-epoch): lower --batch_size")
-        self.metric_img_size = options.metric_img_size or options.img_size
-        bits_vars = model.bits_variables() if hasattr(model, "bits_variables") else []
+        self.metric_img_size = options.metric_size
+        bits_vars = model.bits_variables() if is_quantized(model) else []
         bits_ids = {id(v) for v in bits_vars}
         self.weight_vars = [v for v in model.trainable_variables if id(v) not in bits_ids]
         self.bits_vars = bits_vars
@@ -122,11 +123,12 @@ class Trainer:
             ce = rules.cross_entropy(logits, labels)
             return {"loss": ce, "cross_entropy": ce}
         f_logits = self.teacher(images, training=False)
-        metric = cost_lib.metric_value(self.model.arch, self.metric_img_size,
-                                         self.model.bit_assignment(), self.o.metric_style,
-                                         self.o.gamma)
-        return rules.adjustable_loss(logits, labels, f_logits, metric, alpha=self.o.alpha,
-                                     beta=self.o.beta, target=self.o.metric)
+        counts = cost_lib.micronet_cost(self.model, self.metric_img_size,
+                                        style=self.o.metric_style, gamma=self.o.gamma)
+        metric = tf.cast(counts.score, tf.float32)
+        # --alpha and --beta are the loss weights of the cross-entropy and the metric term
+        return rules.adjustable_loss(logits, labels, f_logits, metric, ce_weight=self.o.alpha,
+                                     metric_weight=self.o.beta, target=self.o.metric)
 
     def train_step(self, train_bits: bool):
         """The step function: ``step(images, labels, lr, lr_bits) -> loss parts``, with
@@ -135,14 +137,14 @@ class Trainer:
             variables = self.weight_vars + (self.bits_vars if train_bits else [])
             strategy = self.strategy
             replicas = strategy.num_replicas_in_sync
-            beta = self.o.beta if self.teacher is not None else 0.0
+            metric_weight = self.o.beta if self.teacher is not None else 0.0
 
             def replica_step(images, labels):
                 with tf.GradientTape() as tape:
                     parts = rules.replica_share(
                         self._loss(images, labels, training=True),
                         distribution.replica_fraction(images, self.o.batch_size), replicas,
-                        beta)
+                        metric_weight)
                 grads = tape.gradient(parts["loss"], variables)
                 if replicas > 1:
                     grads = distribution.all_reduce_sum(grads)
@@ -225,7 +227,8 @@ class Trainer:
                 print(f"[{self.stage}] {latest} is corrupt ({err.reason}); resuming from "
                       f"{earlier} instead", file=sys.stderr)
                 continue
-            print(f"[{self.stage}] resuming from {latest} (mini-epoch {int(self.mini_epoch.numpy())})")
+            print(f"[{self.stage}] resuming from {latest} "
+                  f"(mini-epoch {int(self.mini_epoch.numpy())})")
             return True
         return False
 
@@ -380,12 +383,9 @@ class Trainer:
     def validate(self) -> dict:
         acc = validation.accuracy(self.model, self.val_data, progress=self.o.progress,
                                   max_images=self.o.max_val_images, step=self._eval_step)
-        result = {"top1": acc["top1"], "top5": acc["top5"]}
-        bits = validation.bits_of(self.model)
-        result.update(validation.scores(bits, self.model.arch, self.metric_img_size))
-        result["metric"] = result["score_micronet" if self.o.metric_style == "micronet"
-                                  else "score_adjq"]
-        return result
+        report = cost_lib.cost_report(self.model, self.metric_img_size)
+        return {"top1": acc["top1"], "top5": acc["top5"], **report.as_dict(),
+                "metric": report.score(self.o.metric_style)}
 
     # ------------------------------------------------------------------ summaries
 
@@ -398,7 +398,7 @@ class Trainer:
                 tf.summary.scalar(f"val/{key}", result[key])
             for name, values in validation.bits_histograms(self.model).items():
                 tf.summary.histogram(name, values)
-            if hasattr(self.model, "bit_assignment"):
+            if is_quantized(self.model):
                 png = per_layer_bits_png(self.model.bit_assignment(), self.model.arch.layer_names,
                                          f"{self.stage}, mini-epoch {mini_epoch}")
                 tf.summary.image("bits/per_layer", tf.image.decode_png(png)[None], step=mini_epoch)

@@ -9,8 +9,7 @@ from tqdm import tqdm
 from adj_quant import cost as cost_lib
 from adj_quant import graph_options
 from adj_quant.distribution import is_distributed, reduce_sum, split_batch
-from adj_quant.qnetwork import ACTIVATION_SITES
-from adj_quant.quant_info import average_bits
+from adj_quant.qnetwork import ACTIVATION_SITES, is_quantized
 from adj_quant.recipe import data as data_lib
 from adj_quant.training_rules import topk_correct
 
@@ -62,25 +61,18 @@ def accuracy(model, dataset, *, what: str = "validation data", progress: bool = 
 
 def bits_of(model):
     """The model's current bits; the float model is 32 bits everywhere."""
-    if hasattr(model, "bit_assignment"):
-        return model.bit_assignment()
-    return cost_lib.BitAssignment.uniform(model.arch, 32, 32)
+    return cost_lib.bits_of(model)
 
 
 def scores(bits, arch, img_size: int) -> dict[str, float]:
-    """Official counts (params, ops, score_micronet), score_adjq and average bits."""
-    official = cost_lib.count_micronet(arch, img_size, bits)
-    own = cost_lib.count_adjq(arch, img_size, bits)
-    avg_w, avg_a = average_bits(bits, arch)
-    return {"params": float(official.params), "ops": float(official.ops),
-            "multiplies": float(official.multiplies), "adds": float(official.adds),
-            "score_micronet": float(official.score), "score_adjq": float(own.score),
-            "avg_weight_bits": avg_w, "avg_act_bits": avg_a}
+    """Official counts (params, ops, score_micronet), score_adjq and average bits
+    (:func:`adj_quant.cost.cost_report` as a dict)."""
+    return cost_lib.cost_report(bits, img_size, arch=arch).as_dict()
 
 
 def bits_histograms(model) -> dict[str, np.ndarray]:
     """Per-channel bits of all weight and all activation quantizers (for TensorBoard)."""
-    if not hasattr(model, "quantizers"):
+    if not is_quantized(model):
         return {}
     weights, acts = [], []
     for name, quant in model.quantizers().items():
