@@ -25,7 +25,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import adj_quant.cli.quiet  # noqa: E402,F401  (silences TF's start-up; before TensorFlow)
+from adj_quant.cli.start import start  # noqa: E402
+
+start(xla=True)  # TensorFlow quiet (before it loads); the XLA kernel settings and cache
 
 # isort: split
 import tensorflow as tf  # noqa: E402

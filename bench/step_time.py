@@ -37,6 +37,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the benchmark is a CPU benc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from adj_quant import xla_config  # noqa: E402
+
+xla_config.configure()  # the kernels' XLA settings and cache, before TensorFlow's first op
+
+# isort: split
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

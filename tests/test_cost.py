@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 
 from adj_quant import cost as M
+from adj_quant import nets
 from adj_quant import quant_info as QI
 from adj_quant.errors import UserError
-from adj_quant import nets
 
 REPO = Path(__file__).resolve().parents[1]
 B0 = nets.build("efficientnet_b0", num_classes=1000)

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TINY, save_small_keras_model
 
 from adj_quant import cost as cost_lib
 from adj_quant import nets
@@ -19,9 +20,6 @@ from adj_quant.network import FloatNetwork
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 from adj_quant.quantizers.lsq import LsqQuantizer, code_range, lsq_quantize, weight_init_step
 from adj_quant.recipe import validation
-
-from conftest import TINY, save_small_keras_model
-
 
 # --------------------------------------------------------------------------- oracles
 
@@ -402,8 +400,8 @@ def test_checkpoint_and_spec_round_trip(tiny, tmp_path):
 def test_qat8_finetune_and_eval_with_lsq(tmp_path, capsys):
     """pretrain (briefly) -> calibrate -> qat8 --quantizer lsq at 4/4 bits -> finetune ->
     eval: the checkpoints hold LSQ models at the fixed bits, and the training moved them."""
-    from adj_quant.cli import evaluate as eval_cli
     from adj_quant.checkpoints import resolve_checkpoint
+    from adj_quant.cli import evaluate as eval_cli
 
     run = str(tmp_path / "run")
     small = ["--model", save_small_keras_model(tmp_path / "small.keras")]

@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import ROOT
 
 from adj_quant import quantizers
 from adj_quant.errors import UserError
 from adj_quant.quantizers import base
 from adj_quant.quantizers.adjustable import AdjustableQuantizer
 from adj_quant.quantizers.lsq import LsqQuantizer
-
-from conftest import ROOT
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import ROOT
 
 #: The private module, and what kernels.py calls in it with the parameters it passes.

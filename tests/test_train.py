@@ -12,12 +12,11 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TINY
 
+from adj_quant.checkpoints import ModelSpec, read_json, restore_model
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import train as train_cli
-from adj_quant.checkpoints import ModelSpec, read_json, restore_model
-
-from conftest import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,14 +13,13 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TINY
 
 from adj_quant import training_rules
 from adj_quant.checkpoints import RunCheckpoints, read_json
 from adj_quant.cli import train as train_cli
 from adj_quant.directory_lock import LOCK_FILE
 from adj_quant.recipe.trainer import collapsed
-
-from conftest import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = ".data-00000-of-00001"

@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import tensorflow as tf
+from conftest import ROOT
 
 from adj_quant import xla_config
-
-from conftest import ROOT
 
 SNIPPET = """
 from adj_quant import xla_config

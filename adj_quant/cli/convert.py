@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from adj_quant.cli.start import start
 from adj_quant.errors import OneLineParser, cli_main
 from pretrained.convert import convert
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    import adj_quant.cli.quiet  # noqa: F401, PLC0415 (quiet TensorFlow start-up)
+    start()
     from adj_quant.checkpoints import load_spec, resolve_checkpoint
     from adj_quant.recipe.stages import converted_pretrain_files
 

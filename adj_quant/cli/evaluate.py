@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 
-import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
+from adj_quant.cli.start import start
 from adj_quant.errors import UserError, cli_main
 from adj_quant.recipe.config import build_parser
 from adj_quant.recipe.evaluation import EVAL_FIELDS, evaluate_checkpoint, evaluate_tflite
@@ -58,6 +58,7 @@ def report_lines(result: dict) -> list[str]:
 
 @cli_main
 def main(argv=None) -> None:
+    start(xla=True)
     cli = parse(argv)
     as_json = cli.pop("json", False)
     if cli.get("tflite"):

@@ -11,7 +11,7 @@ Installed as ``adjq-export``.
 
 from __future__ import annotations
 
-import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
+from adj_quant.cli.start import start
 from adj_quant.errors import UserError, cli_main
 from adj_quant.recipe.config import build_parser
 from adj_quant.recipe.evaluation import evaluate_tflite
@@ -77,6 +77,7 @@ def parse(argv=None) -> dict:
 
 @cli_main
 def main(argv=None) -> dict:
+    start(xla=True)
     cli = parse(argv)
     evaluate = cli.pop("evaluate", False)
     if evaluate and cli["format"] != "tflite":

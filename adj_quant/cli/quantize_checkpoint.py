@@ -20,6 +20,7 @@ import re
 import sys
 from collections import Counter
 
+from adj_quant.cli.start import start
 from adj_quant.errors import OneLineParser, UserError, cli_main
 from adj_quant.seed_quantizers.formulas import ALGORITHMS, UINT8_MIN_SIZE  # numpy only
 from adj_quant.seed_quantizers.variables import BELOW_MIN_SIZE
@@ -118,7 +119,7 @@ def _plural(n, word):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import adj_quant.cli.quiet  # noqa: F401,PLC0415  (quiet TensorFlow start-up)
+    start()
     from adj_quant.seed_quantizers import checkpoint_quantizer as ckpt_quant  # noqa: PLC0415
     from adj_quant.seed_quantizers import formulas  # noqa: PLC0415
 

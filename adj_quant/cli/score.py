@@ -17,6 +17,7 @@ import os
 import sys
 
 from adj_quant.bits import is_bit_width
+from adj_quant.cli.start import start
 from adj_quant.errors import OneLineParser, UserError, cli_main
 
 _DEFAULT_BITS = 8
@@ -76,7 +77,6 @@ def _validate(args) -> None:
         if not 0 < value <= MAX_MULTIPLIER:  # also refuses nan and inf
             raise UserError(f"--{flag} {value}: give a positive multiplier up to "
                             f"{MAX_MULTIPLIER:g}, e.g. 1.0")
-    import adj_quant.cli.quiet  # noqa: F401  (the registry imports TensorFlow: quietly)
     from adj_quant import nets
 
     if args.model not in nets.names():
@@ -143,8 +143,8 @@ def _fmt(x: float) -> str:
 @cli_main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    start()
     _validate(args)
-    import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
     from adj_quant import cost, nets
     from adj_quant.quant_info import load_quant_info
     if getattr(args, "network", None):  # a run directory: the network it trained

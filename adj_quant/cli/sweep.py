@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up, where it loads)
+from adj_quant.cli.start import start
 from adj_quant.errors import OneLineParser, UserError, cli_main
 from adj_quant.recipe import sweep as sweep_lib
 
@@ -38,6 +38,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 @cli_main
 def main(argv=None) -> None:
+    start(xla=True)
     args = parse(argv)
     if args._point:  # noqa: SLF001 (a point's own process)
         sys.exit(sweep_lib.run_point(args._point))

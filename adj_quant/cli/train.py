@@ -11,9 +11,9 @@ A config file sets defaults (top level and per-stage tables); flags override the
 
 from __future__ import annotations
 
-import adj_quant.cli.quiet  # noqa: F401  (quiet TensorFlow start-up)
-from adj_quant.recipe.config import build_parser
+from adj_quant.cli.start import start
 from adj_quant.errors import cli_main
+from adj_quant.recipe.config import build_parser
 
 
 def parse(argv=None) -> dict:
@@ -23,6 +23,7 @@ def parse(argv=None) -> dict:
 
 @cli_main
 def main(argv=None) -> None:
+    start(xla=True)
     cli = parse(argv)
     from adj_quant.recipe import stages
 
