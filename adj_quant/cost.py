@@ -105,10 +105,6 @@ class ElementOp:
     kernel: int = 1  # maxpool: the window side (``hw`` is then the output side)
 
 
-def _same_out(size: int, stride: int) -> int:
-    return -(-size // stride)
-
-
 def network_layers(net: Network, img_size: int) -> list[LayerSpec]:
     """Every weight layer of a declared network, in execution order."""
     shapes = net.layer_shapes(img_size)

@@ -86,7 +86,8 @@ def from_json(data: dict) -> Network:
                        tuple(params["input_mean"]), tuple(params["input_std"]),
                        float(params["bn_epsilon"]))
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"network declaration {params.get('name')!r} cannot be read: {err}") from None
+        raise UserError(f"network declaration {params.get('name')!r} cannot be read: "
+                        f"{err}") from None
 
 
 def from_keras(model, **options):

@@ -1,6 +1,7 @@
 """The quantized network derived from a declaration (docs/method.md, "What is quantized").
 
-Built from a float model (:class:`adj_quant.network.FloatNetwork`): batch norm is folded into every conv's weights and bias, then
+Built from a float model (:class:`adj_quant.network.FloatNetwork`): batch norm is folded into
+every conv's weights and bias, then
 every weight tensor, the input of every conv/FC (except a stem, whose input is the 8-bit
 image), every swish input, every sigmoid input (EfficientNet's SE gates) and every bias
 gets a quantizer (:class:`adj_quant.quantizers.Quantizer`) of the registered kind
@@ -82,7 +83,8 @@ class QuantConfig:
     range_preset: int = 5
     bits_grad: str = "original"     # the upper clip bound's estimator (formula.BITS_GRAD_MODES)
     bias_range: str = "live"        # "live": the bias tensor's own min/max; "calibrated": fixed
-    quantize_se_gate: bool = True   # quantize every sigmoid's input (the SE gates) like a swish input
+    #: quantize every sigmoid's input (the SE gates) like a swish input
+    quantize_se_gate: bool = True
     #: "adjq": AdjustableQuantizer; "lsq": LsqQuantizer at fixed bits (range_preset,
     #: bits_grad and bias_range do not apply to it: its step and offset are learned).
     quantizer: str = "adjq"
@@ -294,9 +296,9 @@ class QuantizedNetwork(tf.Module):
         """Current bits of every quantized tensor as a :class:`adj_quant.cost.BitAssignment`."""
         from adj_quant.cost import BitAssignment, counted_bits
 
-        weight = {s: l.weight_quant.bits() for s, l in self.layers.items()}
-        act = {s: (8.0 if l.act_quant is None else l.act_quant.bits())
-               for s, l in self.layers.items()}
+        weight = {s: layer.weight_quant.bits() for s, layer in self.layers.items()}
+        act = {s: (8.0 if layer.act_quant is None else layer.act_quant.bits())
+               for s, layer in self.layers.items()}
         swish = {s: (self.swish_quant[s].bits() if s in self.swish_quant else 32.0)
                  for s in self.net.activation_sites("swish")}
         swish.update({s: q.bits() for s, q in self.gate_quant.items()})
@@ -414,8 +416,8 @@ class QuantizedNetwork(tf.Module):
         for name, quant in quants.items():
             if name not in data:
                 raise UserError(f"{source} does not match the model: it has no entry for "
-                                f"{name!r} (another swish_bits/bias_bits setting or architecture?); "
-                                "recalibrate (the recipe's calibrate stage)")
+                                f"{name!r} (another swish_bits/bias_bits setting or "
+                                "architecture?); recalibrate (the recipe's calibrate stage)")
             entry = data[name]
             for key in ("min", "max"):
                 values = entry.get(key) if isinstance(entry, dict) else None

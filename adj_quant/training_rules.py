@@ -73,7 +73,8 @@ def replica_share(parts: dict[str, tf.Tensor], fraction, replicas: int,
 
 
 def lr_factor(step, lr_decay: float, reinit: int):
-    """``exp(-step * lr_decay) * |cos(pi * decay_step / (4 * reinit))|``, decay_step = step % reinit."""
+    """``exp(-step * lr_decay) * |cos(pi * decay_step / (4 * reinit))|``,
+    ``decay_step = step % reinit``."""
     decay_step = step % reinit
     return math.exp(-step * lr_decay) * abs(math.cos(math.pi * decay_step / (4 * reinit)))
 
@@ -219,7 +220,8 @@ def schedule_table(max_epoch: float, flags: ScheduleFlags) -> list[tuple[int, in
 
 
 def swa_snapshot_due(epoch: int, k: int, swa_delay: float | None, swa_freq: float) -> bool:
-    """Snapshot after mini-epoch ``k`` of ``epoch``: ``e + k/10 >= delay``, ``k > 0``, ``k % int(10*freq) == 0``."""
+    """Snapshot after mini-epoch ``k`` of ``epoch``: ``e + k/10 >= delay``, ``k > 0``,
+    ``k % int(10*freq) == 0``."""
     if swa_delay is None:
         return False
     period = int(round(MINI_EPOCHS * swa_freq))

@@ -306,8 +306,8 @@ def test_micronet_cost_gradient_reaches_per_channel_bits(style):
 def _random_bits(arch, seed=0):
     rng = np.random.default_rng(seed)
     layers = M.network_layers(arch, 224)
-    weight = {l.scope: rng.integers(2, 9, l.weight_channels) for l in layers}
-    act = {l.scope: rng.integers(2, 9, l.cin) for l in layers}
+    weight = {spec.scope: rng.integers(2, 9, spec.weight_channels) for spec in layers}
+    act = {spec.scope: rng.integers(2, 9, spec.cin) for spec in layers}
     act["Conv"] = 8
     swish = {op.scope: (rng.integers(2, 9, op.channels) if i % 2 else 6)
              for i, op in enumerate(o for o in M.element_ops(arch, 224) if o.kind == "swish")}
@@ -332,7 +332,8 @@ def test_quant_info_round_trip():
     for scope in B0.activation_sites("swish"):
         np.testing.assert_array_equal(np.asarray(back.swish[scope]), bits.swish[scope])
     assert back.bias_bits == 5
-    assert M.count_micronet(B0, 224, back).as_floats() == M.count_micronet(B0, 224, bits).as_floats()
+    assert M.count_micronet(B0, 224, back).as_floats() == \
+        M.count_micronet(B0, 224, bits).as_floats()
     float_info = QI.to_quant_info(M.BitAssignment.uniform(B0, 32, 32), B0, {})
     assert float_info["bias_bits"] is None
     assert QI.from_quant_info(float_info, B0).is_float()
@@ -375,7 +376,8 @@ def _mutate(path, value):
     (_mutate(["Conv", "act"], 4), "Conv act is 4"),
     (_mutate(["swish_inputs", "expanded_conv_4/dws"], KeyError),
      "missing key 'expanded_conv_4/dws' in 'swish_inputs'"),
-    (_mutate(["swish_inputs", "Conv"], [4] * 31), "Conv swish input has 31 bits, the model needs 32"),
+    (_mutate(["swish_inputs", "Conv"], [4] * 31),
+     "Conv swish input has 31 bits, the model needs 32"),
     (_mutate(["bias_bits"], 12), "bias_bits is 12"),
     (_mutate(["expanded_conv_16"], {}), "unexpected key 'expanded_conv_16'"),
 ])

@@ -319,8 +319,8 @@ def test_the_network_gets_lsq_quantizers_initialised_from_calibration(tiny):
         (act.init_max.numpy() - act.init_min.numpy()) / 15, 1e-6), rtol=1e-5)
     # a thresholds file round trip keeps the LSQ+ weight init
     other = QuantizedNetwork(float_model.arch, model.qcfg)
-    for scope, l in other.layers.items():
-        l.load_float(float_model.layers[scope])
+    for scope, layer in other.layers.items():
+        layer.load_float(float_model.layers[scope])
     other.set_thresholds(model.thresholds())
     for name, q in other.quantizers().items():
         np.testing.assert_allclose(q.step.numpy(), quants[name].step.numpy(), rtol=1e-6)

@@ -173,7 +173,7 @@ def test_bad_input_one_line_and_outputs_untouched(run_dir, extra, message, capsy
         train_cli.main(["--stage", "adjustable", "--run_dir", str(run_dir), *TINY, *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert _tree_digest(str(run_dir)) == before
 
@@ -206,8 +206,9 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     proc = _run(["train.py", "--stage", "pretrain", "--run_dir", str(run), *TINY,
                  "--max_epoch", "0.3", "--lr", "1e30", "--lr_fixed"])
     assert proc.returncode == 2, proc.stdout
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and "the loss became" in errors[0] and "last good checkpoint" in errors[0]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the loss became" in errors[0]
+    assert "last good checkpoint" in errors[0]
     assert "Traceback" not in proc.stderr
     state_file = run / "pretrain" / "checkpoints.json"
     if state_file.exists():  # whatever was saved before the divergence is intact and finite
@@ -228,7 +229,7 @@ def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, t
     legacy = ModelSpec.from_json({**new_spec, "quant": {**old_quant, **QuantConfig.LEGACY}})
     model = legacy.build()
     assert not model.gate_quant and all(
-        not l.bias_quant.live_range for l in model.layers.values() if l.bias_quant)
+        not layer.bias_quant.live_range for layer in model.layers.values() if layer.bias_quant)
     current, _ = _load(run_dir / "qat8")
     from adj_quant.checkpoints import checkpoint_keys
 
@@ -242,7 +243,7 @@ def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, t
     capsys.readouterr()
     eval_cli.main(["--ckpt_path", prefix, *TINY, "--json", "--output", str(tmp_path)])
     out, err = capsys.readouterr()
-    notes = [l for l in err.splitlines() if l.startswith("note:")]
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "quantize_se_gate=False" in notes[0], err
     result = json.loads(out)
     from adj_quant.recipe import validation

@@ -104,7 +104,8 @@ def test_resume_skips_a_damaged_latest_checkpoint_and_matches_an_uninterrupted_r
     with open(str(damaged) + DATA, "r+b") as f:
         f.truncate(1000)
     # Off a terminal (a pipe), with progress bars not turned off: plain lines only.
-    proc = subprocess.run([sys.executable, "train.py", *(a for a in TINY if a != "--no-progress"), *args, "--run_dir", str(run)],
+    flags = [a for a in TINY if a != "--no-progress"]
+    proc = subprocess.run([sys.executable, "train.py", *flags, *args, "--run_dir", str(run)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"{damaged} is corrupt (" in proc.stderr and "resuming from" in proc.stderr

@@ -1,4 +1,5 @@
-"""Each training rule of docs/method.md (loss, optimisation) on its own, against hand-computed values."""
+"""Each training rule of docs/method.md (loss, optimisation) on its own, against
+hand-computed values."""
 
 import math
 
@@ -61,11 +62,13 @@ def test_loss_sign_and_parts():
     f = tf.constant([[1.5, 2.0], [0.0, 1.0]])
     labels = tf.constant([1, 0])
     # kd by hand: 0.01 * mean(sqrt(.25+1e-5)+sqrt(1e-5), sqrt(1e-5)+sqrt(4+1e-5))
-    kd = 0.01 * ((math.sqrt(0.25 + 1e-5) + math.sqrt(1e-5)) + (math.sqrt(1e-5) + math.sqrt(4 + 1e-5))) / 2
+    kd = 0.01 * ((math.sqrt(0.25 + 1e-5) + math.sqrt(1e-5))
+                 + (math.sqrt(1e-5) + math.sqrt(4 + 1e-5))) / 2
     ce = (-math.log(math.exp(2) / (math.exp(1) + math.exp(2)))
           - math.log(1 / (1 + math.exp(-1)))) / 2
-    above = rules.adjustable_loss(q, labels, f, tf.constant(0.3), ce_weight=7.0, metric_weight=85.0, target=0.18)
-    below = rules.adjustable_loss(q, labels, f, tf.constant(0.1), ce_weight=7.0, metric_weight=85.0, target=0.18)
+    weights = dict(ce_weight=7.0, metric_weight=85.0, target=0.18)
+    above = rules.adjustable_loss(q, labels, f, tf.constant(0.3), **weights)
+    below = rules.adjustable_loss(q, labels, f, tf.constant(0.1), **weights)
     assert float(above["kd"]) == pytest.approx(kd, rel=1e-5)
     assert float(above["cross_entropy"]) == pytest.approx(ce, rel=1e-5)
     assert float(above["loss"]) == pytest.approx(kd + 7 * ce + 85 * 0.3, rel=1e-5)

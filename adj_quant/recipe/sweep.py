@@ -222,8 +222,7 @@ class Sweep:
     points: list[Point]
 
 
-def load_sweep(path: str) -> Sweep:
-    """Read and check a sweep file; every error is one line naming the key."""
+def _read_sweep_file(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -238,6 +237,11 @@ def load_sweep(path: str) -> Sweep:
     if unknown:
         raise UserError(f"{path}: unknown key {sorted(unknown)[0]!r}; a sweep file has base, "
                         "name, [flags], [grid] and [[points]]")
+    return data
+
+
+def _base_and_name(data: dict, path: str) -> tuple[str, str]:
+    """The base config (checked now) and the sweep's name."""
     here = os.path.dirname(os.path.abspath(path))
     base = data.get("base")
     if base is None:
@@ -250,6 +254,61 @@ def load_sweep(path: str) -> Sweep:
     name = data.get("name", os.path.splitext(os.path.basename(path))[0])
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise UserError(f"{path}: name {name!r} must be letters, digits, '.', '_' or '-'")
+    return base, name
+
+
+def _point_labels(raw: dict, own: dict, where: str) -> tuple[str, list | None]:
+    """A point's ``label``: one string, or a list with one label per value of its lists."""
+    label = raw.get("label", "")
+    labels = label if isinstance(label, list) else None
+    if labels is not None and (not labels or not all(isinstance(x, str) for x in labels)):
+        raise UserError(f"{where}: label must be a string or a non-empty list of strings "
+                        "(one per value of the point's lists)")
+    if labels is None and not isinstance(label, str):
+        raise UserError(f"{where}: label must be a string, got {label!r}")
+    if labels is not None and not any(isinstance(v, list) and len(v) == len(labels)
+                                      for v in own.values()):
+        raise UserError(f"{where}: label has {len(labels)} entries but no flag list of "
+                        f"the point has {len(labels)} values to go with them")
+    return label, labels
+
+
+def _points_of(raw, i: int, path: str, fixed: dict, grid: list[dict],
+               names: dict[str, int]) -> list[Point]:
+    """The points of the ``i``-th ``[[points]]`` table (its lists and the grid expanded)."""
+    where = f"{path} [[points]] #{i}"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} is not a table")
+    family = raw.get("family", "adjq")
+    if family not in FAMILIES:
+        raise UserError(f"{where}: family {family!r} is not one of {', '.join(FAMILIES)}")
+    own = _flatten({k: v for k, v in raw.items() if k not in POINT_KEYS}, where)
+    label, labels = _point_labels(raw, own, where)
+    points = []
+    for combo in _expand(own, where, labels):
+        if labels is not None:
+            label = combo.pop(LABEL)
+        for cell in grid:
+            flags = {**fixed, **FAMILY_FLAGS.get(family, {}), **cell, **combo}
+            flags = {k: v for k, v in flags.items()
+                     if k[0] is None or k[0] in FAMILIES[family]}
+            point_label = label or " ".join(dict.fromkeys(
+                f"{k[1]}={_short(v)}" for k, v in sorted(
+                    {**cell, **combo}.items(), key=lambda kv: _flag_name(kv[0]))
+                if k[1] != "seed"))
+            pname = _point_name(family, label, {**cell, **combo})
+            if pname in names:
+                raise UserError(f"{where}: the same point as #{names[pname]} ({pname}); "
+                                "remove one or give it other flags")
+            names[pname] = i
+            points.append(Point(pname, family, point_label, flags))
+    return points
+
+
+def load_sweep(path: str) -> Sweep:
+    """Read and check a sweep file; every error is one line naming the key."""
+    data = _read_sweep_file(path)
+    base, name = _base_and_name(data, path)
 
     def table(key, kind):
         value = data.get(key, kind())
@@ -271,41 +330,7 @@ def load_sweep(path: str) -> Sweep:
     points: list[Point] = []
     names: dict[str, int] = {}
     for i, raw in enumerate(raw_points, 1):
-        where = f"{path} [[points]] #{i}"
-        if not isinstance(raw, dict):
-            raise UserError(f"{where} is not a table")
-        family = raw.get("family", "adjq")
-        if family not in FAMILIES:
-            raise UserError(f"{where}: family {family!r} is not one of {', '.join(FAMILIES)}")
-        label = raw.get("label", "")
-        labels = label if isinstance(label, list) else None
-        if labels is not None and (not labels or not all(isinstance(x, str) for x in labels)):
-            raise UserError(f"{where}: label must be a string or a non-empty list of strings "
-                            "(one per value of the point's lists)")
-        if labels is None and not isinstance(label, str):
-            raise UserError(f"{where}: label must be a string, got {label!r}")
-        own = _flatten({k: v for k, v in raw.items() if k not in POINT_KEYS}, where)
-        if labels is not None and not any(isinstance(v, list) and len(v) == len(labels)
-                                          for v in own.values()):
-            raise UserError(f"{where}: label has {len(labels)} entries but no flag list of "
-                            f"the point has {len(labels)} values to go with them")
-        for combo in _expand(own, where, labels):
-            if labels is not None:
-                label = combo.pop(LABEL)
-            for cell in grid:
-                flags = {**fixed, **FAMILY_FLAGS.get(family, {}), **cell, **combo}
-                flags = {k: v for k, v in flags.items()
-                         if k[0] is None or k[0] in FAMILIES[family]}
-                point_label = label or " ".join(dict.fromkeys(
-                    f"{k[1]}={_short(v)}" for k, v in sorted(
-                        {**cell, **combo}.items(), key=lambda kv: _flag_name(kv[0]))
-                    if k[1] != "seed"))
-                pname = _point_name(family, label, {**cell, **combo})
-                if pname in names:
-                    raise UserError(f"{where}: the same point as #{names[pname]} ({pname}); "
-                                    "remove one or give it other flags")
-                names[pname] = i
-                points.append(Point(pname, family, point_label, flags))
+        points += _points_of(raw, i, path, fixed, grid, names)
     for point in points:
         plan_stage_keys(point, base)
     return Sweep(os.path.abspath(path), name, base, points)
