@@ -188,6 +188,12 @@ class BitAssignment:
     means "not quantized" (float): a float tensor is counted at 32 bits, without a scale
     and offset (:func:`counted_bits` turns a config's None into 32). Values may be numbers,
     numpy arrays or tf tensors.
+
+    ``density[scope]``: the fraction of the layer's weights that are nonzero (``1 -
+    sparsity``): a scalar, one value per output channel (``[cout]``; depthwise ``[C]``), or,
+    for a conv / FC, one per (input, output) channel pair (``[cin, cout]``: the fraction of
+    the ``k*k`` taps kept). A layer without an entry is dense; an output channel whose
+    density is 0 is removed (see :func:`input_liveness`).
     """
 
     weight: dict[str, Any]
@@ -195,17 +201,19 @@ class BitAssignment:
     swish: dict[str, Any]
     bias_bits: Any
     image_inputs: frozenset = frozenset()
+    density: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def uniform(cls, arch: Network, weight_bits, act_bits, swish_bits=8,
-                bias_bits=8, se_gate: bool = True) -> "BitAssignment":
+                bias_bits=8, se_gate: bool = True, sparsity: float = 0.0) -> "BitAssignment":
         """The same bits everywhere.
 
         ``swish_bits`` (the flag's values): 8 (or any of 2..8) fixed, 0 "trainable, starting
         from ``act_bits``" (counted at ``act_bits``), -1 float. ``se_gate``: the SE sigmoid's
         input is quantized like a swish input. ``bias_bits`` None (or the flag's 0) means
         float biases. Weight and activation bits of 32/32 give the float model (swish, gates
-        and biases float too).
+        and biases float too). ``sparsity``: the fraction of zero weights of every conv,
+        depthwise and FC weight tensor (as the official ``print_summary(sparsity=...)``).
         """
         _check_uniform_bits("weight_bits", weight_bits, ())
         _check_uniform_bits("act_bits", act_bits, ())
@@ -222,8 +230,14 @@ class BitAssignment:
         act.update({scope: IMAGE_BITS for scope in stems})
         sites = arch.activation_sites("swish") + (arch.activation_sites("sigmoid") if se_gate
                                                   else [])
+        if sparsity:
+            from adj_quant.sparsity import check_sparsity
+
+            sparsity = check_sparsity(sparsity)
+        density = {scope: 1.0 - sparsity for scope in scopes} if sparsity else {}
         return cls(weight={scope: weight_bits for scope in scopes}, act=act,
-                   swish={scope: swish for scope in sites}, bias_bits=bias, image_inputs=stems)
+                   swish={scope: swish for scope in sites}, bias_bits=bias, image_inputs=stems,
+                   density=density)
 
     def is_float(self) -> bool:
         """True when every entry is 32 (the stem's image input excepted).
@@ -430,6 +444,135 @@ def adjq_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
     return {"params": _zero(), "multiplies": ops / 2.0, "adds": ops / 2.0}
 
 
+# --------------------------------------------------------------------------- sparsity
+
+#: Activations with ``f(0) = 0``: a removed (all-zero) channel stays zero through them.
+ZERO_PRESERVING = ("swish", "relu", "relu6", "hard_swish")
+
+
+def _density(spec: LayerSpec, value) -> tf.Tensor:
+    """A layer's density as ``[cin, cout]`` (conv / FC) or ``[C]`` (depthwise), float64."""
+    d = value if isinstance(value, tf.Tensor) else tf.convert_to_tensor(value)
+    d = tf.cast(d, _DTYPE) if d.dtype != _DTYPE else d
+    full = [spec.cin] if spec.kind == "dws" else [spec.cin, spec.cout]
+    shape = d.shape.as_list()
+    if shape == [] or shape == [1]:
+        return tf.reshape(d, []) * tf.ones(full, _DTYPE)
+    if shape == [spec.weight_channels]:
+        return d if spec.kind == "dws" else tf.reshape(d, [1, -1]) * tf.ones(full, _DTYPE)
+    if shape == full:
+        return d
+    raise UserError(f"{spec.scope}: density of shape {shape} does not fit the layer; pass a "
+                    f"scalar, {spec.weight_channels} values (one per output channel)"
+                    + ("" if spec.kind == "dws" else f" or [{spec.cin}, {spec.cout}]"))
+
+
+def _per_channel(t: tf.Tensor, n: int) -> tf.Tensor:
+    """A ``[]`` or ``[n]`` tensor as ``[n]``."""
+    return t * tf.ones([n], _DTYPE) if t.shape.rank == 0 else t
+
+
+def sparse_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, density=1.0,
+                        alive_in=None, style: str = "micronet", act_quantizer=None,
+                        gamma: float = 0.7) -> dict[str, tf.Tensor]:
+    """Counts of one layer with sparse weights and removed channels (docs/metric.md,
+    "Sparsity"): ``{params, multiplies, adds, alive_out}``.
+
+    ``density`` as in :class:`BitAssignment`; ``alive_in`` ([cin], 1 or 0) says which input
+    channels exist (0: removed by the producer, default: all). With ``n[ci, co] = k*k *
+    density * alive_in[ci]`` kept taps, official counting (``style="micronet"``):
+
+    * multiplies ``positions * sum n[ci, co] * max(w_co, a_ci) / 32``;
+    * adds (at 32 bits) ``positions * sum over kept co of (sum_ci n[ci, co] - 1 + bias)``;
+    * weight params ``sum_co w_co * sum_ci n[ci, co] / 32``, plus a 1-bit mask over the kept
+      channels' ``k*k * cin_kept * cout_kept`` weights when any of them is zero; a quantizer's
+      scale and offset (2 params) per kept channel; the biases of kept output channels.
+
+    An output channel with no kept tap is removed: no mask, no bias, no quantizer
+    parameters, and its consumers lose the matching input channel. ``style="adjq"`` counts
+    the submission's way (``2 * kept MACs * max(w, a) / 32`` ops, ``kept weights * mean(w) /
+    32`` params) with the same mask and removed channels. Differentiable with respect to the
+    bits and the density (not through the removal itself).
+    """
+    _check_spec(spec)
+    if act_quantizer is None:
+        act_quantizer = not spec.stem
+    n_w = spec.weight_channels
+    w = _per_channel(_bits(w_bits, n_w, f"{spec.scope} weight"), n_w)
+    a = _per_channel(_bits(a_bits, spec.cin, f"{spec.scope} act"), spec.cin)
+    bias = _bits(bias_bits, 1, "bias_bits")
+    alive = tf.ones([spec.cin], _DTYPE) if alive_in is None else tf.cast(alive_in, _DTYPE)
+    positions = spec.out_hw * spec.out_hw
+    k2 = float(spec.kernel * spec.kernel)
+    d = _density(spec, density)
+    if spec.kind == "dws":
+        kept = k2 * d * alive  # [C]
+        taps = kept
+        pair = surrogate_max(w, a, gamma)
+    else:
+        kept = k2 * d * tf.reshape(alive, [-1, 1])  # [cin, cout]
+        taps = tf.reduce_sum(kept, axis=0)  # [cout]
+        pair = surrogate_max(tf.reshape(w, [1, -1]), tf.reshape(a, [-1, 1]), gamma)
+    alive_out = tf.stop_gradient(tf.cast(taps > 0, _DTYPE))
+    n_out = tf.reduce_sum(alive_out)
+    region = k2 * n_out * (1.0 if spec.kind == "dws" else tf.reduce_sum(alive))
+    masked = tf.stop_gradient(tf.cast(tf.reduce_sum(kept) < region, _DTYPE))
+    params = masked * region / FLOAT_BITS  # the 1-bit mask
+    if style == "micronet":
+        multiplies = positions * tf.reduce_sum(kept * pair) / FLOAT_BITS
+        adds = positions * tf.reduce_sum(alive_out * (taps - 1.0 + float(spec.has_bias)))
+        params += tf.reduce_sum(w * taps) / FLOAT_BITS
+        params += 2.0 * tf.reduce_sum(alive_out * tf.cast(w < FLOAT_BITS, _DTYPE))
+        if act_quantizer:
+            params += 2.0 * tf.reduce_sum(alive * tf.cast(a < FLOAT_BITS, _DTYPE))
+        if spec.has_bias:
+            params += n_out * bias / FLOAT_BITS + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
+    elif style == "adjq":
+        bits = (tf.constant(float(IMAGE_BITS), _DTYPE) if spec.stem
+                else tiled_max_mean(w, a, gamma))
+        ops = 2.0 * positions * tf.reduce_sum(kept) * bits / FLOAT_BITS
+        multiplies = adds = ops / 2.0
+        params += tf.reduce_sum(kept) * tf.reduce_mean(w) / FLOAT_BITS
+        if spec.has_bias:
+            params += n_out * bias / FLOAT_BITS
+    else:
+        raise UserError(f"metric style {style!r}: use one of {', '.join(STYLES)}")
+    return {"params": params, "multiplies": multiplies, "adds": adds, "alive_out": alive_out}
+
+
+def input_liveness(net: Network, bits: BitAssignment, img_size: int = 224) -> dict[str, tf.Tensor]:
+    """``{layer: [cin] 1/0}``: which input channels of each weight layer exist.
+
+    A channel is removed (0) when every weight of it is zero in its producer (see
+    :func:`sparse_layer_counts`; the pruning zeroes its bias with it, so it is exactly 0).
+    Zero stays zero through a swish, ReLU, ReLU6 or hard swish, padding, pooling and
+    dropout; a sigmoid of 0 is not 0. A product is zero where a factor is, a residual sum
+    where both terms are. The image's channels exist.
+    """
+    specs = {spec.scope: spec for spec in network_layers(net, img_size)}
+    alive = {"image": tf.ones([3], _DTYPE)}
+    result = {}
+    for node in net.nodes:
+        names = net.inputs_of(node)
+        x = alive[names[0]]
+        if node.name in specs:
+            spec = specs[node.name]
+            result[node.name] = x
+            y = sparse_layer_counts(spec, FLOAT_BITS, FLOAT_BITS, FLOAT_BITS,
+                                    density=bits.density.get(node.name, 1.0),
+                                    alive_in=x)["alive_out"]
+        elif node.op == "act":
+            y = x if node.fn in ZERO_PRESERVING else tf.ones_like(x)
+        elif node.op == "mul":
+            y = x * alive[names[1]]
+        elif node.op == "add":
+            y = tf.maximum(x, alive[names[1]])
+        else:
+            y = x
+        alive[node.name] = y
+    return result
+
+
 # --------------------------------------------------------------------------- totals
 
 
@@ -463,11 +606,13 @@ def _row_value(t):
 
 def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignment,
                 style: str = "micronet", per_layer: bool = False, freebie: bool = True,
-                gamma: float = 0.7) -> Counts:
+                gamma: float = 0.7, alive_in: dict | None = None) -> Counts:
     """Count any list of layers and element ops with ``bits`` in the given style.
 
     The 16-bit freebie (micronet only) halves params and multiplies, never adds, when
-    ``freebie`` and ``bits.is_float()``.
+    ``freebie`` and ``bits.is_float()``. With ``bits.density`` every layer is counted by
+    :func:`sparse_layer_counts`, its input channels from ``alive_in`` (default: all; see
+    :func:`input_liveness`).
     """
     if style not in STYLES:
         raise UserError(f"metric style {style!r}: use one of {', '.join(STYLES)}")
@@ -475,9 +620,14 @@ def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignme
     element_fn = micronet_element_counts if style == "micronet" else adjq_element_counts
     rows = []
     for spec in layers:
-        counts = layer_fn(spec, _lookup(bits.weight, spec.scope, "weight"),
-                          _lookup(bits.act, spec.scope, "act"), counted_bits(bits.bias_bits),
-                          gamma=gamma)
+        args = (spec, _lookup(bits.weight, spec.scope, "weight"),
+                _lookup(bits.act, spec.scope, "act"), counted_bits(bits.bias_bits))
+        if bits.density:
+            counts = sparse_layer_counts(*args, density=bits.density.get(spec.scope, 1.0),
+                                         alive_in=(alive_in or {}).get(spec.scope),
+                                         style=style, gamma=gamma)
+        else:
+            counts = layer_fn(*args, gamma=gamma)
         rows.append((spec.scope, spec.kind, counts))
     for op in ops:
         if op.kind == "swish":
@@ -503,14 +653,18 @@ def count_micronet(arch: Network, img_size: int, bits: BitAssignment, per_layer:
                    freebie: bool = True, *, gamma: float = 0.7) -> Counts:
     """Official MicroNet counts of the whole network."""
     return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
-                       "micronet", per_layer, freebie, gamma)
+                       "micronet", per_layer, freebie, gamma, _liveness(arch, bits, img_size))
 
 
 def count_adjq(arch: Network, img_size: int, bits: BitAssignment, per_layer: bool = False,
                *, gamma: float = 0.7) -> Counts:
     """The submission's own counts of the whole network (``multiplies = adds = ops / 2``)."""
     return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
-                       "adjq", per_layer, False, gamma)
+                       "adjq", per_layer, False, gamma, _liveness(arch, bits, img_size))
+
+
+def _liveness(arch: Network, bits: BitAssignment, img_size: int) -> dict | None:
+    return input_liveness(arch, bits, img_size) if bits.density else None
 
 
 def bits_of(model) -> BitAssignment:
@@ -538,7 +692,8 @@ def micronet_cost(model_or_bits, img_size: int = 224, *, arch: Network | None = 
     else:
         bits, arch = bits_of(model_or_bits), arch or model_or_bits.arch
     return count_specs(network_layers(arch, img_size), element_ops(arch, img_size), bits,
-                       style, per_layer, freebie and style == "micronet", gamma)
+                       style, per_layer, freebie and style == "micronet", gamma,
+                       _liveness(arch, bits, img_size))
 
 
 @dataclasses.dataclass(frozen=True)

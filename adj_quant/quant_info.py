@@ -126,6 +126,42 @@ def _activation_sites(arch: Network) -> tuple[dict[str, int], set[str]]:
     return {op.scope: op.channels for op in ops}, {op.scope for op in ops if op.kind == "swish"}
 
 
+def _sparsity_entry(spec, density) -> dict:
+    """``sparsity`` (the fraction of zero weights of each output channel, or one number for
+    the layer) and ``removed_channels`` (output channels with no weight left)."""
+    d = np.asarray(_static(density), dtype=np.float64)
+    if d.ndim == 2:  # [cin, cout]: the kept fraction of each output channel
+        d = d.mean(axis=0)
+    zeros = np.round(1.0 - d, 6)
+    removed = [int(i) for i in np.flatnonzero(d.reshape(-1) == 0)] if d.ndim else []
+    sparsity = float(zeros) if d.ndim == 0 else [float(z) for z in zeros]
+    return {"sparsity": sparsity, "removed_channels": removed}
+
+
+def _read_sparsity(entry: dict, spec, source: str):
+    """The density of a layer entry's ``sparsity`` / ``removed_channels``, or None (dense)."""
+    if "sparsity" not in entry and "removed_channels" not in entry:
+        return None
+    n = spec.weight_channels
+    value = entry.get("sparsity", 0.0)
+    values = value if isinstance(value, list) else [value] * n
+    if len(values) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
+            for v in values):
+        raise UserError(f"{source}: {spec.scope} sparsity must be a fraction in [0, 1] or a "
+                        f"list of {n} (one per output channel), got {value!r} — {_ARCH_HINT}")
+    removed = entry.get("removed_channels", [])
+    if not isinstance(removed, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in removed):
+        raise UserError(f"{source}: {spec.scope} removed_channels must list output channels "
+                        f"0..{n - 1}, got {removed!r} — {_ARCH_HINT}")
+    density = 1.0 - np.asarray(values, dtype=np.float64)
+    density[removed] = 0.0
+    if not isinstance(value, list) and not removed:
+        return float(density[0])
+    return density
+
+
 def to_quant_info(bits: BitAssignment, arch: Network, summary: dict) -> dict:
     """The ``quant_info.json`` dict of ``bits`` (integers; per-channel lists except a stem's act).
 
@@ -141,6 +177,8 @@ def to_quant_info(bits: BitAssignment, arch: Network, summary: dict) -> dict:
             entry["act"] = IMAGE_BITS
         else:
             entry["act"] = _as_ints(bits.act[spec.scope], spec.cin, f"{spec.scope} act")
+        if spec.scope in bits.density:
+            entry.update(_sparsity_entry(spec, bits.density[spec.scope]))
         group, sub = _split(spec.scope)
         if sub is None:
             data[group] = entry
@@ -199,7 +237,7 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
     if not isinstance(data, dict):
         raise UserError(f"{source}: the top level must be a JSON object — is this a "
                         "quant_info.json?")
-    weight, act = {}, {}
+    weight, act, density = {}, {}, {}
     layout = groups(arch)
     layers = set(arch.layer_names)
     logits = arch.layer_names[-1]
@@ -221,6 +259,8 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
             raise UserError(f"{source}: {spec.scope} is null but the model has this layer — {hint}")
         weight[spec.scope] = _check_bits(_need(entry, "weight", f"'{spec.scope}'", source),
                                          spec.scope, "weight", spec.weight_channels, source, hint)
+        if isinstance(entry, dict) and (d := _read_sparsity(entry, spec, source)) is not None:
+            density[spec.scope] = d
         a = _need(entry, "act", f"'{spec.scope}'", source)
         if spec.stem:
             if a != IMAGE_BITS and a != [IMAGE_BITS] * spec.cin:
@@ -258,7 +298,7 @@ def from_quant_info(data: dict, arch: Network, source: str = "quant_info.json") 
         raise UserError(f"{source}: 'summary' must be a JSON object — fix the file")
     stems = frozenset(spec.scope for spec in network_layers(arch, 224) if spec.stem)
     return BitAssignment(weight=weight, act=act, swish=swish, bias_bits=bias_bits,
-                         image_inputs=stems)
+                         image_inputs=stems, density=density)
 
 
 def load_quant_info(path, arch: Network) -> BitAssignment:

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-channel bits from a quant_info.json written by training "
                         "(instead of the --*_bits flags), or a run / stage directory: the "
                         "quant_info.json of its last finished stage, and the network it trained")
+    p.add_argument("--sparsity", type=float, default=None, metavar="S",
+                   help="fraction of zero weights, in [0, 1), charged to every conv, depthwise "
+                        "and FC weight tensor (a 1-bit mask per weight, fewer multiplies and "
+                        "adds; docs/metric.md, 'Sparsity'); with --quant_info: its per-layer "
+                        "sparsity is used instead (default 0)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: params, multiplies, adds, ops (official counts), "
                         "score_micronet, score_adjq")
@@ -147,6 +152,7 @@ def main(argv=None) -> int:
     _validate(args)
     from adj_quant import cost, nets
     from adj_quant.quant_info import load_quant_info
+    from adj_quant.sparsity import check_sparsity
     if getattr(args, "network", None):  # a run directory: the network it trained
         from adj_quant.checkpoints import ModelSpec
         arch = ModelSpec.from_json(args.network).arch
@@ -155,18 +161,25 @@ def main(argv=None) -> int:
                           width_multiplier=args.width_multiplier,
                           depth_multiplier=args.depth_multiplier)
     if args.quant_info is not None:
+        if args.sparsity is not None:
+            raise UserError(f"--sparsity {args.sparsity} with --quant_info: the file gives "
+                            "each layer's sparsity; drop one of the two")
         bits = load_quant_info(args.quant_info, arch)
         what = f"bits from {args.quant_info}"
     else:
         swish = _DEFAULT_BITS if args.swish_bits is None else args.swish_bits
         bias = _DEFAULT_BITS if args.bias_bits is None else (args.bias_bits or None)  # 0: float
-        bits = cost.BitAssignment.uniform(arch, args.weight_bits, args.act_bits, swish, bias)
+        sparsity = check_sparsity(args.sparsity or 0.0, "--sparsity")
+        bits = cost.BitAssignment.uniform(arch, args.weight_bits, args.act_bits, swish, bias,
+                                          sparsity=sparsity)
         if bits.is_float():
             what = "float model (weights and activations 32 bits)"
         else:
             what = (f"weights {args.weight_bits} bits, activations {args.act_bits} bits, "
                     f"swish {'float' if swish == -1 else (args.act_bits if swish == 0 else swish)}"
                     f", biases {'float' if bias is None else bias}")
+        if sparsity:
+            what += f", {sparsity:g} of every weight tensor zero"
     official = cost.micronet_cost(bits, args.img_size, arch=arch, per_layer=args.per_layer,
                                   freebie=not args.no_freebie)
     own = cost.micronet_cost(bits, args.img_size, arch=arch, style="adjq")
