@@ -88,6 +88,10 @@ class QuantConfig:
     #: "adjq": AdjustableQuantizer; "lsq": LsqQuantizer at fixed bits (range_preset,
     #: bits_grad and bias_range do not apply to it: its step and offset are learned).
     quantizer: str = "adjq"
+    #: Every weight tensor has a 0/1 mask (a non-trainable variable, in the checkpoint)
+    #: applied after its quantizer, so pruned weights are exactly 0 (docs/method.md,
+    #: "Sparsity"). The recipe sets it from ``--sparsity``.
+    pruned: bool = False
 
     #: What a model_spec.json written before these fields existed was trained with.
     LEGACY = {"bits_grad": "scale_only", "bias_range": "calibrated", "quantize_se_gate": False}
@@ -112,8 +116,9 @@ class QuantConfig:
     def from_options(cls, options, **overrides) -> "QuantConfig":
         """The config named by the fields of ``options`` (recipe Options, or any object
         with these attributes; ``range_preset`` is its ``range``), with ``overrides``."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cls) if f.name not in DERIVED]
         values = {name: getattr(options, OPTION_NAMES.get(name, name)) for name in names}
+        values.update({name: derive(options) for name, derive in DERIVED.items()})
         return cls(**{**values, **overrides})
 
     @property
@@ -140,6 +145,8 @@ class QuantConfig:
 
 #: QuantConfig fields whose option (flag) has another name.
 OPTION_NAMES = {"range_preset": "range"}
+#: QuantConfig fields that follow from other options.
+DERIVED = {"pruned": lambda options: (getattr(options, "sparsity", 0.0) or 0.0) > 0}
 
 
 class QuantizedLayer(tf.Module):
@@ -166,6 +173,8 @@ class QuantizedLayer(tf.Module):
         self.bias_quant = None if qcfg.quantized_bias_bits is None else qcfg.make_quantizer(
             f"{full}/bias_quant", 1, init_bits=qcfg.quantized_bias_bits, signed=True,
             live_range=qcfg.bias_range == "live", compiled=False)
+        self.mask = tf.Variable(np.ones(self.weights.shape, np.float32), trainable=False,
+                                name=f"{full}/mask") if qcfg.pruned else None
 
     def load_float(self, layer: nw.ConvLayer) -> None:
         weights, biases = nw.fold_batch_norm(layer)
@@ -174,7 +183,31 @@ class QuantizedLayer(tf.Module):
 
     def quantized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
         biases = self.biases if self.bias_quant is None else self.bias_quant(self.biases)
-        return self.weight_quant(self.weights), biases
+        weights = self.weight_quant(self.weights)
+        if self.mask is None:
+            return weights, biases
+        # Pruned weights are exactly 0; an output channel with none left loses its bias.
+        return weights * self.mask, biases * self.kept_channels()
+
+    def _out_axis(self) -> int:
+        return 2 if self.kind == "dws" else len(self.weights.shape) - 1
+
+    def kept_channels(self) -> tf.Tensor:
+        """1 for each output channel with a weight left, 0 for a removed one."""
+        axes = [i for i in range(len(self.mask.shape)) if i != self._out_axis()]
+        return tf.cast(tf.reduce_max(self.mask, axis=axes) > 0, self.mask.dtype)
+
+    def density(self) -> tf.Tensor | None:
+        """The kept fraction of the weights: ``[cin, cout]`` (per channel pair), depthwise
+        ``[C]``; None when the layer has no mask."""
+        if self.mask is None:
+            return None
+        mask = tf.cast(self.mask, tf.float64)
+        if self.kind == "dws":
+            return tf.reduce_mean(mask, axis=[0, 1, 3])
+        if len(mask.shape) == 4:
+            return tf.reduce_mean(mask, axis=[0, 1])
+        return mask
 
     def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
         if self.act_quant is not None:
@@ -302,8 +335,11 @@ class QuantizedNetwork(tf.Module):
         swish = {s: (self.swish_quant[s].bits() if s in self.swish_quant else 32.0)
                  for s in self.net.activation_sites("swish")}
         swish.update({s: q.bits() for s, q in self.gate_quant.items()})
+        density = {s: layer.density() for s, layer in self.layers.items()
+                   if layer.mask is not None}
         return BitAssignment(weight=weight, act=act, swish=swish,
-                             bias_bits=counted_bits(self.qcfg.quantized_bias_bits))
+                             bias_bits=counted_bits(self.qcfg.quantized_bias_bits),
+                             density=density)
 
     # ------------------------------------------------------------------ calibration
 

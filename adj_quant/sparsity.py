@@ -93,3 +93,47 @@ def zero_fraction(mask) -> float:
     """The fraction of zeros of a mask or weight tensor (a Python float)."""
     values = np.asarray(mask)
     return float(np.mean(values == 0)) if values.size else 0.0
+
+
+class GradualPruner:
+    """Gradual magnitude pruning of the masks of a quantized model's weight tensors.
+
+    Every ``every`` steps from ``begin``, over ``count`` pruning steps, each mask is set to
+    keep the largest ``|w|`` at :func:`polynomial_sparsity` of that step, per tensor
+    (``scope="layer"``) or under one threshold (``"global"``). The schedule starts from the
+    sparsity the masks have at the first update (kept in the checkpoint as ``initial``, so
+    that a resumed stage continues the same schedule) and ends at ``final``.
+    """
+
+    def __init__(self, layers: dict, *, final: float, begin: int, every: int, count: int,
+                 scope: str = "layer"):
+        self.layers = {name: layer for name, layer in layers.items()
+                       if getattr(layer, "mask", None) is not None}
+        self.final = check_sparsity(final, "--sparsity")
+        self.begin, self.every, self.count, self.scope = begin, every, max(1, count), scope
+        self.initial = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="initial")
+
+    def due(self, step: int) -> bool:
+        offset = step - self.begin
+        return 0 <= offset <= self.count * self.every and offset % self.every == 0
+
+    def current_sparsity(self) -> float:
+        zeros = sum(float(tf.reduce_sum(1.0 - layer.mask)) for layer in self.layers.values())
+        total = sum(int(tf.size(layer.mask)) for layer in self.layers.values())
+        return zeros / total if total else 0.0
+
+    def update(self, step: int) -> float:
+        """Set every mask for ``step``; returns the sparsity of the schedule there."""
+        if float(self.initial) < 0:
+            self.initial.assign(min(self.current_sparsity(), self.final))
+        target = float(polynomial_sparsity(step, initial=float(self.initial), final=self.final,
+                                           begin=self.begin, steps=self.count,
+                                           frequency=self.every))
+        weights = {name: layer.weights for name, layer in self.layers.items()}
+        if self.scope == "global":
+            masks = global_magnitude_masks(weights, target)
+        else:
+            masks = {name: magnitude_mask(w, target) for name, w in weights.items()}
+        for name, layer in self.layers.items():
+            layer.mask.assign(tf.cast(masks[name], layer.mask.dtype))
+        return target

@@ -188,13 +188,15 @@ def test_schema_derives_the_option_sets_it_replaced():
     assert set(config_lib.ARCH_DATA_FIELDS) == {
         "dataset", "img_size", "num_classes", "labels_offset", "eval_crop", "model",
         "width_multiplier", "depth_multiplier", "weight_bits", "act_bits", "swish_bits",
-        "bias_bits", "bits_trainable", "range", "bias_range", "quantize_se_gate", "quantizer"}
+        "bias_bits", "bits_trainable", "range", "bias_range", "quantize_se_gate", "quantizer",
+        "sparsity"}  # the pruning option came after the schema: the masks are the model's
     assert set(config_lib.UNCOMPARED_FIELDS) == {
         "progress", "config", "stage", "run_dir", "allow_config_change", "strategy",
         "logical_cpus", "worker_timeout"}
     assert set(config_lib.NON_NEGATIVE) == {
         "lr", "lr_bits", "lr_decay", "alpha", "beta", "metric", "warm_up_epoch", "swa_delay",
-        "labels_offset", "seed", "keep_checkpoints", "collapse_patience"}
+        "labels_offset", "seed", "keep_checkpoints", "collapse_patience",
+        "sparsity", "prune_start"}  # the pruning options came after the schema
     assert config_lib.PRETRAIN_ONLY == {"dropout": 0.2, "drop_connect": 0.2}
     assert [f.name for f in dataclasses.fields(Options)] == list(FIELDS)
     assert {f.name: f.default for f in dataclasses.fields(Options)} == {
@@ -244,7 +246,7 @@ def test_place_defaults_per_stage():
 
 
 @pytest.mark.parametrize("kwargs", [
-    {}, {"swish_bits": 0, "bias_bits": 0, "bits_trainable": True, "range": 3},
+    {}, {"swish_bits": 0, "bias_bits": 0, "bits_trainable": True, "range": 3, "sparsity": 0.5},
     {"swish_bits": -1, "bias_range": "calibrated", "quantize_se_gate": False,
      "quantizer": "lsq", "weight_bits": 4, "bits_grad": "scale_only"},
 ])
@@ -254,6 +256,9 @@ def test_quant_config_is_built_by_field_name(kwargs):
     o = resolve({"dataset": "synthetic", **kwargs}, "qat8")
     qcfg = QuantConfig.from_options(o)
     for field in dataclasses.fields(QuantConfig):
+        if field.name == "pruned":  # derived: masks when the stage prunes
+            assert qcfg.pruned is (o.sparsity > 0)
+            continue
         assert getattr(qcfg, field.name) == getattr(o, {"range_preset": "range"}.get(
             field.name, field.name))
     assert QuantConfig.from_options(o, bits_trainable=False).bits_trainable is False

@@ -55,7 +55,8 @@ RESUME_KINDS = ("arch_data", "compared", "uncompared")
 #: quantized stages (calibrate .. finetune), and evaluation/export (no stage).
 PLACES = ("pretrain", "quantized", "eval")
 #: Sections of the flags table in docs/method.md, in order.
-GROUPS = ("Data", "Model", "Quantization", "Loss", "Optimisation", "Devices", "Files and runs")
+GROUPS = ("Data", "Model", "Quantization", "Loss", "Optimisation", "Pruning", "Devices",
+          "Files and runs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +274,24 @@ SCHEMA: tuple[Opt, ...] = (
        "Optimisation", sign="positive",
        doc="SWA snapshot period in epochs (a multiple of 0.1)"),
     _o("jit_compile", bool, False, "compile the training step with XLA", "Optimisation"),
+    # --- pruning
+    _o("sparsity", float, 0.0,
+       "fraction of every weight tensor set to zero by gradual magnitude pruning in this "
+       "stage, in [0, 1) (0: no pruning; masks a stage starts with are kept; the quantized "
+       "stages only, frozen in finetune)", "Pruning", sign="non_negative", resume=_AD,
+       doc="fraction of zero weights reached by gradual magnitude pruning (quantized stages)"),
+    _o("prune_start", float, 0.0,
+       "when pruning starts, as a fraction of the stage's steps", "Pruning",
+       sign="non_negative", doc="start of the pruning schedule (fraction of the stage)"),
+    _o("prune_end", float, 0.75,
+       "when --sparsity is reached, as a fraction of the stage's steps (at most 1)",
+       "Pruning", sign="positive", doc="end of the pruning schedule (fraction of the stage)"),
+    _o("prune_every", int, 5, "steps between two mask updates", "Pruning", sign="positive",
+       doc="steps between mask updates"),
+    _o("prune_scope", str, "layer",
+       "layer: every weight tensor reaches --sparsity; global: one magnitude threshold over "
+       "all of them", "Pruning", choices=("layer", "global"),
+       doc="`layer` (each tensor) or `global` (one threshold)"),
     # --- devices
     _o("strategy", str, "auto",
        "where to train (tf.distribute): auto (mirrored over all GPUs when there is "
@@ -555,6 +574,10 @@ def resolve(cli: dict[str, Any], stage: str | None) -> Options:
     values["progress"] = bool(values.get("progress", True)) and _stderr_is_terminal()
     options = Options(**values)
     validate(options)
+    if stage == "pretrain" and options.sparsity > 0:
+        raise UserError(f"--sparsity {options.sparsity} in the pretrain stage: pruning runs in "
+                        "the quantized stages; set it in the [qat8] and [adjustable] tables "
+                        "(or pass it with --stage qat8/adjustable)")
     return options
 
 
@@ -661,6 +684,19 @@ def _check_quantization(o: Options) -> None:
                         "drop --bits_trainable (pass --no-bits_trainable where a config file "
                         "sets it, e.g. the [adjustable] table), or use --quantizer adjq")
     QuantConfig.from_options(o)
+    _check_pruning(o)
+
+
+def _check_pruning(o: Options) -> None:
+    from adj_quant.sparsity import check_sparsity
+
+    check_sparsity(o.sparsity, "--sparsity")
+    if not 0.0 <= o.prune_start < o.prune_end:
+        raise UserError(f"--prune_start {o.prune_start} must be below --prune_end "
+                        f"{o.prune_end}; both are fractions of the stage's steps")
+    if o.prune_end > 1.0:
+        raise UserError(f"--prune_end {o.prune_end} ends the schedule after its stage does; "
+                        "pass a fraction of the stage's steps up to 1")
 
 
 def check_model(model: str) -> None:

@@ -21,6 +21,7 @@ from adj_quant import distribution, nets
 from adj_quant.checkpoints import (
     ModelSpec,
     RunCheckpoints,
+    load_spec,
     model_spec_for,
     read_json,
     remove_orphans,
@@ -409,10 +410,12 @@ def _quantized_stage(st: Stage) -> dict:
     teacher = st.teacher()
     init = _start_checkpoint(st)
     qcfg = quant_config(o, spec.bits_trainable)
-    if spec.finetune:  # keep the learned bits: the quantizer setup of the source run
-        source = model_spec_for(init, None, "--ckpt_path")
-        if source.kind == "quant":
-            qcfg = source.quant
+    source = load_spec(init)
+    if spec.finetune and source is not None and source.kind == "quant":
+        qcfg = source.quant  # keep the learned bits: the quantizer setup of the source run
+    elif source is not None and source.kind == "quant" and source.quant.pruned and \
+            not qcfg.pruned:
+        qcfg = dataclasses.replace(qcfg, pruned=True)  # its masks stay (no further pruning)
     thresholds = st.thresholds_path() if spec.thresholds == "calibrate" or o.ckpt_path else None
     model = st.quantized_from(init, "--ckpt_path", qcfg, thresholds)
     st.start(ModelSpec("quant", model.arch, qcfg))

@@ -32,6 +32,7 @@ from adj_quant.recipe import data as data_lib
 from adj_quant.recipe import validation
 from adj_quant.recipe.config import Options
 from adj_quant.recipe.plots import per_layer_bits_png
+from adj_quant.sparsity import GradualPruner
 
 LOG_EVERY = 10
 #: Without ``--max_loss``, a loss above this multiple of the stage's first mini-epoch mean
@@ -96,9 +97,11 @@ class Trainer:
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.mini_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.swa = rules.WeightAverager(model.trainable_variables)
+        self.pruner = self._make_pruner()
         self.checkpoint = tf.train.Checkpoint(
             model=model, adam=self.opt, adam_bits=self.bits_opt, global_step=self.global_step,
-            mini_epoch=self.mini_epoch, swa=self.swa)
+            mini_epoch=self.mini_epoch, swa=self.swa,
+            **({"prune_initial": self.pruner.initial} if self.pruner else {}))
         job, index = distribution.task(self.strategy)
         self.ckpts = (RunCheckpoints(stage_dir, keep=options.keep_checkpoints) if self.chief
                       else WorkerCheckpoints(stage_dir, options.keep_checkpoints,
@@ -114,6 +117,22 @@ class Trainer:
                        else tf.summary.create_noop_writer())
         self.val_data = data_lib.validation_data(options, self.info.num_classes)
         self.file_shard, self.worker_batch = self._file_shard()
+
+    def _make_pruner(self) -> GradualPruner | None:
+        """Gradual magnitude pruning of the masks over this stage (``--sparsity``; the
+        masks stay as they are in finetune)."""
+        o = self.o
+        if not (is_quantized(self.model) and self.model.qcfg.pruned and o.sparsity > 0
+                and not o.finetune):
+            return None
+        bounds = rules.mini_epoch_bounds(self.steps_per_epoch)
+        total = sum(bounds[i % rules.MINI_EPOCHS + 1] - bounds[i % rules.MINI_EPOCHS]
+                    for i in range(rules.total_mini_epochs(o.max_epoch)))
+        begin = int(round(o.prune_start * total))
+        end = max(begin + 1, int(round(o.prune_end * total)))
+        return GradualPruner(self.model.layers, final=o.sparsity, begin=begin,
+                             every=o.prune_every, count=(end - begin) // o.prune_every,
+                             scope=o.prune_scope)
 
     # ------------------------------------------------------------------ steps
 
@@ -335,6 +354,8 @@ class Trainer:
             except StopIteration:
                 break
             step = int(self.global_step.numpy())
+            if self.pruner is not None and self.pruner.due(step):
+                self.pruner.update(step)
             if rules.reinit_due(step, o.reinit, o.lr_fixed):
                 self.opt.reset()
                 self.bits_opt.reset()
@@ -399,6 +420,8 @@ class Trainer:
             for name, values in validation.bits_histograms(self.model).items():
                 tf.summary.histogram(name, values)
             if is_quantized(self.model):
+                for scope, density in self.model.bit_assignment().density.items():
+                    tf.summary.scalar(f"sparsity/{scope}", 1.0 - tf.reduce_mean(density))
                 png = per_layer_bits_png(self.model.bit_assignment(), self.model.arch.layer_names,
                                          f"{self.stage}, mini-epoch {mini_epoch}")
                 tf.summary.image("bits/per_layer", tf.image.decode_png(png)[None], step=mini_epoch)
