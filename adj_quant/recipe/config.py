@@ -574,10 +574,12 @@ def resolve(cli: dict[str, Any], stage: str | None) -> Options:
     values["progress"] = bool(values.get("progress", True)) and _stderr_is_terminal()
     options = Options(**values)
     validate(options)
-    if stage == "pretrain" and options.sparsity > 0:
-        raise UserError(f"--sparsity {options.sparsity} in the pretrain stage: pruning runs in "
-                        "the quantized stages; set it in the [qat8] and [adjustable] tables "
-                        "(or pass it with --stage qat8/adjustable)")
+    if stage in ("pretrain", "finetune") and options.sparsity > 0:
+        why = "its masks are frozen" if stage == "finetune" else "pruning runs in the " \
+            "quantized stages"
+        raise UserError(f"--sparsity {options.sparsity} in the {stage} stage: {why}; set it in "
+                        "the [qat8] and [adjustable] tables (or pass it with --stage qat8 or "
+                        "adjustable)")
     return options
 
 

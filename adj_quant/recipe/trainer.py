@@ -130,7 +130,11 @@ class Trainer:
                     for i in range(rules.total_mini_epochs(o.max_epoch)))
         begin = int(round(o.prune_start * total))
         end = max(begin + 1, int(round(o.prune_end * total)))
-        return GradualPruner(self.model.layers, final=o.sparsity, begin=begin,
+        # The depthwise kernels (9 weights a channel) and the stem stay dense: pruning them
+        # removes whole channels early, and they hold few of the MACs.
+        layers = {name: layer for name, layer in self.model.layers.items()
+                  if layer.kind != "dws" and layer.act_quant is not None}
+        return GradualPruner(layers, final=o.sparsity, begin=begin,
                              every=o.prune_every, count=(end - begin) // o.prune_every,
                              scope=o.prune_scope)
 
