@@ -113,6 +113,11 @@ class GradualPruner:
         self.begin, self.every, self.count, self.scope = begin, every, max(1, count), scope
         self.initial = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name="initial")
 
+    @property
+    def end(self) -> int:
+        """The step of the last mask update: the sparsity is ``final`` from there on."""
+        return self.begin + self.count * self.every
+
     def due(self, step: int) -> bool:
         offset = step - self.begin
         return 0 <= offset <= self.count * self.every and offset % self.every == 0

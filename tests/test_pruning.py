@@ -10,6 +10,7 @@ from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork, Network, Node
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 from adj_quant.recipe.config import resolve
+from adj_quant.recipe.trainer import pruned_best_key
 from adj_quant.sparsity import GradualPruner, magnitude_mask
 
 NET = Network("toy", "toy", (
@@ -119,3 +120,12 @@ def test_bad_pruning_options_are_one_line(flags, stage, message):
     with pytest.raises(UserError) as err:
         resolve({"dataset": "synthetic", **flags}, stage)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_best_checkpoint_of_a_pruning_stage_has_the_final_sparsity():
+    early = {"name": "me1", "top1": 0.98, "pruning_done": False}
+    late = {"name": "me9", "top1": 0.90, "pruning_done": True}
+    later = {"name": "me10", "top1": 0.92, "pruning_done": True}
+    assert max([early, late, later], key=pruned_best_key())["name"] == "me10"
+    by_metric = pruned_best_key(lambda e: -e["top1"])  # another rule, still after pruning
+    assert max([early, late, later], key=by_metric)["name"] == "me9"

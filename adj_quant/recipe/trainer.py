@@ -61,6 +61,14 @@ class StageResult:
     final: dict
 
 
+def pruned_best_key(best_key=None):
+    """Rank the checkpoints of a pruning stage: those written once the schedule reached its
+    final sparsity first (an early, denser checkpoint is not the stage's result), then by
+    ``best_key`` (default: top-1)."""
+    inner = best_key or (lambda entry: entry.get("top1", 0.0))
+    return lambda entry: (bool(entry.get("pruning_done")), inner(entry))
+
+
 class Trainer:
     """Train ``model`` for one stage.
 
@@ -98,6 +106,8 @@ class Trainer:
         self.mini_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.swa = rules.WeightAverager(model.trainable_variables)
         self.pruner = self._make_pruner()
+        if self.pruner is not None:
+            self.best_key = pruned_best_key(best_key)
         self.checkpoint = tf.train.Checkpoint(
             model=model, adam=self.opt, adam_bits=self.bits_opt, global_step=self.global_step,
             mini_epoch=self.mini_epoch, swa=self.swa,
@@ -305,6 +315,9 @@ class Trainer:
                 self.swa.snapshot(self.model.trainable_variables)
             name = f"me{i + 1:04d}_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
             info = dict(last, mini_epoch=i + 1, mean_loss=mean_loss)
+            if self.pruner is not None:
+                info.update(sparsity=self.pruner.current_sparsity(),
+                            pruning_done=int(self.global_step.numpy()) > self.pruner.end)
             if self.ckpts.state.get("reference_loss") is None and mean_loss is not None:
                 self.ckpts.state["reference_loss"] = mean_loss
             self._save(name, info, checked=True)
