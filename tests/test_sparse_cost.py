@@ -191,20 +191,27 @@ def test_quant_info_sparsity_that_does_not_fit(entry, message):
     assert "\n" not in str(err.value)
 
 
-def _score(*args):
-    run = subprocess.run([sys.executable, "-m", "adj_quant.cli.score", *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    return run
+def test_score_command_takes_a_sparsity(capsys):
+    from adj_quant.cli import score
 
-
-def test_score_command_takes_a_sparsity():
-    dense = json.loads(_score("--weight_bits", "4", "--act_bits", "4", "--json").stdout)
-    sparse = json.loads(_score("--weight_bits", "4", "--act_bits", "4", "--sparsity", "0.5",
-                               "--json").stdout)
+    score.main(["--weight_bits", "4", "--act_bits", "4", "--sparsity", "0.5", "--json"])
+    sparse = json.loads(capsys.readouterr().out)
     arch = nets.build("efficientnet_b0", num_classes=1000)
     want = M.count_micronet(arch, 224, M.BitAssignment.uniform(arch, 4, 4, sparsity=0.5))
     assert sparse["score_micronet"] == pytest.approx(float(want.score), rel=1e-12)
-    assert sparse["score_micronet"] < dense["score_micronet"]
-    for bad in ("1", "-0.1", "nan"):
-        run = _score("--sparsity", bad)
-        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--sparsity" in run.stderr
+    dense = M.count_micronet(arch, 224, M.BitAssignment.uniform(arch, 4, 4))
+    assert sparse["score_micronet"] < float(dense.score)
+
+
+def test_score_command_refuses_a_sparsity_outside_the_unit_interval(capsys):
+    from adj_quant.cli import score
+
+    for bad in ("-0.1", "nan"):
+        with pytest.raises(SystemExit) as exit_info:
+            score.main(["--sparsity", bad])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and "--sparsity" in err
+    # The real entry point too: exit 2, one line, no traceback.
+    run = subprocess.run([sys.executable, "-m", "adj_quant.cli.score", "--sparsity", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--sparsity" in run.stderr
