@@ -153,8 +153,8 @@ def _placeholders(words, cwd):
             w = "runs/digits/qat8"
         elif w == "keras:model.keras":
             _keras_model(cwd / "model.keras")
-        elif program == "adjq-sweep" and w.startswith("configs/"):
-            w = os.path.join(ROOT, w)  # the shipped sweep file
+        elif program in ("adjq-sweep", "train.py") and w.startswith("configs/"):
+            w = os.path.join(ROOT, w)  # a shipped sweep or config file
         elif program == "adjq-pareto" and w.endswith(".csv") and not os.path.exists(cwd / w):
             # The documented sweep's csv: the one measured and shipped beside docs/pareto.png.
             (cwd / w).parent.mkdir(parents=True, exist_ok=True)
