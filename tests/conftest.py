@@ -6,13 +6,7 @@ import sys
 
 import pytest
 
-from adj_quant import xla_config
-
-# As a command does at its start (adj_quant/cli/start.py): the quantizer kernels' XLA
-# settings and on-disk cache, before this process creates its first tensor.
-xla_config.configure()
-
-from adj_quant.cli import train as train_cli  # noqa: E402
+from adj_quant.cli import train as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
