@@ -472,6 +472,20 @@ def _per_channel(t: tf.Tensor, n: int) -> tf.Tensor:
     return t * tf.ones([n], _DTYPE) if t.shape.rank == 0 else t
 
 
+def _kept_taps(spec: LayerSpec, density, alive: tf.Tensor):
+    """``(kept, taps, alive_out)``: the kept taps of each channel pair (``[cin, cout]``;
+    depthwise ``[C]``), of each output channel, and which output channels are left."""
+    k2 = float(spec.kernel * spec.kernel)
+    d = _density(spec, density)
+    if spec.kind == "dws":
+        kept = k2 * d * alive
+        taps = kept
+    else:
+        kept = k2 * d * tf.reshape(alive, [-1, 1])
+        taps = tf.reduce_sum(kept, axis=0)
+    return kept, taps, tf.stop_gradient(tf.cast(taps > 0, _DTYPE))
+
+
 def sparse_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, density=1.0,
                         alive_in=None, style: str = "micronet", act_quantizer=None,
                         gamma: float = 0.7) -> dict[str, tf.Tensor]:
@@ -504,16 +518,11 @@ def sparse_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, density=1
     alive = tf.ones([spec.cin], _DTYPE) if alive_in is None else tf.cast(alive_in, _DTYPE)
     positions = spec.out_hw * spec.out_hw
     k2 = float(spec.kernel * spec.kernel)
-    d = _density(spec, density)
+    kept, taps, alive_out = _kept_taps(spec, density, alive)
     if spec.kind == "dws":
-        kept = k2 * d * alive  # [C]
-        taps = kept
         pair = surrogate_max(w, a, gamma)
     else:
-        kept = k2 * d * tf.reshape(alive, [-1, 1])  # [cin, cout]
-        taps = tf.reduce_sum(kept, axis=0)  # [cout]
         pair = surrogate_max(tf.reshape(w, [1, -1]), tf.reshape(a, [-1, 1]), gamma)
-    alive_out = tf.stop_gradient(tf.cast(taps > 0, _DTYPE))
     n_out = tf.reduce_sum(alive_out)
     region = k2 * n_out * (1.0 if spec.kind == "dws" else tf.reduce_sum(alive))
     masked = tf.stop_gradient(tf.cast(tf.reduce_sum(kept) < region, _DTYPE))
@@ -558,9 +567,7 @@ def input_liveness(net: Network, bits: BitAssignment, img_size: int = 224) -> di
         if node.name in specs:
             spec = specs[node.name]
             result[node.name] = x
-            y = sparse_layer_counts(spec, FLOAT_BITS, FLOAT_BITS, FLOAT_BITS,
-                                    density=bits.density.get(node.name, 1.0),
-                                    alive_in=x)["alive_out"]
+            y = _kept_taps(spec, bits.density.get(node.name, 1.0), x)[2]
         elif node.op == "act":
             y = x if node.fn in ZERO_PRESERVING else tf.ones_like(x)
         elif node.op == "mul":

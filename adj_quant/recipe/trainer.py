@@ -437,9 +437,10 @@ class Trainer:
             for name, values in validation.bits_histograms(self.model).items():
                 tf.summary.histogram(name, values)
             if is_quantized(self.model):
-                for scope, density in self.model.bit_assignment().density.items():
+                bits = self.model.bit_assignment()
+                for scope, density in bits.density.items():
                     tf.summary.scalar(f"sparsity/{scope}", 1.0 - tf.reduce_mean(density))
-                png = per_layer_bits_png(self.model.bit_assignment(), self.model.arch.layer_names,
+                png = per_layer_bits_png(bits, self.model.arch.layer_names,
                                          f"{self.stage}, mini-epoch {mini_epoch}")
                 tf.summary.image("bits/per_layer", tf.image.decode_png(png)[None], step=mini_epoch)
         self.writer.flush()
