@@ -37,6 +37,7 @@ from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
 from adj_quant.quantizers import Quantizer
 from adj_quant.quantizers.formula import check_bits, check_bits_grad, range_preset
+from adj_quant.sparsity import learned_mask
 
 BIAS_RANGES = ("live", "calibrated")
 #: ``--quantizer``: the registered quantizers (adj_quant.quantizers.names()): the adjustable
@@ -90,8 +91,11 @@ class QuantConfig:
     quantizer: str = "adjq"
     #: Every weight tensor has a 0/1 mask (a non-trainable variable, in the checkpoint)
     #: applied after its quantizer, so pruned weights are exactly 0 (docs/method.md,
-    #: "Sparsity"). The recipe sets it from ``--sparsity``.
+    #: "Sparsity"). The recipe sets it from ``--sparsity`` and ``--learned_sparsity``.
     pruned: bool = False
+    #: Every prunable weight tensor (not depthwise, not the stem) has a trainable magnitude
+    #: threshold, and its mask follows it (:func:`adj_quant.sparsity.learned_mask`).
+    learned_sparsity: bool = False
 
     #: What a model_spec.json written before these fields existed was trained with.
     LEGACY = {"bits_grad": "scale_only", "bias_range": "calibrated", "quantize_se_gate": False}
@@ -146,7 +150,8 @@ class QuantConfig:
 #: QuantConfig fields whose option (flag) has another name.
 OPTION_NAMES = {"range_preset": "range"}
 #: QuantConfig fields that follow from other options.
-DERIVED = {"pruned": lambda options: (getattr(options, "sparsity", 0.0) or 0.0) > 0}
+DERIVED = {"pruned": lambda options: ((getattr(options, "sparsity", 0.0) or 0.0) > 0
+                                      or bool(getattr(options, "learned_sparsity", False)))}
 
 
 class QuantizedLayer(tf.Module):
@@ -175,11 +180,33 @@ class QuantizedLayer(tf.Module):
             live_range=qcfg.bias_range == "live", compiled=False)
         self.mask = tf.Variable(np.ones(self.weights.shape, np.float32), trainable=False,
                                 name=f"{full}/mask") if qcfg.pruned else None
+        self.prune_threshold = tf.Variable(
+            0.0, name=f"{full}/prune_threshold") if qcfg.learned_sparsity and \
+            self.prunable and self.mask is not None else None
 
     def load_float(self, layer: nw.ConvLayer) -> None:
         weights, biases = nw.fold_batch_norm(layer)
         self.weights.assign(weights)
         self.biases.assign(biases)
+
+    @property
+    def prunable(self) -> bool:
+        """Whether pruning applies: not a depthwise kernel (9 weights a channel: pruning it
+        removes whole channels) and not the stem (few MACs, the image's only path)."""
+        return self.kind != "dws" and self.act_quant is not None
+
+    def current_mask(self) -> tf.Tensor | None:
+        """The 0/1 mask in force: the learned threshold's (with its straight-through
+        gradient), else the mask variable; None for a layer without one."""
+        if self.prune_threshold is not None:
+            return learned_mask(self.weights, self.prune_threshold)
+        return self.mask
+
+    def freeze_mask(self) -> None:
+        """Store the learned threshold's mask in the mask variable (for the checkpoint, and
+        for a stage that keeps the masks as they are)."""
+        if self.prune_threshold is not None:
+            self.mask.assign(learned_mask(self.weights, self.prune_threshold))
 
     def quantized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
         biases = self.biases if self.bias_quant is None else self.bias_quant(self.biases)
@@ -187,22 +214,24 @@ class QuantizedLayer(tf.Module):
         if self.mask is None:
             return weights, biases
         # Pruned weights are exactly 0; an output channel with none left loses its bias.
-        return weights * self.mask, biases * self.kept_channels()
+        mask = self.current_mask()
+        return weights * mask, biases * self.kept_channels(mask)
 
     def _out_axis(self) -> int:
         return 2 if self.kind == "dws" else len(self.weights.shape) - 1
 
-    def kept_channels(self) -> tf.Tensor:
+    def kept_channels(self, mask=None) -> tf.Tensor:
         """1 for each output channel with a weight left, 0 for a removed one."""
-        axes = [i for i in range(len(self.mask.shape)) if i != self._out_axis()]
-        return tf.cast(tf.reduce_max(self.mask, axis=axes) > 0, self.mask.dtype)
+        mask = self.current_mask() if mask is None else mask
+        axes = [i for i in range(len(mask.shape)) if i != self._out_axis()]
+        return tf.cast(tf.reduce_max(mask, axis=axes) > 0, mask.dtype)
 
     def density(self) -> tf.Tensor | None:
         """The kept fraction of the weights: ``[cin, cout]`` (per channel pair), depthwise
-        ``[C]``; None when the layer has no mask."""
+        ``[C]``; None when the layer has no mask. A learned mask passes its gradient."""
         if self.mask is None:
             return None
-        mask = tf.cast(self.mask, tf.float64)
+        mask = tf.cast(self.current_mask(), tf.float64)
         if self.kind == "dws":
             return tf.reduce_mean(mask, axis=[0, 1, 3])
         if len(mask.shape) == 4:
@@ -324,6 +353,15 @@ class QuantizedNetwork(tf.Module):
 
     def bits_variables(self) -> list[tf.Variable]:
         return [v for q in self.quantizers().values() for v in q.bits_variables()]
+
+    def sparsity_variables(self) -> list[tf.Variable]:
+        """The learned magnitude thresholds (trained with the bits, by the metric term)."""
+        return [layer.prune_threshold for layer in self.layers.values()
+                if layer.prune_threshold is not None]
+
+    def freeze_masks(self) -> None:
+        for layer in self.layers.values():
+            layer.freeze_mask()
 
     def bit_assignment(self):
         """Current bits of every quantized tensor as a :class:`adj_quant.cost.BitAssignment`."""

@@ -142,3 +142,42 @@ class GradualPruner:
         for name, layer in self.layers.items():
             layer.mask.assign(tf.cast(masks[name], layer.mask.dtype))
         return target
+
+
+#: Width of the sigmoid whose slope stands in for the step of a learned mask, in units of
+#: the layer's mean ``|w|`` (see :func:`learned_mask`).
+MASK_TEMPERATURE = 0.5
+
+
+def learned_mask(weights, threshold, temperature: float = MASK_TEMPERATURE) -> tf.Tensor:
+    """The mask of a trainable magnitude threshold, with a straight-through gradient.
+
+    Forward, exactly 0 or 1::
+
+        m = 1[|w| > t * s]          s = mean |w| of the tensor (no gradient through s)
+
+    Backward, the slope of the sigmoid the step sits in, ``z = (|w| / s - t) / T``::
+
+        dm/dt   = -sigmoid'(z) / T
+        dm/d|w| =  sigmoid'(z) / (T * s)
+
+    So the loss moves ``t`` (a scalar per tensor, in units of its mean magnitude): the
+    metric term raises it where a zero weight is worth more than it costs, and the task loss
+    lowers it where the weights near the threshold matter. ``t <= 0`` keeps every nonzero
+    weight.
+    """
+    weights = tf.convert_to_tensor(weights)
+    scale = tf.maximum(tf.stop_gradient(tf.reduce_mean(tf.abs(weights))), 1e-12)
+
+    @tf.custom_gradient
+    def mask(w, t):
+        hard = tf.cast(tf.abs(w) > t * scale, w.dtype)
+
+        def grad(dy):
+            sig = tf.sigmoid((tf.abs(w) / scale - t) / temperature)
+            slope = dy * sig * (1.0 - sig) / temperature
+            return slope * tf.sign(w) / scale, -tf.reduce_sum(slope)
+
+        return hard, grad
+
+    return mask(weights, tf.cast(threshold, weights.dtype))

@@ -189,7 +189,8 @@ def test_schema_derives_the_option_sets_it_replaced():
         "dataset", "img_size", "num_classes", "labels_offset", "eval_crop", "model",
         "width_multiplier", "depth_multiplier", "weight_bits", "act_bits", "swish_bits",
         "bias_bits", "bits_trainable", "range", "bias_range", "quantize_se_gate", "quantizer",
-        "sparsity"}  # the pruning option came after the schema: the masks are the model's
+        "sparsity", "learned_sparsity"}  # the pruning options came after the schema: the
+    # masks are the model's
     assert set(config_lib.UNCOMPARED_FIELDS) == {
         "progress", "config", "stage", "run_dir", "allow_config_change", "strategy",
         "logical_cpus", "worker_timeout"}

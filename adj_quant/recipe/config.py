@@ -280,6 +280,11 @@ SCHEMA: tuple[Opt, ...] = (
        "stage, in [0, 1) (0: no pruning; masks a stage starts with are kept; the quantized "
        "stages only, frozen in finetune)", "Pruning", sign="non_negative", resume=_AD,
        doc="fraction of zero weights reached by gradual magnitude pruning (quantized stages)"),
+    _o("learned_sparsity", bool, False,
+       "learn each pointwise/FC weight tensor's sparsity: a trainable magnitude threshold per "
+       "tensor, trained with the bits by the metric term (not with --sparsity; quantized "
+       "stages only, frozen in finetune)", "Pruning", resume=_AD,
+       doc="learn each tensor's magnitude threshold with the metric term (docs/method.md)"),
     _o("prune_start", float, 0.0,
        "when pruning starts, as a fraction of the stage's steps", "Pruning",
        sign="non_negative", doc="start of the pruning schedule (fraction of the stage)"),
@@ -574,12 +579,14 @@ def resolve(cli: dict[str, Any], stage: str | None) -> Options:
     values["progress"] = bool(values.get("progress", True)) and _stderr_is_terminal()
     options = Options(**values)
     validate(options)
-    if stage in ("pretrain", "finetune") and options.sparsity > 0:
+    if stage in ("pretrain", "finetune") and (options.sparsity > 0 or
+                                               options.learned_sparsity):
+        flag = f"--sparsity {options.sparsity}" if options.sparsity > 0 else \
+            "--learned_sparsity"
         why = "its masks are frozen" if stage == "finetune" else "pruning runs in the " \
             "quantized stages"
-        raise UserError(f"--sparsity {options.sparsity} in the {stage} stage: {why}; set it in "
-                        "the [qat8] and [adjustable] tables (or pass it with --stage qat8 or "
-                        "adjustable)")
+        raise UserError(f"{flag} in the {stage} stage: {why}; set it in the [qat8] and "
+                        "[adjustable] tables (or pass it with --stage qat8 or adjustable)")
     return options
 
 
@@ -693,6 +700,10 @@ def _check_pruning(o: Options) -> None:
     from adj_quant.sparsity import check_sparsity
 
     check_sparsity(o.sparsity, "--sparsity")
+    if o.learned_sparsity and o.sparsity > 0:
+        raise UserError(f"--learned_sparsity with --sparsity {o.sparsity}: the metric term "
+                        "sets each tensor's sparsity when it is learned; drop one of them "
+                        "(--sparsity 0, or --no-learned_sparsity)")
     if not 0.0 <= o.prune_start < o.prune_end:
         raise UserError(f"--prune_start {o.prune_start} must be below --prune_end "
                         f"{o.prune_end}; both are fractions of the stage's steps")

@@ -5,7 +5,8 @@
     python -m adj_quant.cli.pareto sweep.csv
 
 Input: the ``sweep.csv`` of a sweep, one row per run. The columns read are ``point`` (a
-name), ``family`` (float, ptq_dynamic, ptq_int8, uniform_qat, lsq, adjq; any other name is
+name), ``family`` (float, ptq_dynamic, ptq_int8, uniform_qat, lsq, adjq and their sparse
+variants uniform_qat_gmp, lsq_gmp, adjq_gmp, adjq_learned; any other name is
 drawn with a default marker), ``status``, ``top1`` (a fraction 0..1), ``score_micronet``
 and ``score_adjq`` (required), and ``label`` (a short text such as "W4A4" or
 "metric 0.15"), ``seed``, ``avg_weight_bits`` and ``avg_act_bits`` (optional). Other
@@ -54,9 +55,13 @@ FAMILIES = {
     "uniform_qat": ("uniform QAT", "s", "#1f77b4"),
     "lsq": ("LSQ+", "D", "#2ca02c"),
     "adjq": ("Adjustable Quantization", "o", "#d62728"),
+    "uniform_qat_gmp": ("uniform QAT + magnitude pruning", "s", "#17becf"),
+    "lsq_gmp": ("LSQ+ + magnitude pruning", "D", "#bcbd22"),
+    "adjq_gmp": ("Adjustable Quantization + magnitude pruning", "o", "#ff7f0e"),
+    "adjq_learned": ("Adjustable Quantization + learned sparsity", "*", "#9467bd"),
 }
 _DEFAULT_MARKER = "P"
-_SPARE_COLOURS = ("#ff7f0e", "#9467bd", "#17becf", "#bcbd22", "#7f7f7f")
+_SPARE_COLOURS = ("#7f7f7f", "#aec7e8", "#98df8a", "#ff9896", "#c5b0d5")
 
 
 # ----------------------------------------------------------------------------- reading

@@ -412,7 +412,8 @@ def _quantized_stage(st: Stage) -> dict:
     qcfg = quant_config(o, spec.bits_trainable)
     source = load_spec(init)
     if spec.finetune and source is not None and source.kind == "quant":
-        qcfg = source.quant  # keep the learned bits: the quantizer setup of the source run
+        # keep the learned bits: the quantizer setup of the source run, its masks frozen
+        qcfg = dataclasses.replace(source.quant, learned_sparsity=False)
     elif source is not None and source.kind == "quant" and source.quant.pruned and \
             not qcfg.pruned:
         qcfg = dataclasses.replace(qcfg, pruned=True)  # its masks stay (no further pruning)

@@ -79,11 +79,21 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "uniform_qat": ("pretrain", "calibrate", "qat8"),       # fixed bits, learned ranges
     "lsq": ("pretrain", "calibrate", "qat8"),               # LSQ+ at fixed bits
     "adjq": STAGES,                                         # the whole recipe
+    # with sparsity: gradual magnitude pruning in qat8, or thresholds learned in adjustable
+    "uniform_qat_gmp": ("pretrain", "calibrate", "qat8"),
+    "lsq_gmp": ("pretrain", "calibrate", "qat8"),
+    "adjq_gmp": STAGES,
+    "adjq_learned": STAGES,
 }
 #: Flags a family sets unless the point sets them.
 FAMILY_FLAGS: dict[str, dict[tuple[str | None, str], Any]] = {
     "uniform_qat": {("qat8", "bits_trainable"): False},
     "lsq": {("qat8", "quantizer"): "lsq", ("qat8", "bits_trainable"): False},
+    "uniform_qat_gmp": {("qat8", "bits_trainable"): False, ("qat8", "sparsity"): 0.7},
+    "lsq_gmp": {("qat8", "quantizer"): "lsq", ("qat8", "bits_trainable"): False,
+                ("qat8", "sparsity"): 0.7},
+    "adjq_gmp": {("qat8", "sparsity"): 0.7},
+    "adjq_learned": {("adjustable", "learned_sparsity"): True},
 }
 #: Flags a sweep does not take: it sets them itself.
 RESERVED = {"run_dir", "stage", "config", "ckpt_path", "teacher_ckpt", "progress",

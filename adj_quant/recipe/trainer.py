@@ -96,7 +96,9 @@ class Trainer:
                             f"{self.info.num_train} training images; an epoch needs at least "
                             f"{rules.MINI_EPOCHS} (one per mini-epoch): lower --batch_size")
         self.metric_img_size = options.metric_size
-        bits_vars = model.bits_variables() if is_quantized(model) else []
+        # The learned magnitude thresholds train with the bits, by the same metric term.
+        bits_vars = model.bits_variables() + model.sparsity_variables() \
+            if is_quantized(model) else []
         bits_ids = {id(v) for v in bits_vars}
         self.weight_vars = [v for v in model.trainable_variables if id(v) not in bits_ids]
         self.bits_vars = bits_vars
@@ -106,6 +108,7 @@ class Trainer:
         self.mini_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.swa = rules.WeightAverager(model.trainable_variables)
         self.pruner = self._make_pruner()
+        self.learned = is_quantized(model) and bool(model.sparsity_variables())
         if self.pruner is not None:
             self.best_key = pruned_best_key(best_key)
         self.checkpoint = tf.train.Checkpoint(
@@ -142,11 +145,17 @@ class Trainer:
         end = max(begin + 1, int(round(o.prune_end * total)))
         # The depthwise kernels (9 weights a channel) and the stem stay dense: pruning them
         # removes whole channels early, and they hold few of the MACs.
-        layers = {name: layer for name, layer in self.model.layers.items()
-                  if layer.kind != "dws" and layer.act_quant is not None}
+        layers = {name: layer for name, layer in self.model.layers.items() if layer.prunable}
         return GradualPruner(layers, final=o.sparsity, begin=begin,
                              every=o.prune_every, count=(end - begin) // o.prune_every,
                              scope=o.prune_scope)
+
+    def _learned_sparsity(self) -> float:
+        """The fraction of zero weights over the layers with a learned threshold."""
+        layers = [layer for layer in self.model.layers.values()
+                  if layer.prune_threshold is not None]
+        zeros = sum(float(tf.reduce_sum(1.0 - layer.current_mask())) for layer in layers)
+        return zeros / sum(int(tf.size(layer.weights)) for layer in layers)
 
     # ------------------------------------------------------------------ steps
 
@@ -278,6 +287,8 @@ class Trainer:
         checked); a full disk ends in one line."""
         if not checked and not all_finite(self.model.variables):
             raise self._diverged("the weights became NaN or Inf")
+        if self.learned:  # the checkpoint's masks are the ones the thresholds give
+            self.model.freeze_masks()
         try:
             self.ckpts.save(self.checkpoint, name, info, best_key=self.best_key)
         except (OSError, tf.errors.OpError) as err:
@@ -318,6 +329,8 @@ class Trainer:
             if self.pruner is not None:
                 info.update(sparsity=self.pruner.current_sparsity(),
                             pruning_done=int(self.global_step.numpy()) > self.pruner.end)
+            elif self.learned:
+                info.update(sparsity=self._learned_sparsity())
             if self.ckpts.state.get("reference_loss") is None and mean_loss is not None:
                 self.ckpts.state["reference_loss"] = mean_loss
             self._save(name, info, checked=True)

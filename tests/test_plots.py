@@ -1,0 +1,32 @@
+"""The per-layer chart of eval.py --plot and TensorBoard: bits, and the sparsity of a pruned
+model, from a hand-made assignment."""
+
+import io
+
+import numpy as np
+from matplotlib import image as mpimg
+
+from adj_quant.cost import BitAssignment
+from adj_quant.recipe.plots import layer_sparsity, per_layer_bits_png
+
+SCOPES = ["Conv", "block/project", "Logits"]
+
+
+def _bits(density):
+    weight = {"Conv": np.full(8, 8.0), "block/project": np.array([2.0, 4.0]),
+              "Logits": np.full(10, 3.0)}
+    act = {"Conv": 8.0, "block/project": np.full(8, 6.0), "Logits": np.full(8, 5.0)}
+    return BitAssignment(weight, act, {}, 8, density=density)
+
+
+def test_layer_sparsity_by_hand():
+    density = {"block/project": np.array([[1.0, 0.5], [0.0, 0.5]]), "Logits": 0.25}
+    assert layer_sparsity(_bits(density), SCOPES) == [0.0, 0.5, 0.75]
+
+
+def test_a_pruned_model_gets_a_third_panel():
+    dense = mpimg.imread(io.BytesIO(per_layer_bits_png(_bits({}), SCOPES)))
+    sparse = mpimg.imread(io.BytesIO(per_layer_bits_png(
+        _bits({"block/project": np.array([[1.0, 0.5], [0.0, 0.5]])}), SCOPES)))
+    # 3.0 inches a panel at 110 dpi: 2 panels 660 px high, 3 panels 990 px.
+    assert dense.shape[0] == 660 and sparse.shape[0] == 990
