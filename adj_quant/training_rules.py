@@ -265,3 +265,58 @@ def topk_correct(logits: tf.Tensor, labels: tf.Tensor, k: int) -> tf.Tensor:
 
 def is_finite(value) -> bool:
     return bool(np.all(np.isfinite(np.asarray(value))))
+
+
+# --------------------------------------------------------------------------- frozen betas
+
+
+def _shift_absorbed(net, name: str, consumers: dict, dropout_rate: float,
+                    drop_connect_rate: float) -> bool:
+    """Whether a per-channel constant added to node ``name``'s output is removed, on every
+    path, by a training-mode batch norm: it passes only through ops that keep it a
+    per-channel constant over the batch and the image (adds without drop-connect on that
+    input, pooling, an inactive dropout) and ends in 1x1 layers with batch norm."""
+    if name == net.nodes[-1].name:
+        return False
+    for node, position in consumers.get(name, ()):
+        if node.op in ("conv", "dws", "fc"):
+            # A kxk kernel with padding turns a constant into one that differs at the
+            # border, which the batch mean does not remove.
+            if not (node.batch_norm and node.kernel == 1):
+                return False
+            continue
+        if node.op == "add":
+            dropped = position == 0 and node.drop_path and \
+                drop_connect_rate * node.drop_path[0] / node.drop_path[1] > 0
+            if dropped:
+                return False
+        elif node.op == "dropout":
+            if dropout_rate > 0:
+                return False
+        elif node.op not in ("gap", "maxpool"):
+            return False  # a nonlinearity, a product, padding
+        if not _shift_absorbed(net, node.name, consumers, dropout_rate, drop_connect_rate):
+            return False
+    return True
+
+
+def untrainable_betas(net, *, dropout_rate: float = 0.0,
+                      drop_connect_rate: float = 0.0) -> list[str]:
+    """The layers whose batch-norm ``beta`` has a structurally zero gradient in training.
+
+    A batch norm's ``beta`` adds a per-channel constant to its output. When every path from
+    there reaches another batch-normalised layer only through ops that keep that constant a
+    constant (:func:`_shift_absorbed`), the next batch norm subtracts it again with the
+    batch mean: the loss does not depend on ``beta``. What autodiff computes for it is
+    float round-off whose sign depends on the order of summation (one device or an
+    all-reduce), and Adam turns that noise into steps of up to ``lr``. So such a ``beta`` is
+    not trained (docs/method.md, "Optimisation"). In EfficientNet-B0 these are the
+    ``project`` convolutions, which feed 1x1 ``expand`` convolutions through residual adds.
+    """
+    consumers: dict[str, list] = {}
+    for node in net.nodes:
+        for position, name in enumerate(net.inputs_of(node)):
+            consumers.setdefault(name, []).append((node, position))
+    return [node.name for node in net.nodes
+            if node.op in ("conv", "dws", "fc") and node.batch_norm and
+            _shift_absorbed(net, node.name, consumers, dropout_rate, drop_connect_rate)]

@@ -61,6 +61,17 @@ class StageResult:
     final: dict
 
 
+def _untrained_betas(model) -> list[tf.Variable]:
+    """The batch-norm betas of a float model whose gradient is structurally zero
+    (:func:`adj_quant.training_rules.untrainable_betas`): they keep their values."""
+    layers, arch = getattr(model, "layers", None), getattr(model, "arch", None)
+    if is_quantized(model) or not isinstance(layers, dict) or arch is None:
+        return []
+    scopes = rules.untrainable_betas(arch, dropout_rate=getattr(model, "dropout_rate", 0.0),
+                                     drop_connect_rate=getattr(model, "drop_connect_rate", 0.0))
+    return [layers[s].bn.beta for s in scopes]
+
+
 def pruned_best_key(best_key=None):
     """Rank the checkpoints of a pruning stage: those written once the schedule reached its
     final sparsity first (an early, denser checkpoint is not the stage's result), then by
@@ -99,8 +110,8 @@ class Trainer:
         # The learned magnitude thresholds train with the bits, by the same metric term.
         bits_vars = model.bits_variables() + model.sparsity_variables() \
             if is_quantized(model) else []
-        bits_ids = {id(v) for v in bits_vars}
-        self.weight_vars = [v for v in model.trainable_variables if id(v) not in bits_ids]
+        skip = {id(v) for v in bits_vars} | {id(v) for v in _untrained_betas(model)}
+        self.weight_vars = [v for v in model.trainable_variables if id(v) not in skip]
         self.bits_vars = bits_vars
         self.opt = rules.Adam(self.weight_vars, "adam")
         self.bits_opt = rules.Adam(self.bits_vars, "adam_bits")
