@@ -264,12 +264,15 @@ def _variable_shapes(ckpt_path: str) -> dict[str, list[int]]:
 
 
 def restore_model(model: tf.Module, ckpt_path: str, what: str = "--ckpt_path",
-                  allow_missing: tuple[str, ...] = ("bits_scale",)) -> None:
+                  allow_missing: tuple[str, ...] = ("bits_scale", "/mask",
+                                                    "/prune_threshold")) -> None:
     """Restore ``model``'s variables from a checkpoint written with ``Checkpoint(model=...)``.
 
     Shapes are checked first, so a checkpoint of another architecture or class count is
     refused with the first mismatch named. Variables whose names end with one of
-    ``allow_missing`` may be absent (a fixed-bit checkpoint into a trainable-bit model).
+    ``allow_missing`` may be absent and keep their initial values: a fixed-bit checkpoint
+    into a trainable-bit model, a dense one into a model that prunes (masks of ones,
+    thresholds of 0: every weight kept).
     """
     with reading(ckpt_path):
         saved = _variable_shapes(ckpt_path)
