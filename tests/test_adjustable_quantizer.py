@@ -281,25 +281,46 @@ def _eager_and_traced(fn, *args):
     (-F32_MAX, -3.4e38, 3),
 ])
 def test_overflowing_ranges_give_finite_outputs(lo, hi, bits):
+    """The formula is total: a range only known at run time (here given to fake_quantize as
+    quantize would pass it) gives finite outputs; ``quantize`` refuses, when it sees the
+    values, a range whose width overflows float32."""
     x = tf.constant([[1e29, -1e30, 0.5], [2e29, 1e30, 3e38], [0.0, -3e38, F32_MAX]], tf.float32)
     lo32, hi32 = np.float64(np.float32(lo)), np.float64(np.float32(hi))
     step = ((hi32 - lo32 + 1e-7) / (2**bits - 1)
             + 2 * np.spacing(np.float32(min(max(-lo, hi), 3e38))))
-    for out in _eager_and_traced(lambda x: q.quantize(x, lo, hi, bits), x):
+
+    def unchecked(x):
+        low, high = tf.constant(lo, tf.float32), tf.constant(hi, tf.float32)
+        return q.fake_quantize(x, low, high - low, float(bits))
+
+    with np.errstate(over="ignore"):
+        overflows = np.isinf(np.float32(hi) - np.float32(lo))
+    if overflows:
+        with pytest.raises(UserError, match="wider than float32 holds"):
+            q.quantize(x, lo, hi, bits)
+    else:
+        np.testing.assert_array_equal(q.quantize(x, lo, hi, bits).numpy(), unchecked(x).numpy())
+    for out in _eager_and_traced(unchecked, x):
         assert np.isfinite(out).all()
         assert (out >= lo32 - step).all() and (out <= hi32 + 1e-7 + step).all()
         assert len(np.unique(out)) <= 2**bits
     with tf.GradientTape() as tape:  # the gradient wrt x stays the 0/1 "inside" mask
         tape.watch(x)
-        out = q.quantize(x, lo, hi, bits)
+        out = unchecked(x)
     np.testing.assert_array_equal(np.isin(tape.gradient(out, x).numpy(), [0.0, 1.0]), True)
     if lo == hi:
         np.testing.assert_allclose(out.numpy(), lo, rtol=1e-6)
 
 
 def test_overflowing_calibrated_range_in_the_module_is_finite():
+    """set_range refuses ``[-3e38, 3e38]``; a range that reaches the variables otherwise
+    (a checkpoint, an assignment) still gives finite outputs."""
     quant = q.AdjustableQuantizer("t", 2, init_bits=4, bits_trainable=True)
-    quant.set_range([-3e38, 2e29], [3e38, 2e29])  # width inf (times shift 0: NaN) and 0 at 2e29
+    with pytest.raises(UserError, match="wider than float32 holds"):
+        quant.set_range([-3e38, 2e29], [3e38, 2e29])
+    # width inf (times shift 0: NaN) and 0 at 2e29
+    quant.init_min.assign([-3e38, 2e29])
+    quant.init_max.assign([3e38, 2e29])
     x = tf.constant([[1e30, -1e30], [0.0, 2e29], [-3e38, 3e38]], tf.float32)
     for out in _eager_and_traced(quant, x):
         assert np.isfinite(out).all()
@@ -456,13 +477,75 @@ def test_set_range_refuses_another_channel_count_and_non_numbers_in_one_line():
     np.testing.assert_array_equal(bias.init_max.numpy(), [0.25])
 
 
-def test_set_range_takes_a_range_wider_than_float32_as_quantize_does():
-    """``[-3e38, 3e38]``: ``max - min`` overflows float32. quantize accepts it (the width
-    counts as the float32 maximum) and so does the module, with the same finite result."""
-    x = tf.constant([[-3e38, 0.0], [1e37, 3e38], [-1e38, 2.5e38]], tf.float32)
-    want = q.quantize(x, -3e38, 3e38, 8).numpy()
+@pytest.mark.parametrize("lo, hi, message", [
+    ([-1.0, 0.0], [float("inf"), 1.0], r"the range \[-1.0, inf\] for channel 0 of axis -1 is "
+                                       r"not finite; pass finite numbers"),
+    ([0.0, -float("inf")], [1.0, 1.0], r"the range \[-inf, 1.0\] for channel 1 of axis -1 is "
+                                       r"not finite"),
+    ([0.0, 0.0], [1.0, 1e39], r"the range \[0.0, inf\] for channel 1 .* not finite"),
+    ([-3e38, -3e38], [3e38, 3e38], r"the range \[-3e\+38, 3e\+38\] for channel 0 of axis -1 "
+                                   r"is wider than float32 holds .*\(and 1 more channels\); "
+                                   r"pass a range narrower than 3.4e38"),
+])
+@pytest.mark.parametrize("kind", ["adjq", "lsq"])
+def test_infinite_and_overflowing_ranges_are_refused_as_quantize_refuses_them(kind, lo, hi,
+                                                                              message):
+    """``quantize(x, -1, inf, 8)`` returned zeros and ``[-3e38, 3e38]`` (width beyond
+    float32) one value for every positive input; both are now the one-line UserError, in
+    ``quantize`` and in either quantizer's ``set_range``, and nothing is assigned."""
+    from adj_quant.quantizers.lsq import LsqQuantizer
+
+    x = tf.constant([[-3e38, 0.0], [1e37, 3e38], [0.5, 2.0]], tf.float32)
+    with pytest.raises(UserError, match="^quantize: " + message) as functional:
+        q.quantize(x, lo, hi, 8)
+    traced = tf.function(lambda x: q.quantize(x, lo, hi, 8), autograph=False)
+    with pytest.raises(UserError, match=message):  # constants: checked when tracing
+        traced(x)
+    quant = (q.AdjustableQuantizer if kind == "adjq" else LsqQuantizer)("t/q", 2)
+    before = [v.numpy().copy() for v in quant.variables]
+    with pytest.raises(UserError) as module:
+        quant.set_range(lo, hi)
+    assert str(module.value) == str(functional.value).replace("quantize:", "quantizer t/q:", 1)
+    assert "\n" not in str(module.value)
+    for old, v in zip(before, quant.variables):
+        np.testing.assert_array_equal(v.numpy(), old)
+    # The widest range float32 holds is still taken: [-F32_MAX / 2, F32_MAX / 2].
+    half = F32_MAX / 2
+    quant.set_range([-half, -half], [half, half])
+    assert np.isfinite(quant(x).numpy()).all()
+
+
+@pytest.mark.parametrize("kind", ["adjq", "lsq"])
+def test_another_channel_count_is_one_line_naming_both_counts(kind):
+    """Was a raw InvalidArgumentError (adjq) or an lsq_quantize message about the step."""
+    from adj_quant.quantizers.lsq import LsqQuantizer
+
+    quant = (q.AdjustableQuantizer if kind == "adjq" else LsqQuantizer)("t/q", 3)
+    x = tf.zeros([2, 4])
+    want = (r"^quantizer t/q: x has 4 channels along axis 1 \(shape \[2, 4\]\), the "
+            r"quantizer has 3; quantize a tensor with 3 channels or build the quantizer with "
+            r"channels=4$")
+    with pytest.raises(UserError, match=want):
+        quant(x)
+    with pytest.raises(UserError, match="x has 4 channels"):  # when traced, too
+        tf.function(quant, autograph=False)(x)
+    # The oracle: the right count works, and a one-channel quantizer takes any tensor.
+    assert quant(tf.zeros([2, 3])).shape == [2, 3]
+    one = (q.AdjustableQuantizer if kind == "adjq" else LsqQuantizer)("t/b", 1)
+    assert one(x).shape == [2, 4]
+
+
+def test_set_range_needs_concrete_values():
     quant = q.AdjustableQuantizer("t/q", 2)
-    quant.set_range([-3e38, -3e38], [3e38, 3e38])
-    got = quant(x).numpy()
-    assert np.isfinite(got).all()
-    np.testing.assert_array_equal(got, want)
+    quant.set_range(tf.constant([-1.0, -2.0]), tf.Variable([1.0, 2.0]))  # eager: concrete
+    np.testing.assert_array_equal(quant.init_min.numpy(), [-1.0, -2.0])
+    with pytest.raises(UserError, match="minimum is a symbolic tensor; call set_range eagerly"):
+        tf.function(lambda m: quant.set_range(m, [1.0, 1.0]))(tf.constant([0.0, 0.0]))
+
+
+def test_range_preset_message_reads_right_behind_the_command_line_dash():
+    """config.py prefixes the message with "--": it must read "--range preset 0 ...", not
+    "--unknown range preset 0" (issue 28)."""
+    with pytest.raises(UserError) as err:
+        formula.range_preset(0)
+    assert str(err.value).startswith("range preset 0 does not exist; choose one of 1, 2, 3, ")

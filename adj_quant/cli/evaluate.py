@@ -16,6 +16,7 @@ Installed as ``adjq-eval``; ``python eval.py`` in a checkout runs the same.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from adj_quant.cli.start import start
@@ -64,6 +65,11 @@ def main(argv=None) -> None:
     if cli.get("tflite"):
         result = evaluate_tflite(cli)
     elif cli.get("ckpt_path"):
+        thresholds = cli.get("thresholds")
+        if thresholds and not os.path.exists(thresholds):
+            raise UserError(f"--thresholds {thresholds} not found; pass a calibrate stage's "
+                            "initial_thresholds.json (RUN/calibrate/initial_thresholds.json), "
+                            "or leave --thresholds out to calibrate now")
         result = evaluate_checkpoint(cli)
     else:
         raise UserError("pass --ckpt_path CHECKPOINT (a prefix or a run's stage directory) or "

@@ -27,6 +27,7 @@ from adj_quant.quantizers.formula import (
     check_axis,
     check_bits,
     check_bits_grad,
+    check_channels,
     range_preset,
 )
 from adj_quant.quantizers.kernels import use_fused_kernels  # noqa: F401  (re-exported)
@@ -78,10 +79,12 @@ def quantize(x, minimum, maximum, bits, axis: int = -1, bits_grad: str = "origin
     ``x`` keeps its floating dtype (bfloat16, float16, float32, float64; computed in float32,
     see :func:`fake_quantize`); Python numbers and lists give float32; other dtypes are a
     :class:`UserError`. Ranges and bits whose values are known (eagerly, or constants when
-    tracing) are checked: ``minimum > maximum`` or non-integer bits are a UserError. Bits
-    only known when a ``tf.function`` runs are checked then by a ``tf.debugging.Assert``
-    (an ``InvalidArgumentError``; XLA-compiled functions skip it); a range only known then
-    with ``minimum > maximum`` is quantized as a zero-width range at ``minimum``.
+    tracing) are checked: ``minimum > maximum``, a NaN or infinite bound, a range wider
+    than float32 holds (``maximum - minimum`` overflows) or non-integer bits are a
+    UserError. Bits only known when a ``tf.function`` runs are checked then by a
+    ``tf.debugging.Assert`` (an ``InvalidArgumentError``; XLA-compiled functions skip it); a
+    range only known then is quantized as :func:`fake_quantize` takes it (``minimum >
+    maximum`` as a zero-width range at ``minimum``, an overflowing width bounded).
     """
     x = _float_input(x, "quantize")
     if x.shape.rank == 0:
@@ -193,6 +196,7 @@ class AdjustableQuantizer(tf.Module):
         axis = 0
         if rank or self.channels != 1:
             axis = check_axis(self.axis, rank, f"quantizer {self.scope}")
+            check_channels(x, axis, self.channels, f"quantizer {self.scope}")
         dtype = x.dtype
         x = tf.cast(x, tf.float32)
         # Values, not variables, so that one trace serves quantizers of any channel count.

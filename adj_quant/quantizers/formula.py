@@ -62,7 +62,8 @@ RANGE_PRESETS: dict[int, tuple[tuple[float, float], tuple[float, float]]] = {
 
 def range_preset(preset: int) -> tuple[tuple[float, float], tuple[float, float]]:
     if preset not in RANGE_PRESETS:
-        raise UserError(f"unknown range preset {preset!r}; choose one of "
+        # Worded so that the "--" the command line puts in front reads "--range preset 0".
+        raise UserError(f"range preset {preset!r} does not exist; choose one of "
                         f"{', '.join(map(str, RANGE_PRESETS))}")
     return RANGE_PRESETS[preset]
 
@@ -233,35 +234,54 @@ def _fake_quantize_math(x, low, width, bits, axis: int, bits_grad: str):
 
 
 def _check_range(minimum, maximum, axis, who: str = "quantize") -> None:
-    """Refuse ``minimum > maximum`` or a NaN bound (values known when tracing or eager)."""
+    """Refuse ``minimum > maximum``, a NaN or infinite bound, or a range whose width
+    ``maximum - minimum`` overflows float32 (values known when tracing or eager; the check is
+    Python on those values and adds no op to a traced function)."""
     lo, hi = tf.get_static_value(minimum), tf.get_static_value(maximum)
     if lo is None or hi is None:
         return
-    lo, hi = np.broadcast_arrays(np.atleast_1d(lo), np.atleast_1d(hi))
-    bad = np.flatnonzero(~(lo <= hi))
+    lo, hi = np.broadcast_arrays(np.atleast_1d(np.asarray(lo, np.float32)),
+                                 np.atleast_1d(np.asarray(hi, np.float32)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        width = hi - lo
+    bad = np.flatnonzero(~(lo <= hi) | ~np.isfinite(lo) | ~np.isfinite(hi) | ~np.isfinite(width))
     if not bad.size:
         return
     c = int(bad[0])
     where = f" for channel {c} of axis {axis}" if lo.size > 1 else ""
     more = f" (and {bad.size - 1} more channels)" if bad.size > 1 else ""
+    span = f"[{lo[c]!s}, {hi[c]!s}]"
     if np.isnan(lo[c]) or np.isnan(hi[c]):
-        raise UserError(f"{who}: the range [{lo[c]!s}, {hi[c]!s}]{where} is NaN{more}; pass "
-                        "numbers")
-    raise UserError(f"{who}: minimum {lo[c]!s} > maximum {hi[c]!s}{where}{more}; pass "
-                    "minimum <= maximum (swapped arguments?)")
+        raise UserError(f"{who}: the range {span}{where} is NaN{more}; pass numbers")
+    if not (np.isfinite(lo[c]) and np.isfinite(hi[c])):
+        raise UserError(f"{who}: the range {span}{where} is not finite{more}; pass finite "
+                        "numbers (float32: at most 3.4e38 in magnitude)")
+    if not lo[c] <= hi[c]:
+        raise UserError(f"{who}: minimum {lo[c]!s} > maximum {hi[c]!s}{where}{more}; pass "
+                        "minimum <= maximum (swapped arguments?)")
+    raise UserError(f"{who}: the range {span}{where} is wider than float32 holds (maximum - "
+                    f"minimum overflows){more}; pass a range narrower than 3.4e38")
 
 
 def _calibrated_range(minimum, maximum, channels: int, axis, who: str
                       ) -> tuple[np.ndarray, np.ndarray]:
     """A quantizer's ``set_range`` arguments as two float32 ``[channels]`` arrays (any
     shape holding ``channels`` values). Not numbers, another number of values,
-    ``minimum > maximum`` or a NaN bound are the one-line UserError that the functional
-    :func:`~adj_quant.quantizers.adjustable.quantize` gives for them. A range wider than
-    float32 holds is accepted, as by ``quantize``: the quantizer bounds its width."""
+    ``minimum > maximum``, a NaN or infinite bound and a range wider than float32 holds are
+    the one-line UserError that the functional
+    :func:`~adj_quant.quantizers.adjustable.quantize` gives for them. Checked in NumPy on
+    the concrete values: nothing is added to a traced computation."""
     arrays = []
     for name, v in (("minimum", minimum), ("maximum", maximum)):
+        if isinstance(v, (tf.Tensor, tf.Variable)):
+            known = v.numpy() if tf.executing_eagerly() else tf.get_static_value(v)
+            if known is None:
+                raise UserError(f"{who}: {name} is a symbolic tensor; call set_range eagerly "
+                                "with concrete values")
+            v = known
         try:
-            a = np.asarray(v, np.float32)
+            with np.errstate(over="ignore"):
+                a = np.asarray(v, np.float32)
         except (TypeError, ValueError):
             raise UserError(f"{who}: {name} is not a number or a list of numbers (got "
                             f"{type(v).__name__})") from None
@@ -271,6 +291,18 @@ def _calibrated_range(minimum, maximum, channels: int, axis, who: str
         arrays.append(a.reshape([channels]))
     _check_range(arrays[0], arrays[1], axis, who)
     return arrays[0], arrays[1]
+
+
+def check_channels(x: tf.Tensor, axis: int, channels: int, who: str) -> None:
+    """Refuse an ``x`` whose size along ``axis`` (known statically) is not ``channels`` (a
+    one-channel quantizer takes any ``x``). Python on the static shape: adds no op."""
+    if channels == 1 or x.shape.rank is None:
+        return
+    size = x.shape[axis]
+    if size is not None and size != channels:
+        raise UserError(f"{who}: x has {size} channels along axis {axis} (shape "
+                        f"{x.shape.as_list()}), the quantizer has {channels}; quantize a tensor "
+                        f"with {channels} channels or build the quantizer with channels={size}")
 
 
 def _check_bits_tensor(bits: tf.Tensor) -> tf.Tensor:

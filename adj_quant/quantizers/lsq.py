@@ -45,6 +45,7 @@ from adj_quant.quantizers.formula import (
     _sum_to,
     check_axis,
     check_bits,
+    check_channels,
 )
 
 #: Lower bound of the step in the forward pass.
@@ -231,6 +232,8 @@ class LsqQuantizer(tf.Module):
         x = _float_input(x, f"quantizer {self.scope}")
         rank = len(x.shape)
         axis = check_axis(self.axis, rank, f"quantizer {self.scope}") if rank else 0
+        if rank:
+            check_channels(x, axis, self.channels, f"quantizer {self.scope}")
         step, offset = self.step, self.offset
         if self.channels == 1:  # one step for the whole tensor
             step = tf.reshape(step, [])

@@ -40,7 +40,12 @@ directory.
 
 **Resuming.** Rerunning the same command skips finished points (their ``point.json``),
 resumes interrupted stages through the recipe's own checkpoints, and tries failed points
-again. A failing point is recorded with its one-line error and the sweep goes on.
+again. A failing point is recorded with its one-line error and the sweep goes on. After a
+``kill -9`` of the sweep's process group the rerun takes over the dead sweep's lock (and
+the stages' locks) with a line saying so, trains no finished stage again, and writes the
+``sweep.csv`` of an uninterrupted sweep apart from wall times: a stage's
+``sweep_stage.json`` names the point that trained it, so a point killed after training a
+stage does not count it as reused when it runs again.
 
 **Output** in the sweep directory: ``sweep.csv`` (one row per point: flags, top-1/top-5,
 average bits, both MicroNet scores, params, ops, wall time, the stages it reused, status and
@@ -104,6 +109,8 @@ POINT_KEYS = {"family", "label"}
 CSV_RESULTS = ["top1", "top5", "avg_weight_bits", "avg_act_bits", "score_micronet",
                "score_adjq", "params", "ops", "wall_s", "reused", "status", "error"]
 POINT_FILE, LOG_FILE = "point.json", "log.txt"
+#: In a stage's directory: the point that trains (trained) it, and its seconds when done.
+STAGE_FILE = "sweep_stage.json"
 
 
 # --------------------------------------------------------------------------- the sweep file
@@ -380,13 +387,17 @@ def stage_finished(sweep_dir: str, key: str) -> bool:
     return os.path.exists(os.path.join(stage_store(sweep_dir, key), "result.json"))
 
 
-def read_point(sweep_dir: str, point: Point) -> dict | None:
-    path = os.path.join(point_dir(sweep_dir, point), POINT_FILE)
+def _read_json(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_point(sweep_dir: str, point: Point) -> dict | None:
+    return _read_json(os.path.join(point_dir(sweep_dir, point), POINT_FILE))
 
 
 def link_stages(sweep_dir: str, point: Point) -> str:
@@ -474,18 +485,29 @@ def run_point(spec_path: str) -> int:
 
         for stage in FAMILIES[family]:
             store = os.path.join(run_dir, stage)
+            record = os.path.join(store, STAGE_FILE)
             if os.path.exists(os.path.join(store, "result.json")):
+                owner = _read_json(record) or {}
+                if owner.get("trained_by") == point.name:
+                    # Trained by this point in a run of the sweep that was then interrupted:
+                    # not trained again, and not "reused" (as in an uninterrupted sweep).
+                    print(f"[sweep] {stage}: trained by this point before the sweep was "
+                          f"interrupted: {os.path.realpath(store)}", flush=True)
+                    if "seconds" in owner:
+                        out["stage_seconds"][stage] = owner["seconds"]
+                    continue
                 out["reused"].append(stage)
                 print(f"[sweep] {stage}: reusing {os.path.realpath(store)}", flush=True)
                 continue
+            # Claimed before training, so that a rerun after a kill knows who trained it.
+            write_json_atomic(record, {"trained_by": point.name})
             t0 = time.time()
             cli = {"config": base, "run_dir": run_dir, "progress": False,
                    **point.stage_cli(stage)}
             stages.STAGE_FUNCTIONS[stage](cli)
             seconds = time.time() - t0
             out["stage_seconds"][stage] = seconds
-            write_json_atomic(os.path.join(store, "sweep_stage.json"),
-                              {"seconds": seconds, "trained_by": point.name})
+            write_json_atomic(record, {"seconds": seconds, "trained_by": point.name})
         last = FAMILIES[family][-1]
         cli = point.stage_cli(last)
         if family in ("ptq_dynamic", "ptq_int8"):
@@ -587,7 +609,7 @@ def reuse_report(sweep: Sweep, sweep_dir: str) -> tuple[float, float]:
         for stage in result.get("reused", []):
             try:
                 with open(os.path.join(stage_store(sweep_dir, point.stage_keys[stage]),
-                                       "sweep_stage.json"), encoding="utf-8") as f:
+                                       STAGE_FILE), encoding="utf-8") as f:
                     saved += json.load(f)["seconds"]
             except (OSError, ValueError, KeyError):
                 pass

@@ -26,9 +26,11 @@ from typing import Callable
 from .expectations import (
     all_of,
     config_history_written,
+    creates,
     exits_nonzero,
     exits_zero,
     mentions,
+    mentions_once,
     no_nonfinite_checkpoint,
     no_orphans,
     not_after_the_work,
@@ -133,12 +135,22 @@ def _float_flag_cases() -> list[Case]:
     return out
 
 
+#: Expectations of some integer-flag cases (by case name).
+INT_EXPECT = {
+    "train_range_0": all_of(exits_nonzero("--range 0 is no preset"),
+                            not_mentions("--unknown", "the message names a flag --unknown "
+                                         "that does not exist (issue 28)"),
+                            mentions("--range", "the message does not name --range")),
+}
+
+
 def _int_flag_cases() -> list[Case]:
     out = []
     for flag, value in INT_FLAGS:
         tag = value.replace("-", "neg").replace(".", "p") if len(value) < 8 else "huge"
-        out.append(Case(f"train_{flag}_{tag}", "int-flag", "adjq-train",
-                        [*PRE, f"--{flag}={value}"],
+        name = f"train_{flag}_{tag}"
+        out.append(Case(name, "int-flag", "adjq-train", [*PRE, f"--{flag}={value}"],
+                        INT_EXPECT.get(name),
                         desc=f"adjq-train --stage pretrain --{flag} {value}"))
     return out
 
@@ -189,6 +201,10 @@ TRAIN = [
      "adjq-train --run_dir FILE"),
     ("train_run_dir_under_file", "path", [*PRE, "--run_dir", "{file}/sub"], None,
      "adjq-train --run_dir FILE/sub"),
+    ("train_run_dir_missing_folders", "path",
+     ["--stage", "pretrain", "--run_dir", "{case}/nope/runs/r", *TINY, "--max_epoch", "0.1"],
+     creates("{case}/nope/runs/r/pretrain/result.json"),
+     "adjq-train --run_dir NEW/FOLDERS/RUN (missing parents are created)"),
     ("train_ckpt_missing", "path", [*PRE, "--ckpt_path", "{missing}"], None,
      "adjq-train pretrain --ckpt_path missing"),
     ("train_ckpt_empty_dir", "path", [*PRE, "--ckpt_path", "{dir}"], None,
@@ -273,11 +289,18 @@ EVAL = [  # name, arguments (--no-progress is added), expectation
     ("thresholds_list", ["--ckpt_path", "{fix}/pretrain", "--thresholds",
                          "{f:thr_list.json}"], None),
     ("thresholds_missing", ["--ckpt_path", "{fix}/pretrain", "--thresholds", "{missing}"],
-     None),
+     all_of(exits_nonzero("a missing thresholds file"),
+            mentions_once("first", "the message repeats itself (issue 28)"))),
+    ("thresholds_inf", ["--ckpt_path", "{fix}/pretrain", "--thresholds", "{f:thr_1e39.json}"],
+     exits_nonzero("a threshold beyond float32 (1e39) must be refused")),
+    ("thresholds_overflow", ["--ckpt_path", "{fix}/pretrain", "--thresholds",
+                             "{f:thr_overflow.json}"],
+     exits_nonzero("a range [-3e38, 3e38] overflows float32's width and must be refused")),
     ("output_missing_folder", ["--ckpt_path", "{fix}/qat8", "--output",
-                               "{case}/nope/quant_info.json"], not_after_the_work),
+                               "{case}/nope/quant_info.json"],
+     all_of(not_after_the_work, creates("{case}/nope/quant_info.json"))),
     ("plot_missing_folder", ["--ckpt_path", "{fix}/qat8", "--plot", "{case}/nope/bits.png"],
-     not_after_the_work),
+     all_of(not_after_the_work, creates("{case}/nope/bits.png"))),
     ("plot_dir", ["--ckpt_path", "{fix}/qat8", "--plot", "{dir}"], None),
     ("float_on_quant", ["--ckpt_path", "{fix}/qat8", "--float"], None),
     ("tflite_missing", ["--tflite", "{missing}.tflite"], None),
@@ -305,7 +328,8 @@ EXPORT = [  # name, arguments, expectation
     ("rep_images_neg", ["--ckpt_path", "{fix}/pretrain", "--quantization", "int8",
                         "--output", "{case}/m.tflite", "--representative_images=-5"], None),
     ("output_missing_folder", ["--ckpt_path", "{fix}/pretrain", "--quantization", "float",
-                               "--output", "{case}/nope/m.tflite"], None),
+                               "--output", "{case}/nope/m.tflite"],
+     creates("{case}/nope/m.tflite")),
     ("output_exists", ["--ckpt_path", "{fix}/pretrain", "--quantization", "float",
                        "--output", "{file}"], None),
     ("no_quantization", ["--ckpt_path", "{fix}/pretrain"], None),
@@ -336,6 +360,8 @@ QUANTIZE = [  # name, arguments, expectation
     ("uint8_bits_4", [GOOD_CKPT, "--algorithm", "uint8", "--bits", "4"], None),
     ("output_is_file", [GOOD_CKPT, "--algorithm", "bin", "--bits", "8", "--output", "{file}"],
      None),
+    ("output_missing_folder", [GOOD_CKPT, "--algorithm", "bin", "--bits", "8", "--output",
+                               "{case}/nope/q"], creates("{case}/nope/q")),
     ("good_bin8", [GOOD_CKPT, "--algorithm", "bin", "--bits", "8", "--output", "{case}/q"],
      exits_zero("a good quantization")),
     ("good_uint8", [GOOD_CKPT, "--algorithm", "uint8", "--output", "{case}/q"],
@@ -394,7 +420,7 @@ PARETO = [  # name, arguments, expectation
     ("csv_bad_columns", ["{f:bad_columns.csv}"], None),
     ("csv_dir", ["{dir}"], None),
     ("output_missing_folder", ["{repo}/docs/digits_pareto.csv", "--output",
-                               "{case}/nope/p.png"], None),
+                               "{case}/nope/p.png"], creates("{case}/nope/p.png")),
     ("good", ["{repo}/docs/digits_pareto.csv", "--output", "{case}/p.png"],
      exits_zero("the shipped sweep's plot")),
 ]

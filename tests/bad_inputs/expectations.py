@@ -89,6 +89,27 @@ def mentions(text: str, why: str):
     return check
 
 
+def mentions_once(text: str, why: str):
+    def check(ctx, res):
+        n = (res.stderr + res.stdout).count(text)
+        return None if n <= 1 else f"{why} ({text!r} {n} times)"
+    return check
+
+
+def creates(path: str):
+    """The project's rule for output paths: a missing parent folder of ``path`` (a
+    placeholder template, e.g. ``{case}/nope/m.tflite``) is created and the output written."""
+    def check(ctx, res):
+        target = ctx.expand(path)
+        if res.rc != 0:
+            return (f"exit {res.rc}: a missing parent folder of an output must be created, "
+                    "not refused")
+        if not os.path.exists(target):
+            return f"exit 0 but {os.path.relpath(target, ctx.case)} was not written"
+        return None
+    return check
+
+
 def not_mentions(text: str, why: str):
     def check(ctx, res):
         return why if text in res.stderr else None

@@ -8,8 +8,8 @@ Two kinds, made only when a selected case needs them:
 * ``trained``: a tiny trained run (pretrain 0.2 epoch, calibrate, qat8 0.1 epoch, with the
   TINY flags of tests/conftest.py, then ``adjq-eval`` of qat8 for its quant_info.json), an
   interrupted pretrain stage (three mini-epochs trained, the last one removed, so that
-  re-running resumes), and the bad files made from the run (thresholds with strings, NaN or
-  min > max, quant_info.json with strings).
+  re-running resumes), and the bad files made from the run (thresholds with strings, NaN,
+  min > max, 1e39 or a width beyond float32, quant_info.json with strings).
 
 Each case gets a fresh copy (``WORK/cases/NAME``) of whatever it may modify, so cases are
 independent; corrupt checkpoints are made in those copies (truncated ``.index``, truncated
@@ -34,7 +34,7 @@ CORRUPTIONS = ("trunc_index", "trunc_data", "empty_data", "flip_byte")
 #: the run>}) and of the files fixture; the others ({case}, {run}, {missing}, {dir}, {repo})
 #: need none.
 TRAINED_FILES = ("thr_strings.json", "thr_min_gt_max.json", "thr_nan.json", "thr_list.json",
-                 "quant_info_strings.json")
+                 "thr_1e39.json", "thr_overflow.json", "quant_info_strings.json")
 PLAIN_FILES = {
     "strings.toml": 'lr = "fast"\nmax_epoch = "0.1"\n',
     "syntax.toml": "lr = = 1e-3\n[pretrain\n",
@@ -224,6 +224,12 @@ class Fixtures:
             "thr_nan.json": {k: {"min": [float("nan")] * len(v["min"]), "max": v["max"]}
                              for k, v in thr.items()},
             "thr_list.json": [1, 2, 3],
+            # finite to JSON and Python, infinite as float32
+            "thr_1e39.json": {k: {"min": v["min"], "max": [1e39] * len(v["max"])}
+                              for k, v in thr.items()},
+            # both bounds in float32, the width max - min beyond it
+            "thr_overflow.json": {k: {"min": [-3e38] * len(v["min"]),
+                                      "max": [3e38] * len(v["max"])} for k, v in thr.items()},
         }
         for name, data in variants.items():
             with open(p(name), "w") as f:
