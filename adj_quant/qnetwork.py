@@ -472,8 +472,7 @@ class QuantizedNetwork(tf.Module):
                 data = json.load(f)
         except FileNotFoundError:
             raise UserError(f"thresholds file {path} not found; calibrate the model first (the "
-                            "recipe's calibrate stage writes it) "
-                            "first or pass the right path") from None
+                            "recipe's calibrate stage writes it) or pass the right path") from None
         except IsADirectoryError:
             raise UserError(f"thresholds file {path} is a directory; pass its "
                             "initial_thresholds.json") from None

@@ -543,9 +543,7 @@ def test_set_range_needs_concrete_values():
         tf.function(lambda m: quant.set_range(m, [1.0, 1.0]))(tf.constant([0.0, 0.0]))
 
 
-def test_range_preset_message_reads_right_behind_the_command_line_dash():
-    """config.py prefixes the message with "--": it must read "--range preset 0 ...", not
-    "--unknown range preset 0" (issue 28)."""
+def test_an_unknown_range_preset_is_one_line_naming_the_presets():
     with pytest.raises(UserError) as err:
         formula.range_preset(0)
     assert str(err.value).startswith("range preset 0 does not exist; choose one of 1, 2, 3, ")

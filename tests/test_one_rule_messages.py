@@ -25,7 +25,7 @@ def _refused(argv, capsys, main):
 def test_an_unknown_range_preset_names_the_flag(value, capsys, tmp_path):
     line = _refused(["--range", value, "--stage", "pretrain", "--run_dir", str(tmp_path)],
                     capsys, train_cli.main)
-    assert line == (f"error: --range preset {value} does not exist; choose one of "
+    assert line == (f"error: --range {value} is not a preset; choose one of "
                     "1, 2, 3, 4, 5, 6, 7")
     assert os.listdir(tmp_path) == []
 

@@ -673,7 +673,7 @@ def _check_quantization(o: Options) -> None:
     """Bit-widths, the swish mode, the range preset and the quantizer's own rules."""
     from adj_quant.bits import is_bit_width
     from adj_quant.qnetwork import QuantConfig, SwishMode
-    from adj_quant.quantizers.formula import range_preset
+    from adj_quant.quantizers.formula import RANGE_PRESETS, range_preset
 
     for name in ("weight_bits", "act_bits"):
         if not is_bit_width(getattr(o, name)):
@@ -686,8 +686,9 @@ def _check_quantization(o: Options) -> None:
                         "0 (trainable bits from --act_bits) or -1 (not quantized)")
     try:
         range_preset(o.range)
-    except UserError as err:
-        raise UserError(f"--{err}") from None
+    except UserError:
+        raise UserError(f"--range {o.range} is not a preset; choose one of "
+                        f"{', '.join(map(str, RANGE_PRESETS))}") from None
     if o.quantizer == "lsq" and o.bits_trainable:
         raise UserError("--quantizer lsq runs at fixed bits and cannot take --bits_trainable; "
                         "drop --bits_trainable (pass --no-bits_trainable where a config file "
