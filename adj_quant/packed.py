@@ -22,8 +22,9 @@ Tensors, for every layer ``<scope>``:
   the biases, so they are stored as they are).
 
 For every activation quantizer ``<site>`` (``<scope>/input``, ``/swish_input``,
-``/sigmoid_input``): ``<site>/scale``, ``/zero_point``, ``/bits`` per channel; its range is
-``[z / s, (z + 2^b - 1) / s]``.
+``/sigmoid_input``): its adjusted range ``<site>/min`` (``L``), ``/width`` (``W``) and
+``/bits`` per channel (F32, F32, U8); its grid is ``s = (2^b - 1) / (W + 1e-7)``,
+``z = round(L s)``, as the quantizer computes it.
 """
 
 from __future__ import annotations
@@ -187,6 +188,42 @@ def quantizer_variables(scale, zero, bits, *, init_bits: int, bits_trainable: bo
     return out
 
 
+def range_variables(low, width, bits, *, init_bits: int, bits_trainable: bool,
+                    alpha: tuple[float, float], who: str) -> dict[str, np.ndarray]:
+    """Variables of an adjustable quantizer whose adjusted range is exactly ``(low, width)``
+    (float32): shift 0 makes ``L = m = low``; ``M`` near ``low + width`` and ``range_scale``
+    near ``width / (M - m)`` are searched so that ``fl(fl(M - m) range_scale) = width``."""
+    low, width, bits = (np.asarray(v) for v in (low, width, bits))
+    n = len(low)
+    out = {"init_min": low.astype(np.float32), "init_max": np.zeros(n, np.float32),
+           "range_scale": np.ones(n, np.float32), "range_shift": np.zeros(n, np.float32)}
+    if bits_trainable:
+        out["bits_scale"] = (bits / np.float32(init_bits)).astype(np.float32)
+    elif np.any(bits != init_bits):
+        raise UserError(f"{who}: bits {sorted(set(bits.tolist()))} but the network's quantizer "
+                        f"is fixed at {init_bits}; the file does not match its declaration")
+    for c in range(n):
+        lo, wd = np.float32(low[c]), np.float32(width[c])
+        if wd == 0:
+            out["init_max"][c] = lo
+            continue
+        found = False
+        for big in _nearby(np.float32(lo + wd), 3):
+            w = np.float32(big - lo)
+            if not np.isfinite(w) or w <= 0:
+                continue
+            for rs in _nearby(np.float32(np.float64(wd) / np.float64(w)), 4):
+                if alpha[0] <= rs <= alpha[1] and np.float32(w * rs) == wd:
+                    out["init_max"][c], out["range_scale"][c] = big, rs
+                    found = True
+                    break
+            if found:
+                break
+        if not found:
+            raise UserError(f"{who}: channel {c} range ({lo!r}, {wd!r}) cannot be rebuilt")
+    return out
+
+
 def _probe(quant, scale, zero, levels) -> bool:
     """Whether ``quant`` maps the grid points ``k / s`` (k from z - 1 to z + n + 1) to
     ``clip(k, z, z + n) / s`` on every channel."""
@@ -291,8 +328,9 @@ def pack(model, spec) -> tuple[bytes, dict]:
         s, z, b = quantizer_grid(quant)
         if not _probe(quant, s, z, _levels(b).astype(np.int64)):
             raise RuntimeError(f"{name}: the quantizer's grid is not (s, z, b)")
-        tensors[f"{name}/scale"] = s
-        tensors[f"{name}/zero_point"] = _int_array(z)
+        low, width = (v.numpy().astype(np.float32) for v in quant.adjusted_range())
+        tensors[f"{name}/min"] = low
+        tensors[f"{name}/width"] = width
         tensors[f"{name}/bits"] = b.astype(np.uint8)
     adjq = json.dumps({"format": FORMAT, "version": VERSION, "model": spec.to_json(),
                        "layers": layers_meta, "weight_bits": weight_bits}, sort_keys=True)
@@ -402,12 +440,20 @@ def load_packed(path, network=None):
         if not name.endswith(_ACTIVATION_SITES):
             continue
         n = quant.channels
-        s = _get(tensors, f"{name}/scale", path, np.float32, n)
-        z = _get(tensors, f"{name}/zero_point", path, np.int64, n)
+        low = _get(tensors, f"{name}/min", path, np.float32, n)
+        width = _get(tensors, f"{name}/width", path, np.float32, n)
         b = _get(tensors, f"{name}/bits", path, np.int64, n)
-        _set_quantizer(quant, s, z, b, name, path)
-        if not _probe(quant, s, z, _levels(b).astype(np.int64)):
-            raise UserError(f"{path}: {name} cannot be rebuilt on its grid")
+        if (np.any(b < 2) or np.any(b > 8) or not np.all(np.isfinite(low))
+                or not np.all(np.isfinite(width)) or np.any(width < 0)):
+            raise UserError(f"{path}: {name} holds bits outside 2..8 or a non-finite range")
+        values = range_variables(low, width, b, init_bits=quant.init_bits,
+                                 bits_trainable=quant.bits_scale is not None,
+                                 alpha=(quant.alpha_lo, quant.alpha_hi), who=f"{path}: {name}")
+        for key, value in values.items():
+            getattr(quant, key).assign(value)
+        got = [v.numpy() for v in quant.adjusted_range()]
+        if not (np.array_equal(got[0], low) and np.array_equal(got[1], width)):
+            raise UserError(f"{path}: {name} cannot be rebuilt on its range")
     return model
 
 
