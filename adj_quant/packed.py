@@ -11,8 +11,9 @@ Tensors, for every layer ``<scope>``:
 * ``<scope>/weights/codes`` (U8): the integer code ``c = k - z_c`` in ``[0, 2^b_c - 1]`` of
   every stored weight, bit-packed MSB first at exactly ``b_c`` bits, output channel by
   output channel (the layer's TF layout with the output axis moved to the front);
-* ``<scope>/weights/scale`` (F32), ``/zero_point`` (I8/I16/I32), ``/bits`` (U8): one per
-  stored output channel; the weight is ``(c + z_c) / s_c`` in float32;
+* ``<scope>/weights/scale`` (F32), ``/zero_point`` (I8/I16/I32): one per stored output
+  channel; the weight is ``(c + z_c) / s_c`` in float32; ``/bits`` (U8): one per output
+  channel (a removed channel's bits still count in the score's parameter count);
 * ``<scope>/weights/channels`` (U8, packbits over the output channels): present when pruning
   removed channels; only the kept channels are stored;
 * ``<scope>/weights/mask`` (U8, packbits over the stored channels' weights): present when
@@ -304,7 +305,7 @@ def pack(model, spec) -> tuple[bytes, dict]:
         tensors[f"{scope}/weights/codes"] = pack_codes(stored, widths)
         tensors[f"{scope}/weights/scale"] = s[kept]
         tensors[f"{scope}/weights/zero_point"] = _int_array(z[kept])
-        tensors[f"{scope}/weights/bits"] = b[kept].astype(np.uint8)
+        tensors[f"{scope}/weights/bits"] = b.astype(np.uint8)  # every channel: the score
         tensors[f"{scope}/biases"] = layer.biases.numpy().astype(np.float32)
         if layer.bias_quant is not None:
             for var in layer.bias_quant.trainable_variables + (
@@ -481,7 +482,8 @@ def _restore_layer(layer, scope, tensors, path):
     k_n = int(kept.sum())
     s = _get(tensors, f"{name}/scale", path, np.float32, k_n)
     z = _get(tensors, f"{name}/zero_point", path, np.int64, k_n)
-    b = _get(tensors, f"{name}/bits", path, np.int64, k_n)
+    b_all = _get(tensors, f"{name}/bits", path, np.int64, cout)
+    b = b_all[kept]
     if f"{name}/mask" in tensors:
         mask_k = np.unpackbits(_get(tensors, f"{name}/mask", path, np.uint8,
                                     (k_n * per + 7) // 8))[:k_n * per].astype(bool)
@@ -509,11 +511,11 @@ def _restore_layer(layer, scope, tensors, path):
     layer.weights.assign(np.moveaxis(full.reshape(moved), 0, axis))
     if layer.mask is not None:
         layer.mask.assign(np.moveaxis(mask.reshape(moved), 0, axis))
-    # The removed channels get any valid grid: their weights are masked to 0.
+    # The removed channels keep their bits and get the grid s = 1, z = 0: their weights are
+    # masked to 0.
     s_all = np.ones(cout, np.float32)
     z_all = np.zeros(cout, np.int64)
-    b_all = np.full(cout, layer.weight_quant.init_bits, np.int64)
-    s_all[kept], z_all[kept], b_all[kept] = s, z, b
+    s_all[kept], z_all[kept] = s, z
     _set_quantizer(layer.weight_quant, s_all, z_all, b_all, name, path)
     layer.biases.assign(_get(tensors, f"{scope}/biases", path, np.float32, cout))
     if layer.bias_quant is not None:

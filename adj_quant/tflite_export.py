@@ -198,9 +198,9 @@ def learned_grid(quant, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.n
 
     ``values`` are the quantizer's outputs (``q / s_c``) with channels on ``axis``.
     """
-    low, width = (t.numpy().astype(np.float64) for t in quant.adjusted_range())
-    bits = quant.bits().numpy().astype(np.float64)
-    scale = (2.0 ** bits - 1.0) / (width + 1e-7)
+    from adj_quant.packed import quantizer_grid
+
+    scale = quantizer_grid(quant)[0].astype(np.float64)  # s_c exactly as the quantizer has it
     shape = [1] * values.ndim
     shape[axis] = -1
     q = np.round(values.astype(np.float64) * scale.reshape(shape))
@@ -223,7 +223,9 @@ def int4_steps(model, net: ExportNet) -> dict:
         shape[axis] = -1
         on_grid = np.abs(q / s.reshape(shape) - weights) <= 1e-5 * (np.abs(weights) + 1e-3)
         if np.all(on_grid) and np.all(np.abs(q) <= 7):
-            steps[scope] = (1.0 / s).astype(np.float32)
+            # A channel of zeros (removed by pruning) gets step 1: its grid is not stored.
+            zero = np.moveaxis(weights, axis, 0).reshape(len(s), -1).any(axis=1) == 0
+            steps[scope] = np.where(zero, 1.0, 1.0 / s).astype(np.float32)
     return steps
 
 
@@ -275,8 +277,12 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
     layers = {}
     for op, scope in zip(linear, scopes):
         kind, _, weights, biases = net.layers[scope]
-        w_t, b_t, x_t = (graph.tensors[i] for i in (op.inputs[1], op.inputs[2], op.inputs[0]))
-        if w_t.type not in (_INT8, _INT4) or b_t.type != _INT32:
+        w_t, x_t = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[0]]
+        # The converter drops an all-zero bias (input -1).
+        b_t = graph.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+        if b_t is None and np.any(biases != 0):
+            raise RuntimeError(f"{scope}: the converted model lost the layer's bias")
+        if w_t.type not in (_INT8, _INT4) or (b_t is not None and b_t.type != _INT32):
             raise RuntimeError(f"{scope}: weights/bias of the converted model are not "
                                "int8/int4 and int32")
         int4 = w_t.type == _INT4
@@ -300,6 +306,8 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
         fits = np.moveaxis((np.abs(q) <= 127) & on_grid, axis, 0).reshape(len(s), -1).all(axis=1)
         if int4 and not (fits.all() and np.array_equal(stored, q)):
             raise RuntimeError(f"{scope}: the INT4 weights are not the learned levels")
+        # A channel of zeros (removed by pruning) keeps the converter's scale: it has no grid.
+        fits &= np.moveaxis(target, axis, 0).reshape(len(s), -1).any(axis=1)
         new_ints = np.where(fits.reshape(shape), q, stored).astype(np.int8)
         new_scale = np.where(fits, 1.0 / s, old_scale).astype(np.float32)
         x_scale = float(x_t.quantization.scale[0])
@@ -310,8 +318,9 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
         if not int4:  # INT4 values are the learned levels already; only the scale moves
             write(w_t, new_ints)
         w_t.quantization.scale = new_scale
-        write(b_t, bias_ints.astype(np.int32))
-        b_t.quantization.scale = bias_scale.astype(np.float32)
+        if b_t is not None:
+            write(b_t, bias_ints.astype(np.int32))
+            b_t.quantization.scale = bias_scale.astype(np.float32)
         channels += len(s)
         exact += int(fits.sum())
         layers[scope] = {"channels": len(s), "exact": int(fits.sum()),

@@ -109,18 +109,19 @@ def load_checkpoint(ckpt_path: str, o, quantization: str | None = None):
 
 
 def load_packed_file(path: str, cli: dict, o):
-    """``(model, spec)`` of a packed file; a file for another network than the options'
-    (the config.json beside it, or --model / --num_classes / multipliers) is refused."""
+    """``(model, spec)`` of a packed file. A file for another network is refused: another
+    than the run's (the config.json beside the file), or than ``--num_classes`` says."""
     from adj_quant.checkpoints import ModelSpec
     from adj_quant.packed import load_packed
     from adj_quant.recipe.config import trained_config
     from adj_quant.recipe.stages import arch_of
 
-    network = None
-    named = ("model", "num_classes", "width_multiplier", "depth_multiplier")
-    if trained_config(path) or any(k in cli for k in named):
-        network = arch_of(o)
-    model = load_packed(path, network=network)
+    model = load_packed(path, network=arch_of(o) if trained_config(path) else None)
+    classes = cli.get("num_classes")
+    if classes is not None and classes != model.arch.num_classes:
+        raise UserError(f"{path} is a packed file for another network ({model.arch.name}, "
+                        f"{model.arch.num_classes} classes), not --num_classes {classes}; pass "
+                        "the packed file of this network")
     return model, ModelSpec("quant", model.arch, model.qcfg)
 
 
