@@ -55,6 +55,11 @@ class ExportNet:
         #: per-channel fake quant over ``[-7 step_c, 7 step_c]``, which leaves them on their
         #: grid and tells the converter to write INT4 with scale ``step_c``.
         self.int4 = int4 or {}
+        #: ``scope -> (min, max)``: an 8-bit fake quant on the output of an INT4 layer whose
+        #: output has none (the converter writes INT4 only for a layer between fake quants);
+        #: the range is the one calibration would give that tensor (:func:`output_ranges`).
+        self.out_ranges: dict = {}
+        self._observed: dict | None = None
 
     def _int4_weights(self, scope: str, kind: str, weights):
         import tensorflow as tf
@@ -97,7 +102,17 @@ class ExportNet:
             x = self._fake_quant(f"{scope}/input", x)
             padding = self.arch.node(scope).padding
             weights = self._int4_weights(scope, kind, weights)
-            return nw.apply_linear(kind, x, weights, stride, padding) + biases
+            y = nw.apply_linear(kind, x, weights, stride, padding) + biases
+            if self._observed is not None:
+                lo, hi = float(tf.reduce_min(y)), float(tf.reduce_max(y))
+                old = self._observed.get(scope, (lo, hi))
+                self._observed[scope] = (min(lo, old[0]), max(hi, old[1]))
+            if scope in self.out_ranges:
+                lo, hi = self.out_ranges[scope]
+                y = tf.quantization.fake_quant_with_min_max_vars(
+                    y, tf.constant(lo, tf.float32), tf.constant(hi, tf.float32), num_bits=8,
+                    narrow_range=False)
+            return y
 
         def activation(scope, fn, x):
             if fn in nw.QUANTIZED_ACTIVATIONS:
@@ -227,6 +242,39 @@ def int4_steps(model, net: ExportNet) -> dict:
             zero = np.moveaxis(weights, axis, 0).reshape(len(s), -1).any(axis=1) == 0
             steps[scope] = np.where(zero, 1.0, 1.0 / s).astype(np.float32)
     return steps
+
+
+def output_ranges(net: ExportNet, representative: np.ndarray) -> dict:
+    """``scope -> (min, max)`` over ``representative`` of the output of every INT4 layer
+    whose output meets no fake quant: not a swish / sigmoid input, nor fed straight into
+    another layer (whose ``/input`` has one). 0 is included, as TFLite needs."""
+    import tensorflow as tf
+
+    consumers: dict[str, list] = {}
+    for node in net.arch.nodes:
+        for source in net.arch.inputs_of(node):
+            consumers.setdefault(source, []).append(node)
+    layer_names = set(net.layers)
+
+    def quantized_after(scope):
+        if f"{scope}/swish_input" in net.act_ranges or f"{scope}/sigmoid_input" in net.act_ranges:
+            return True
+        after = consumers.get(scope, [])
+        return bool(after) and all(node.name in layer_names and f"{node.name}/input"
+                                   in net.act_ranges for node in after)
+
+    wanted = [scope for scope in net.int4 if not quantized_after(scope)]
+    if not wanted:
+        return {}
+    net._observed = {}
+    try:
+        for start in range(0, len(representative), 32):
+            net(tf.constant(representative[start:start + 32], tf.float32))
+        observed = net._observed
+    finally:
+        net._observed = None
+    return {scope: (min(observed[scope][0], 0.0), max(observed[scope][1], 0.0))
+            for scope in wanted}
 
 
 def _to_tflite_layout(kind: str, values: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from adj_quant.tflite_export import (
     float_linear_ops,
     inference_module,
     int4_steps,
+    output_ranges,
     snap_to_learned_levels,
 )
 
@@ -181,6 +182,7 @@ def export(cli: dict) -> dict:
                 labels_offset=offset, eval_crop=o.eval_crop)
         if quantization == "adjustable" and cli.get("int4", True):
             net.int4 = int4_steps(model, net)
+            net.out_ranges = output_ranges(net, representative)
             module = inference_module(net, o.img_size)
         tflite = convert(module, quantization, representative)
         if quantization == "adjustable":
@@ -191,7 +193,7 @@ def export(cli: dict) -> dict:
                 # hold their learned levels).
                 activation_ranges = (f"calibrated on {count} images: with the learned "
                                      f"ranges the converter left {left_float} layer(s) float")
-                net.act_ranges = {}
+                net.act_ranges, net.int4, net.out_ranges = {}, {}, {}
                 tflite = convert(inference_module(net, o.img_size), quantization,
                                  representative)
             tflite, levels = snap_to_learned_levels(tflite, model, net)
