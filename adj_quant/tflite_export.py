@@ -19,7 +19,10 @@ Quantization modes (docs/export.md):
   the learned ones: at every activation quantizer of the model a
   ``fake_quant_with_min_max_vars`` (8 bits, per tensor, range = the union of the learned
   per-channel ranges) tells the converter the range; the tensors the model never quantized
-  (sigmoid, products, sums) are calibrated on the representative dataset.
+  (sigmoid, products, sums) are calibrated on the representative dataset. A conv or
+  depthwise weight tensor whose channels all hold learned levels in [-7, 7] is stored as
+  INT4 (:func:`int4_steps`, ``ExportNet.int4``); the others as INT8 with their learned
+  levels where those fit (:func:`snap_to_learned_levels`).
 
 See docs/export.md for what TFLite can and cannot represent exactly.
 """

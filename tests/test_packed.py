@@ -232,8 +232,8 @@ def test_cli_packed_round_trip_and_bad_input(toy, tmp_path, capsys):
     # packed -> TFLite gives the bytes of checkpoint -> TFLite
     common = ["--quantization", "adjustable", "--img_size", "32", "--representative_images",
               "4", "--dataset", "synthetic", "--num_classes", "10"]
-    from_ckpt = E.main(["--ckpt_path", prefix, "--output", str(tmp_path / "a.tflite"),
-                        *common, *QUIET])
+    from_ckpt = E.main(["--ckpt_path", prefix, "--output", str(tmp_path / "x" / "a.tflite"),
+                        *common, *QUIET])  # a missing parent folder is created
     from_packed = E.main(["--from", "packed", "--ckpt_path", str(out), "--output",
                           str(tmp_path / "b.tflite"), *common, *QUIET])
     capsys.readouterr()

@@ -124,8 +124,10 @@ def main(argv=None) -> dict:
             "tflite": result["output"], "dataset": o.dataset, "num_classes": o.num_classes,
             "labels_offset": o.labels_offset, "batch_size": o.batch_size,
             "max_val_images": o.max_val_images, "config": o.config, "progress": o.progress})
+        speed = accuracy.get("images_per_second")
         print(f"interpreter top-1: {100 * accuracy['top1']:.2f}%   top-5: "
-              f"{100 * accuracy['top5']:.2f}%   ({accuracy['images']} images)")
+              f"{100 * accuracy['top5']:.2f}%   ({accuracy['images']} images"
+              + (f", {speed:,.0f} img/s" if speed else "") + ")")
         result.update({f"eval_{k}": v for k, v in accuracy.items()})
     return result
 
