@@ -90,10 +90,29 @@ class ExportNet:
             x, tf.constant(lo, tf.float32), tf.constant(hi, tf.float32), num_bits=8,
             narrow_range=False)
 
+    def _moved_input_ranges(self) -> dict:
+        """``producer scope -> "<consumer>/input"``: a layer whose output feeds another
+        layer's input quantizer and also something else (a projection feeding the next
+        block's expansion and its residual sum). The fake quant goes on the producer's output,
+        shared by every consumer; the converter otherwise leaves the producer float."""
+        consumers: dict[str, list[str]] = {}
+        for node in self.arch.nodes:
+            for source in set(self.arch.inputs_of(node)):
+                consumers.setdefault(source, []).append(node.name)
+        moved = {}
+        for scope in self.layers:
+            source = self.arch.inputs_of(self.arch.node(scope))[0]
+            if (f"{scope}/input" in self.act_ranges and source in self.layers
+                    and len(consumers.get(source, [])) > 1):
+                moved[source] = f"{scope}/input"
+        return moved
+
     def __call__(self, images):
         import tensorflow as tf
 
         from adj_quant import network as nw
+
+        moved = self._moved_input_ranges()
 
         def layer(scope, x, training=False):
             kind, stride, weights, biases = self.layers[scope]
@@ -102,7 +121,8 @@ class ExportNet:
                 # one too; the stem's input is the image in [0, 1], 8 bits.
                 x = tf.quantization.fake_quant_with_min_max_vars(
                     x, tf.constant(0.0), tf.constant(1.0), num_bits=8, narrow_range=False)
-            x = self._fake_quant(f"{scope}/input", x)
+            if f"{scope}/input" not in moved.values():
+                x = self._fake_quant(f"{scope}/input", x)
             padding = self.arch.node(scope).padding
             weights = self._int4_weights(scope, kind, weights)
             y = nw.apply_linear(kind, x, weights, stride, padding) + biases
@@ -110,6 +130,8 @@ class ExportNet:
                 lo, hi = float(tf.reduce_min(y)), float(tf.reduce_max(y))
                 old = self._observed.get(scope, (lo, hi))
                 self._observed[scope] = (min(lo, old[0]), max(hi, old[1]))
+            if scope in moved:
+                y = self._fake_quant(moved[scope], y)
             if scope in self.out_ranges:
                 lo, hi = self.out_ranges[scope]
                 y = tf.quantization.fake_quant_with_min_max_vars(
@@ -259,8 +281,11 @@ def output_ranges(net: ExportNet, representative: np.ndarray) -> dict:
             consumers.setdefault(source, []).append(node)
     layer_names = set(net.layers)
 
+    moved = net._moved_input_ranges()
+
     def quantized_after(scope):
-        if f"{scope}/swish_input" in net.act_ranges or f"{scope}/sigmoid_input" in net.act_ranges:
+        if (f"{scope}/swish_input" in net.act_ranges or f"{scope}/sigmoid_input" in net.act_ranges
+                or scope in moved):
             return True
         after = consumers.get(scope, [])
         return bool(after) and all(node.name in layer_names and f"{node.name}/input"
