@@ -6,7 +6,9 @@ The container is a safetensors file (named byte buffers and a JSON header). Its
 and quantization settings, per-layer encodings and counts) and ``checksum`` (SHA-256 over
 every tensor's name, dtype, shape and bytes and over ``adjq``).
 
-Tensors, for every layer ``<scope>``:
+Tensors, for every layer ``<scope>`` (stored grouped: one safetensors tensor per kind, the
+concatenation over all layers in order, ``index`` in the metadata giving each layer's count;
+:func:`_ungroup` splits them):
 
 * ``<scope>/weights/codes`` (U8): the integer code ``c = k - z_c`` in ``[0, 2^b_c - 1]`` of
   every stored weight, bit-packed MSB first at exactly ``b_c`` bits, output channel by
@@ -23,9 +25,9 @@ Tensors, for every layer ``<scope>``:
   the biases, so they are stored as they are).
 
 For every activation quantizer ``<site>`` (``<scope>/input``, ``/swish_input``,
-``/sigmoid_input``): its adjusted range ``<site>/min`` (``L``), ``/width`` (``W``) and
-``/bits`` per channel (F32, F32, U8); its grid is ``s = (2^b - 1) / (W + 1e-7)``,
-``z = round(L s)``, as the quantizer computes it.
+``/sigmoid_input``; grouped as ``activations/<kind>``): its adjusted range ``<site>/min``
+(``L``), ``/width`` (``W``) and ``/bits`` per channel (F32, F32, U8); its grid is
+``s = (2^b - 1) / (W + 1e-7)``, ``z = round(L s)``, as the quantizer computes it.
 """
 
 from __future__ import annotations
@@ -333,12 +335,70 @@ def pack(model, spec) -> tuple[bytes, dict]:
         tensors[f"{name}/min"] = low
         tensors[f"{name}/width"] = width
         tensors[f"{name}/bits"] = b.astype(np.uint8)
+    sites = [n for n in model.quantizers() if n.endswith(_ACTIVATION_SITES)]
+    grouped, index = _group(tensors, list(model.layers), sites)
     adjq = json.dumps({"format": FORMAT, "version": VERSION, "model": spec.to_json(),
-                       "layers": layers_meta, "weight_bits": weight_bits}, sort_keys=True)
-    data = st.save(tensors, metadata={"adjq": adjq, "checksum": _checksum(tensors, adjq)})
+                       "layers": layers_meta, "weight_bits": weight_bits,
+                       "owners": {"layers": list(model.layers), "sites": sites},
+                       "index": index}, sort_keys=True)
+    data = st.save(grouped, metadata={"adjq": adjq, "checksum": _checksum(grouped, adjq)})
     payload = sum(int(tensors[f"{s}/weights/codes"].size) for s in model.layers)
     return data, {"layers": rows, "weight_bits": weight_bits, "code_bytes": payload,
                   "size_bytes": len(data)}
+
+
+# --------------------------------------------------------------------------- grouping
+
+#: Per-layer and per-activation-site tensors, each stored as one concatenation over all
+#: layers (sites) in order; ``index[kind]`` lists every owner's element count. One header
+#: entry per kind instead of per tensor keeps the safetensors header small.
+_LAYER_KINDS = ("weights/codes", "weights/scale", "weights/zero_point", "weights/bits",
+                "weights/channels", "weights/mask", "biases", "bias_quant/init_min",
+                "bias_quant/init_max", "bias_quant/range_scale", "bias_quant/range_shift",
+                "bias_quant/bits_scale")
+_SITE_KINDS = ("min", "width", "bits")
+#: Kinds a layer may lack (0 elements in the index means absent).
+_OPTIONAL = ("weights/channels", "weights/mask", "bias_quant/")
+
+
+def _group(tensors: dict, layers: list, sites: list) -> tuple[dict, dict]:
+    grouped, index = {}, {}
+    for kinds, owners, prefix in ((_LAYER_KINDS, layers, ""), (_SITE_KINDS, sites,
+                                                               "activations/")):
+        for kind in kinds:
+            parts = [tensors.get(f"{owner}/{kind}") for owner in owners]
+            if all(part is None for part in parts):
+                continue
+            index[prefix + kind] = [0 if part is None else int(part.size) for part in parts]
+            flat = [part.ravel() for part in parts if part is not None]
+            joined = np.concatenate(flat)
+            if kind == "weights/zero_point":
+                joined = _int_array(joined)
+            grouped[prefix + kind] = joined
+    return grouped, index
+
+
+def _ungroup(adjq: dict, grouped: dict, path: str) -> dict:
+    """The per-layer / per-site tensors of a grouped file (a wrong index is a UserError)."""
+    try:
+        owners, index = adjq["owners"], adjq["index"]
+        tensors = {}
+        for name, counts in index.items():
+            kind_owners = owners["sites"] if name.startswith("activations/") else owners["layers"]
+            kind = name[len("activations/"):] if name.startswith("activations/") else name
+            values = grouped[name]
+            if len(counts) != len(kind_owners) or sum(counts) != values.size:
+                raise ValueError(f"{name} holds {values.size} values, its index "
+                                 f"{sum(counts)} over {len(counts)} owners")
+            start = 0
+            for owner, count in zip(kind_owners, counts):
+                if count or not kind.startswith(_OPTIONAL):
+                    tensors[f"{owner}/{kind}"] = values[start:start + count]
+                start += count
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{path}: its tensor index does not match its tensors ({err}); "
+                        "export it again") from None
+    return tensors
 
 
 # --------------------------------------------------------------------------- reading
@@ -423,7 +483,8 @@ def load_packed(path, network=None):
     from adj_quant.checkpoints import ModelSpec
 
     path = os.fspath(path)
-    adjq, tensors = read_packed(path)
+    adjq, grouped = read_packed(path)
+    tensors = _ungroup(adjq, grouped, path)
     try:
         spec = ModelSpec.from_json(adjq["model"], path)
     except UserError as err:

@@ -123,8 +123,19 @@ def test_file_contents(toy):
     model = toy["model"]
     with safetensors.safe_open(str(toy["path"]), framework="np") as f:
         meta = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        grouped = {key: f.get_tensor(key) for key in f.keys()}
     adjq = json.loads(meta["adjq"])
+    # one tensor per kind, concatenated over the layers (sites) in order; the index gives the
+    # counts
+    assert "weights/codes" in grouped and "activations/min" in grouped
+    tensors = {}
+    for kind, counts in adjq["index"].items():
+        site = kind.startswith("activations/")
+        owners = adjq["owners"]["sites" if site else "layers"]
+        ends = np.cumsum(counts)
+        for owner, count, end in zip(owners, counts, ends):
+            tensors[f"{owner}/{kind.removeprefix('activations/')}"] = grouped[kind][end - count:end]
+    assert adjq["owners"]["layers"] == NET.layer_names
     assert adjq["format"] == "adjq-packed" and adjq["version"] == 1
     assert meta["checksum"].startswith("sha256:")
     assert ModelSpec.from_json(adjq["model"]).arch == NET
@@ -162,6 +173,7 @@ def test_unpruned_model_is_dense(tmp_path):
     path.write_bytes(data)
     tensors = st.load(data)
     assert not any(k.endswith(("/channels", "/mask")) for k in tensors)
+    assert len(tensors) <= len(packed._LAYER_KINDS) + len(packed._SITE_KINDS)
     assert all(row["encoding"] == "dense" for row in info["layers"])
     rebuilt = aq.load_packed(path)
     np.testing.assert_array_equal(rebuilt(tf.constant(images)).numpy(),
