@@ -3,7 +3,8 @@ packed``, :func:`load_packed`). Layout: docs/export.md, "The packed file".
 
 The container is a safetensors file (named byte buffers and a JSON header). Its
 ``__metadata__`` holds ``adjq`` (a JSON string: format, version, the network declaration
-and quantization settings, per-layer encodings and counts) and ``checksum`` (SHA-256 over
+and quantization settings, the counted weight bits, the layer and activation-site order and
+the per-kind index of the grouped tensors) and ``checksum`` (SHA-256 over
 every tensor's name, dtype, shape and bytes and over ``adjq``).
 
 Tensors, for every layer ``<scope>`` (stored grouped: one safetensors tensor per kind, the
@@ -338,7 +339,7 @@ def pack(model, spec) -> tuple[bytes, dict]:
     sites = [n for n in model.quantizers() if n.endswith(_ACTIVATION_SITES)]
     grouped, index = _group(tensors, list(model.layers), sites)
     adjq = json.dumps({"format": FORMAT, "version": VERSION, "model": spec.to_json(),
-                       "layers": layers_meta, "weight_bits": weight_bits,
+                       "weight_bits": weight_bits,
                        "owners": {"layers": list(model.layers), "sites": sites},
                        "index": index}, sort_keys=True)
     data = st.save(grouped, metadata={"adjq": adjq, "checksum": _checksum(grouped, adjq)})
