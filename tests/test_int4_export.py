@@ -127,3 +127,43 @@ def test_interpreter_against_tensorflow(exported):
     np.testing.assert_array_equal(int4["logits"].argmax(-1), int4["tf"].argmax(-1))
     model_logits = exported["model"](tf.constant(exported["images"])).numpy()
     assert np.mean(int4["logits"].argmax(-1) == model_logits.argmax(-1)) >= 0.9
+
+
+RESIDUAL = Network("res", "res", (
+    Node("Conv", "conv", kernel=3, filters=8, stride=2), Node("Conv/swish", "act", fn="swish"),
+    Node("a/project", "conv", filters=8),
+    Node("b/expand", "conv", filters=16), Node("b/expand/swish", "act", fn="swish"),
+    Node("b/project", "conv", filters=8),
+    Node("b/add", "add", inputs=("b/project", "a/project")),
+    Node("pool", "gap", keepdims=False), Node("Logits", "fc", filters=10, batch_norm=False)))
+
+
+def test_a_projection_feeding_a_quantized_layer_and_a_sum_stays_integer(monkeypatch):
+    """``a/project`` feeds ``b/expand`` (an input fake quant) and the residual sum (none).
+    With the fake quant on the consumer's side the converter leaves ``a/project`` float;
+    on the producer's output every layer is integer and keeps the learned input range."""
+    rng = np.random.default_rng(0)
+    cfg = QuantConfig()
+    model = QuantizedNetwork.from_float(FloatNetwork(RESIDUAL, seed=0), cfg)
+    images = (rng.integers(0, 256, (16, 32, 32, 3)) / 255).astype(np.float32)
+    model.calibrate_activations([images], progress=False)
+    spec = ModelSpec("quant", RESIDUAL, cfg)
+
+    def convert():
+        net = TE.export_net(model, spec, "adjustable")
+        return net, TE.convert(TE.inference_module(net, 32), "adjustable", images)
+
+    net, data = convert()
+    assert net._moved_input_ranges() == {"a/project": "b/expand/input"}
+    assert TE.float_linear_ops(data) == 0
+    fb = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    graph = fb.subgraphs[0]
+    ops = [op for op in graph.operators
+           if fb.operatorCodes[op.opcodeIndex].builtinCode in (3, 4, 9)]
+    expand = ops[RESIDUAL.layer_names.index("b/expand")]
+    lo, hi = TE.union_range(model.layers["b/expand"].act_quant)
+    scale = graph.tensors[expand.inputs[0]].quantization.scale[0]
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-4)
+    # the cause: the same graph with the fake quant on the consumer's side
+    monkeypatch.setattr(TE.ExportNet, "_moved_input_ranges", lambda self: {})
+    assert TE.float_linear_ops(convert()[1]) >= 1
