@@ -4,7 +4,8 @@ packed adjq file (weights at their learned bits).
     adjq-export --ckpt_path runs/digits/qat8 --format tflite --quantization int8
     adjq-export --ckpt_path runs/digits/finetune --format tflite --quantization adjustable --eval
     adjq-export --ckpt_path runs/digits/finetune --format packed
-    adjq-export --from packed --ckpt_path model_packed.safetensors --quantization adjustable
+    adjq-export --from packed --ckpt_path runs/digits/finetune/model_packed.safetensors \\
+        --quantization adjustable
     python eval.py --tflite runs/digits/finetune/model_adjustable.tflite
 
 The export is :func:`adj_quant.recipe.export.export` (the conversion itself is in
