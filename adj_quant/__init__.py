@@ -33,6 +33,7 @@ _EXPORTS = {
     "micronet_cost": "adj_quant.api",
     "save_quant_info": "adj_quant.api",
     "load_quant_info": "adj_quant.api",
+    "load_packed": "adj_quant.packed",
     "adjustable_loss": "adj_quant.training_rules",
     "UserError": "adj_quant.errors",
 }

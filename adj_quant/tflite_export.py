@@ -19,7 +19,10 @@ Quantization modes (docs/export.md):
   the learned ones: at every activation quantizer of the model a
   ``fake_quant_with_min_max_vars`` (8 bits, per tensor, range = the union of the learned
   per-channel ranges) tells the converter the range; the tensors the model never quantized
-  (sigmoid, products, sums) are calibrated on the representative dataset.
+  (sigmoid, products, sums) are calibrated on the representative dataset. A conv or
+  depthwise weight tensor whose channels all hold learned levels in [-7, 7] is stored as
+  INT4 (:func:`int4_steps`, ``ExportNet.int4``); the others as INT8 with their learned
+  levels where those fit (:func:`snap_to_learned_levels`).
 
 See docs/export.md for what TFLite can and cannot represent exactly.
 """
@@ -45,10 +48,37 @@ class ExportNet:
     (``adjustable``).
     """
 
-    def __init__(self, arch, layers: dict, act_ranges: dict | None = None):
+    def __init__(self, arch, layers: dict, act_ranges: dict | None = None,
+                 int4: dict | None = None):
         self.arch = arch
         self.layers = layers
         self.act_ranges = act_ranges or {}
+        #: ``scope -> step`` (per output channel) of the weight tensors stored as INT4:
+        #: their values ``k * step_c`` (``|k| <= 7``) pass through a 4-bit narrow-range
+        #: per-channel fake quant over ``[-7 step_c, 7 step_c]``, which leaves them on their
+        #: grid and tells the converter to write INT4 with scale ``step_c``.
+        self.int4 = int4 or {}
+        #: ``scope -> (min, max)``: an 8-bit fake quant on the output of an INT4 layer whose
+        #: output has none (the converter writes INT4 only for a layer between fake quants);
+        #: the range is the one calibration would give that tensor (:func:`output_ranges`).
+        self.out_ranges: dict = {}
+        self._observed: dict | None = None
+
+    def _int4_weights(self, scope: str, kind: str, weights):
+        import tensorflow as tf
+
+        if scope not in self.int4:
+            return weights
+        step = np.asarray(self.int4[scope], np.float32)
+        lo, hi = tf.constant(-7.0 * step), tf.constant(7.0 * step)
+        if kind == "dws":  # [h, w, C, 1]: the per-channel fake quant takes the last axis
+            shape = weights.shape
+            moved = tf.reshape(weights, [shape[0], shape[1], 1, shape[2]])
+            moved = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                moved, lo, hi, num_bits=4, narrow_range=True)
+            return tf.reshape(moved, shape)
+        return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            weights, lo, hi, num_bits=4, narrow_range=True)
 
     def _fake_quant(self, name: str, x):
         import tensorflow as tf
@@ -60,14 +90,54 @@ class ExportNet:
             x, tf.constant(lo, tf.float32), tf.constant(hi, tf.float32), num_bits=8,
             narrow_range=False)
 
+    def _moved_input_ranges(self) -> dict:
+        """``producer scope -> "<consumer>/input"``: a layer whose output feeds another
+        layer's input quantizer and also something else (a projection feeding the next
+        block's expansion and its residual sum). The fake quant goes on the producer's output,
+        shared by every consumer; the converter otherwise leaves the producer float."""
+        consumers: dict[str, list[str]] = {}
+        for node in self.arch.nodes:
+            for source in set(self.arch.inputs_of(node)):
+                consumers.setdefault(source, []).append(node.name)
+        moved = {}
+        for scope in self.layers:
+            source = self.arch.inputs_of(self.arch.node(scope))[0]
+            if (f"{scope}/input" in self.act_ranges and source in self.layers
+                    and len(consumers.get(source, [])) > 1):
+                moved[source] = f"{scope}/input"
+        return moved
+
     def __call__(self, images):
+        import tensorflow as tf
+
         from adj_quant import network as nw
+
+        moved = self._moved_input_ranges()
 
         def layer(scope, x, training=False):
             kind, stride, weights, biases = self.layers[scope]
-            x = self._fake_quant(f"{scope}/input", x)
+            if scope in self.int4 and self.arch.is_stem(self.arch.node(scope)):
+                # The converter takes a weight fake quant only where the layer's input has
+                # one too; the stem's input is the image in [0, 1], 8 bits.
+                x = tf.quantization.fake_quant_with_min_max_vars(
+                    x, tf.constant(0.0), tf.constant(1.0), num_bits=8, narrow_range=False)
+            if f"{scope}/input" not in moved.values():
+                x = self._fake_quant(f"{scope}/input", x)
             padding = self.arch.node(scope).padding
-            return nw.apply_linear(kind, x, weights, stride, padding) + biases
+            weights = self._int4_weights(scope, kind, weights)
+            y = nw.apply_linear(kind, x, weights, stride, padding) + biases
+            if self._observed is not None:
+                lo, hi = float(tf.reduce_min(y)), float(tf.reduce_max(y))
+                old = self._observed.get(scope, (lo, hi))
+                self._observed[scope] = (min(lo, old[0]), max(hi, old[1]))
+            if scope in moved:
+                y = self._fake_quant(moved[scope], y)
+            if scope in self.out_ranges:
+                lo, hi = self.out_ranges[scope]
+                y = tf.quantization.fake_quant_with_min_max_vars(
+                    y, tf.constant(lo, tf.float32), tf.constant(hi, tf.float32), num_bits=8,
+                    narrow_range=False)
+            return y
 
         def activation(scope, fn, x):
             if fn in nw.QUANTIZED_ACTIVATIONS:
@@ -160,7 +230,7 @@ def convert(module, quantization: str, representative: np.ndarray | None = None)
 # k = q. :func:`snap_to_learned_levels` rewrites those channels in the converted file.
 
 _LINEAR_OPS = {3: "conv", 4: "dws", 9: "fc"}  # BuiltinOperator CONV_2D, DEPTHWISE_CONV_2D, FC
-_INT8, _INT32 = 9, 2                          # TensorType
+_INT8, _INT32, _INT4 = 9, 2, 17               # TensorType
 
 
 def learned_grid(quant, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,13 +238,71 @@ def learned_grid(quant, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.n
 
     ``values`` are the quantizer's outputs (``q / s_c``) with channels on ``axis``.
     """
-    low, width = (t.numpy().astype(np.float64) for t in quant.adjusted_range())
-    bits = quant.bits().numpy().astype(np.float64)
-    scale = (2.0 ** bits - 1.0) / (width + 1e-7)
+    from adj_quant.packed import quantizer_grid
+
+    scale = quantizer_grid(quant)[0].astype(np.float64)  # s_c exactly as the quantizer has it
     shape = [1] * values.ndim
     shape[axis] = -1
     q = np.round(values.astype(np.float64) * scale.reshape(shape))
     return q, scale
+
+
+def int4_steps(model, net: ExportNet) -> dict:
+    """``scope -> per-channel step`` of every conv / depthwise weight tensor whose channels
+    all hold learned levels ``q / s_c`` with ``|q| <= 7`` (learned bits <= 4 and a grid
+    around 0): what :attr:`ExportNet.int4` stores as INT4. FC weights stay INT8: the
+    converter refuses a per-channel fake quant on them and a per-tensor one would re-round
+    channels of different steps."""
+    steps = {}
+    for scope, (kind, _, weights, _) in net.layers.items():
+        if kind == "fc":
+            continue
+        axis = 2 if kind == "dws" else weights.ndim - 1
+        q, s = learned_grid(model.layers[scope].weight_quant, weights, axis)
+        shape = [1] * weights.ndim
+        shape[axis] = -1
+        on_grid = np.abs(q / s.reshape(shape) - weights) <= 1e-5 * (np.abs(weights) + 1e-3)
+        if np.all(on_grid) and np.all(np.abs(q) <= 7):
+            # A channel of zeros (removed by pruning) gets step 1: its grid is not stored.
+            zero = np.moveaxis(weights, axis, 0).reshape(len(s), -1).any(axis=1) == 0
+            steps[scope] = np.where(zero, 1.0, 1.0 / s).astype(np.float32)
+    return steps
+
+
+def output_ranges(net: ExportNet, representative: np.ndarray) -> dict:
+    """``scope -> (min, max)`` over ``representative`` of the output of every INT4 layer
+    whose output meets no fake quant: not a swish / sigmoid input, nor fed straight into
+    another layer (whose ``/input`` has one). 0 is included, as TFLite needs."""
+    import tensorflow as tf
+
+    consumers: dict[str, list] = {}
+    for node in net.arch.nodes:
+        for source in net.arch.inputs_of(node):
+            consumers.setdefault(source, []).append(node)
+    layer_names = set(net.layers)
+
+    moved = net._moved_input_ranges()
+
+    def quantized_after(scope):
+        if (f"{scope}/swish_input" in net.act_ranges or f"{scope}/sigmoid_input" in net.act_ranges
+                or scope in moved):
+            return True
+        after = consumers.get(scope, [])
+        return bool(after) and all(node.name in layer_names and f"{node.name}/input"
+                                   in net.act_ranges for node in after)
+
+    wanted = [scope for scope in net.int4 if not quantized_after(scope)]
+    if not wanted:
+        return {}
+    net._observed = {}
+    try:
+        for start in range(0, len(representative), 32):
+            net(tf.constant(representative[start:start + 32], tf.float32))
+        observed = net._observed
+    finally:
+        net._observed = None
+    return {scope: (min(observed[scope][0], 0.0), max(observed[scope][1], 0.0))
+            for scope in wanted}
 
 
 def _to_tflite_layout(kind: str, values: np.ndarray) -> np.ndarray:
@@ -225,10 +353,19 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
     layers = {}
     for op, scope in zip(linear, scopes):
         kind, _, weights, biases = net.layers[scope]
-        w_t, b_t, x_t = (graph.tensors[i] for i in (op.inputs[1], op.inputs[2], op.inputs[0]))
-        if w_t.type != _INT8 or b_t.type != _INT32:
-            raise RuntimeError(f"{scope}: weights/bias of the converted model are not int8/int32")
-        stored = read(w_t, np.int8)
+        w_t, x_t = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[0]]
+        # The converter drops an all-zero bias (input -1).
+        b_t = graph.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+        if b_t is None and np.any(biases != 0):
+            raise RuntimeError(f"{scope}: the converted model lost the layer's bias")
+        if w_t.type not in (_INT8, _INT4) or (b_t is not None and b_t.type != _INT32):
+            raise RuntimeError(f"{scope}: weights/bias of the converted model are not "
+                               "int8/int4 and int32")
+        int4 = w_t.type == _INT4
+        if int4:
+            stored = unpack_int4(fb.buffers[w_t.buffer].data, w_t.shape)
+        else:
+            stored = read(w_t, np.int8)
         old_scale = np.asarray(w_t.quantization.scale, np.float64)
         axis = w_t.quantization.quantizedDimension
         target = _to_tflite_layout(kind, weights)
@@ -243,6 +380,10 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
         q, s = learned_grid(model.layers[scope].weight_quant, target, axis)
         on_grid = np.abs(q / s.reshape(shape) - target) <= 1e-5 * (np.abs(target) + 1e-3)
         fits = np.moveaxis((np.abs(q) <= 127) & on_grid, axis, 0).reshape(len(s), -1).all(axis=1)
+        if int4 and not (fits.all() and np.array_equal(stored, q)):
+            raise RuntimeError(f"{scope}: the INT4 weights are not the learned levels")
+        # A channel of zeros (removed by pruning) keeps the converter's scale: it has no grid.
+        fits &= np.moveaxis(target, axis, 0).reshape(len(s), -1).any(axis=1)
         new_ints = np.where(fits.reshape(shape), q, stored).astype(np.int8)
         new_scale = np.where(fits, 1.0 / s, old_scale).astype(np.float32)
         x_scale = float(x_t.quantization.scale[0])
@@ -250,19 +391,46 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
         bias_ints = np.round(biases.astype(np.float64) / bias_scale)
         if np.any(np.abs(bias_ints) > 2 ** 31 - 1):
             raise RuntimeError(f"{scope}: a requantized bias overflows int32")
-        write(w_t, new_ints)
+        if not int4:  # INT4 values are the learned levels already; only the scale moves
+            write(w_t, new_ints)
         w_t.quantization.scale = new_scale
-        write(b_t, bias_ints.astype(np.int32))
-        b_t.quantization.scale = bias_scale.astype(np.float32)
+        if b_t is not None:
+            write(b_t, bias_ints.astype(np.int32))
+            b_t.quantization.scale = bias_scale.astype(np.float32)
         channels += len(s)
         exact += int(fits.sum())
-        layers[scope] = {"channels": len(s), "exact": int(fits.sum())}
+        layers[scope] = {"channels": len(s), "exact": int(fits.sum()),
+                         "container": "INT4" if int4 else "INT8",
+                         "weights": int(np.prod(stored.shape))}
     out = flatbuffer_utils.convert_object_to_bytearray(fb)
     return bytes(out), {"channels": channels, "exact_channels": exact, "layers": layers}
 
 
+def unpack_int4(data, shape) -> np.ndarray:
+    """The int8 values of an INT4 tensor's buffer (two per byte, low nibble first)."""
+    raw = np.frombuffer(bytes(data), np.uint8)
+    count = int(np.prod(shape))
+    nibbles = np.stack([raw & 15, raw >> 4], axis=1).ravel()[:count].astype(np.int8)
+    if nibbles.size != count:
+        raise RuntimeError(f"an INT4 buffer of {raw.size} bytes holds fewer than {count} values")
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)
+
+
+def tensor_types(tflite: bytes) -> list[int]:
+    """The flatbuffer ``TensorType`` of the weights of every conv / depthwise / FC op, in
+    execution order (9: INT8, 17: INT4, 0: FLOAT32)."""
+    from tensorflow.lite.python import schema_util
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    fb = flatbuffer_utils.read_model_from_bytearray(bytearray(tflite))
+    graph = fb.subgraphs[0]
+    return [graph.tensors[op.inputs[1]].type for op in graph.operators
+            if schema_util.get_builtin_code_from_operator_code(
+                fb.operatorCodes[op.opcodeIndex]) in _LINEAR_OPS]
+
+
 def float_linear_ops(tflite: bytes) -> int:
-    """Conv / depthwise / FC ops of a .tflite file whose weights are not int8."""
+    """Conv / depthwise / FC ops of a .tflite file whose weights are not int8 or int4."""
     from tensorflow.lite.python import schema_util
     from tensorflow.lite.tools import flatbuffer_utils
 
@@ -271,5 +439,5 @@ def float_linear_ops(tflite: bytes) -> int:
     return sum(1 for op in graph.operators
                if schema_util.get_builtin_code_from_operator_code(
                    fb.operatorCodes[op.opcodeIndex]) in _LINEAR_OPS
-               and graph.tensors[op.inputs[1]].type != _INT8)
+               and graph.tensors[op.inputs[1]].type not in (_INT8, _INT4))
 

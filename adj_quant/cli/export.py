@@ -1,7 +1,11 @@
-"""Export a checkpoint to TFLite (float, dynamic-range, int8, adjustable) or a SavedModel.
+"""Export a checkpoint to TFLite (float, dynamic-range, int8, adjustable), a SavedModel or a
+packed adjq file (weights at their learned bits).
 
     adjq-export --ckpt_path runs/digits/qat8 --format tflite --quantization int8
     adjq-export --ckpt_path runs/digits/finetune --format tflite --quantization adjustable --eval
+    adjq-export --ckpt_path runs/digits/finetune --format packed
+    adjq-export --from packed --ckpt_path runs/digits/finetune/model_packed.safetensors \\
+        --quantization adjustable
     python eval.py --tflite runs/digits/finetune/model_adjustable.tflite
 
 The export is :func:`adj_quant.recipe.export.export` (the conversion itself is in
@@ -11,27 +15,45 @@ Installed as ``adjq-export``.
 
 from __future__ import annotations
 
+import argparse
+
 from adj_quant.cli.start import start
 from adj_quant.errors import UserError, cli_main
 from adj_quant.recipe.config import build_parser
 from adj_quant.recipe.evaluation import evaluate_tflite
-from adj_quant.recipe.export import DATA_FIELDS, DEFAULT_REPRESENTATIVE, FORMATS, export
+from adj_quant.recipe.export import (
+    DATA_FIELDS,
+    DEFAULT_REPRESENTATIVE,
+    FORMATS,
+    SOURCES,
+    export,
+)
 from adj_quant.tflite_export import QUANTIZATIONS
 
 EXTRA = {
     "--ckpt_path": dict(metavar="PATH", required=True,
                         help="checkpoint to export: a prefix, or a run's stage directory (its "
                              "best checkpoint); a float (pretrain) or quantized (qat8, "
-                             "adjustable, finetune) model"),
+                             "adjustable, finetune) model. With --from packed: the packed file"),
+    "--from": dict(choices=SOURCES, default="checkpoint", dest="source",
+                   help="checkpoint: --ckpt_path is a checkpoint; packed: --ckpt_path is a "
+                        "packed file (--format packed) to convert to tflite or saved_model"),
     "--format": dict(choices=FORMATS, default="tflite",
                      help="tflite: a .tflite flatbuffer; saved_model: a SavedModel directory of "
-                          "the same BN-folded inference function (float or adjustable only)"),
-    "--quantization": dict(choices=QUANTIZATIONS, required=True,
-                           help="float: no quantization; dynamic: int8 weights, float "
-                                "activations; int8: full-integer post-training quantization "
-                                "calibrated on --representative_images training images; "
-                                "adjustable: full-integer int8 with the learned weight levels "
-                                "and activation ranges of a quantized checkpoint"),
+                          "the same BN-folded inference function (float or adjustable only); "
+                          "packed: one safetensors file with every weight at its learned bits "
+                          "(quantized checkpoints; no --quantization)"),
+    "--quantization": dict(choices=QUANTIZATIONS, default=None,
+                           help="(tflite and saved_model) float: no quantization; dynamic: int8 "
+                                "weights, float activations; int8: full-integer post-training "
+                                "quantization calibrated on --representative_images training "
+                                "images; adjustable: full-integer with the learned weight "
+                                "levels (INT4 tensors where they fit, see --int4) and "
+                                "activation ranges of a quantized checkpoint"),
+    "--int4": dict(action=argparse.BooleanOptionalAction, default=True,
+                   help="with --quantization adjustable: store a conv / depthwise weight "
+                        "tensor as INT4 when every channel's learned levels fit in [-7, 7] "
+                        "(--no-int4: every tensor INT8)"),
     "--output": dict(metavar="PATH",
                      help="output file (tflite) or directory (saved_model) (default: "
                           "<ckpt dir>/model_<quantization>.tflite or "
@@ -81,22 +103,60 @@ def main(argv=None) -> dict:
     cli = parse(argv)
     evaluate = cli.pop("evaluate", False)
     if evaluate and cli["format"] != "tflite":
-        raise UserError("--eval evaluates a .tflite file; drop it with --format saved_model")
+        raise UserError(f"--eval evaluates a .tflite file; drop it with --format "
+                        f"{cli['format']}")
     result = export(cli)
-    print(f"wrote {result['output']} ({result['size_bytes']:,} bytes, {result['quantization']} "
-          f"{result['format']} of the {result['model_kind']} checkpoint {result['checkpoint']})")
+    what = "packed" if result["format"] == "packed" else (
+        f"{result['quantization']} {result['format']}")
+    source = "packed file" if cli.get("source") == "packed" else (
+        f"{result['model_kind']} checkpoint")
+    print(f"wrote {result['output']} ({result['size_bytes']:,} bytes, {what} of the {source} "
+          f"{result['checkpoint']})")
     if result.get("activation_ranges"):
         print(f"activation ranges: {result['activation_ranges']}")
+    if result.get("packed"):
+        print_packed_table(result)
+    if result.get("levels") and "table" in result["levels"]:
+        print_weight_table(result)
     if evaluate:
         o = result["options"]  # the checkpoint's data, wherever the file went
         accuracy = evaluate_tflite({
             "tflite": result["output"], "dataset": o.dataset, "num_classes": o.num_classes,
             "labels_offset": o.labels_offset, "batch_size": o.batch_size,
             "max_val_images": o.max_val_images, "config": o.config, "progress": o.progress})
+        speed = accuracy.get("images_per_second")
         print(f"interpreter top-1: {100 * accuracy['top1']:.2f}%   top-5: "
-              f"{100 * accuracy['top5']:.2f}%   ({accuracy['images']} images)")
+              f"{100 * accuracy['top5']:.2f}%   ({accuracy['images']} images"
+              + (f", {speed:,.0f} img/s" if speed else "") + ")")
         result.update({f"eval_{k}": v for k, v in accuracy.items()})
     return result
+
+
+def _bits(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def print_weight_table(result: dict) -> None:
+    """Per weight tensor of an adjustable .tflite: learned bits and container; totals."""
+    table = result["levels"]["table"]
+    print(f"{'layer':40s} {'learned bits':>12s} {'container':>9s}")
+    for row in table["rows"]:
+        print(f"{row['layer']:40s} {_bits(*row['bits']):>12s} {row['container']:>9s}")
+    int4 = sum(row["container"] == "INT4" for row in table["rows"])
+    print(f"{int4} of {len(table['rows'])} weight tensors INT4; file {result['size_bytes']:,} "
+          f"bytes; counted weight bits / 8: {table['counted_weight_bits'] / 8:,.0f} bytes")
+
+
+def print_packed_table(result: dict) -> None:
+    """Per weight tensor of a packed file: bits, kept channels, encoding, code bytes."""
+    info = result["packed"]
+    print(f"{'layer':40s} {'bits':>5s} {'channels':>9s} {'encoding':>8s} {'bytes':>8s}")
+    for row in info["layers"]:
+        bits = _bits(min(row["bits"]), max(row["bits"])) if row["bits"] else "-"
+        print(f"{row['layer']:40s} {bits:>5s} {row['channels']:>4d}/{row['of']:<4d} "
+              f"{row['encoding']:>8s} {row['code_bytes']:>8,}")
+    print(f"file {info['size_bytes']:,} bytes; weight codes {info['code_bytes']:,} bytes; "
+          f"counted weight bits / 8: {info['weight_bits'] / 8:,.0f} bytes")
 
 
 def console_main() -> None:

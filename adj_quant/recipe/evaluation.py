@@ -5,6 +5,7 @@ used by sweeps)."""
 from __future__ import annotations
 
 import os
+import time
 
 from adj_quant.errors import UserError
 
@@ -139,11 +140,13 @@ def evaluate_tflite(cli: dict) -> dict:
 
 def interpreter_accuracy(model_path: str, dataset, *, batch: int = 1, progress: bool = True,
                          max_images: int | None = None, what: str = "validation data") -> dict:
-    """Top-1/top-5 of a .tflite file over ``dataset`` (batches of ``(images, labels)``)."""
+    """Top-1/top-5 of a .tflite file over ``dataset`` (batches of ``(images, labels)``) and
+    ``images_per_second`` of the interpreter."""
     from adj_quant.recipe.validation import accuracy
     from adj_quant.tflite_runner import TFLiteRunner, topk_hits
 
     runner = TFLiteRunner(model_path, batch)
+    timed = {"seconds": 0.0, "images": 0}
 
     def step(images, labels):
         images, labels = images.numpy(), labels.numpy()
@@ -156,11 +159,19 @@ def interpreter_accuracy(model_path: str, dataset, *, batch: int = 1, progress: 
                             f"{runner.num_classes} classes; pass the matching --dataset")
         top1 = top5 = 0
         for start in range(0, len(images), batch):
+            started = time.perf_counter()
             logits = runner(images[start:start + batch])
+            timed["seconds"] += time.perf_counter() - started
             part = labels[start:start + batch]
+            timed["images"] += len(part)
             top1 += topk_hits(logits, part, 1)
             top5 += topk_hits(logits, part, 5)
         return top1, top5
 
-    return accuracy(None, dataset, what=what, progress=progress, max_images=max_images,
-                    step=step, desc="tflite")
+    result = accuracy(None, dataset, what=what, progress=progress, max_images=max_images,
+                      step=step, desc="tflite")
+    # Throughput of the interpreter calls alone (input quantization, invoke, output), not of
+    # data loading.
+    if timed["seconds"] > 0:
+        result["images_per_second"] = timed["images"] / timed["seconds"]
+    return result
