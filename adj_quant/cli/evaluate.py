@@ -54,6 +54,8 @@ def report_lines(result: dict) -> list[str]:
             f"average bits: weights {result['avg_weight_bits']:.2f}, activations "
             f"{result['avg_act_bits']:.2f}",
         ]
+    if "images_per_second" in result:
+        lines.append(f"interpreter: {result['images_per_second']:,.0f} img/s")
     return lines
 
 
