@@ -260,9 +260,16 @@ class _Importer:
             functional = isinstance(model, Functional)
         except ImportError:  # pragma: no cover (Keras moved it)
             functional = hasattr(model, "_nodes_by_depth")
-        if not functional or isinstance(model, keras.Sequential):
-            raise UserError(f"model {model.name!r} ({type(model).__name__}) is not a Keras "
-                            "functional model; rebuild it with keras.Model(inputs, outputs)")
+        if isinstance(model, keras.Sequential):
+            graph = _model_graph(model)
+            if graph is None:
+                raise UserError(f"Sequential model {model.name!r} has no input shape yet; "
+                                "start it with keras.Input((H, W, 3))")
+            self.model = model = graph
+        elif not functional:
+            raise UserError(f"model {model.name!r} ({type(model).__name__}) is a subclassed "
+                            "model with no graph to import; rebuild it with "
+                            "keras.Model(inputs, outputs)")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
             raise UserError(f"model {model.name!r} has {len(model.inputs)} inputs and "
                             f"{len(model.outputs)} outputs; only one image input and one "
@@ -832,7 +839,10 @@ class _Importer:
         if len(tensor.shape) != 4 or getattr(op, "data_format", None) == "channels_first":
             raise _fail(op, f"reads shape {tuple(tensor.shape)}; expected [N, H, W, C], "
                             "channels last")
-        self.names[id(output)] = self._emit(op.name, "flatten", (source,)).name
+        dims = tuple(tensor.shape[1:])
+        features = int(np.prod(dims)) if None not in dims else None
+        self.names[id(output)] = self._emit(op.name, "flatten", (source,),
+                                            filters=features).name
 
     def _concat(self, op) -> None:
         tensors = self._inputs(op)

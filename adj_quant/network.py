@@ -52,7 +52,9 @@ Operations (``Node.op``):
     border window averages only the values inside the image (as TensorFlow and Keras do).
 ``flatten``
     The ``[N, H, W, C]`` map as ``[N, H * W * C]`` features (row-major, as Keras'
-    ``Flatten``); fc layers read it.
+    ``Flatten``); fc layers read it. ``filters``, when given, is ``H * W * C``: the
+    following fc's weights then fit that one image size (as VGG's do), whatever size the
+    declaration's other users assume.
 ``crop``
     Removal of ``pads = (top, bottom, left, right)`` rows and columns (Keras'
     ``Cropping2D``; ``top + bottom == left + right``).
@@ -222,8 +224,8 @@ class Network:
                 shape = Shape(1, node.filters)
             elif node.op == "avgpool":
                 shape = Shape(_out_side(first.hw, node), first.channels)
-            elif node.op == "flatten":
-                shape = Shape(1, first.hw * first.hw * first.channels)
+            elif node.op == "flatten":  # the features fixed by the declaration, if given
+                shape = Shape(1, node.filters or first.hw * first.hw * first.channels)
             elif node.op == "concat":
                 shape = Shape(first.hw, sum(shapes[i].channels for i in self.inputs_of(node)))
             elif node.op == "slice":
@@ -413,6 +415,8 @@ def _check_conv_options(node: Node, where: str) -> None:
         raise ValueError(f"{where}: dilation needs stride 1")
     if node.op == "slice" and (node.start < 0 or not node.filters):
         raise ValueError(f"{where}: slice needs start >= 0 and filters (the channel count)")
+    if node.op == "flatten" and node.filters is not None and node.filters < 1:
+        raise ValueError(f"{where}: flatten filters (the feature count) must be positive")
     if node.op == "layer_norm" and not node.epsilon > 0:
         raise ValueError(f"{where}: layer_norm needs epsilon > 0")
 
