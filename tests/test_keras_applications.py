@@ -83,6 +83,12 @@ def _refused_in_docs() -> str:
     return text[start:] if end < 0 else text[start:end]
 
 
+def _size(name: str) -> int:
+    """At 32 pixels EfficientNet's last stages see 1x1 maps, where batch-norm statistics of
+    8 single values amplify float32 rounding past 1e-4 of the logits: 64 for them."""
+    return MIN_SIZE.get(name, 64 if name.startswith("EfficientNet") else 32)
+
+
 def _case(name):
     marks = () if name in FAST else (pytest.mark.slow,)
     return pytest.param(name, marks=marks, id=name)
@@ -90,7 +96,7 @@ def _case(name):
 
 @pytest.mark.parametrize("name", [_case(n) for n in constructors()])
 def test_keras_application_imports_or_is_refused(name):
-    size = MIN_SIZE.get(name, 32)
+    size = _size(name)
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, name)(
         weights=None, input_shape=(size, size, 3), classes=CLASSES, classifier_activation=None)
