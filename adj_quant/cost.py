@@ -50,7 +50,7 @@ IMAGE_BITS = 8
 STYLES = ("adjq", "micronet")  # the loss counting (--metric_style), then the official
 LAYER_KINDS = ("conv", "dws", "fc")
 ELEMENT_KINDS = ("swish", "sigmoid", "relu", "relu6", "hard_swish", "gap", "maxpool", "se_scale",
-                 "residual_add")
+                 "residual_add", "hard_sigmoid", "gelu", "avgpool", "layer_norm")
 
 _DTYPE = tf.float64
 
@@ -72,13 +72,20 @@ class LayerSpec:
     out_hw: int  # output spatial size (side), SAME padding: ceil(in / stride)
     has_bias: bool  # True for every layer of the folded model
     stem: bool = False  # multiplies with the 8-bit image (no input quantizer of ours)
+    kernel_w: int = 0  # kernel columns of a non-square kernel (0: square)
+    groups: int = 1  # conv: each output channel reads cin / groups input channels
+
+    @property
+    def taps(self) -> int:
+        """Kernel positions: rows times columns."""
+        return self.kernel * (self.kernel_w or self.kernel)
 
     @property
     def weights_per_out_channel(self) -> int:
         """Weight elements behind one output channel (depthwise: one channel's kernel)."""
         if self.kind == "dws":
-            return self.kernel * self.kernel
-        return self.kernel * self.kernel * self.cin
+            return self.taps
+        return self.taps * (self.cin // self.groups)
 
     @property
     def weight_channels(self) -> int:
@@ -112,11 +119,14 @@ def network_layers(net: Network, img_size: int) -> list[LayerSpec]:
     for node in net.layers:
         in_hw, cin, out_hw, cout = shapes[node.name]
         layers.append(LayerSpec(node.name, node.op, node.kernel, cin, cout, node.stride, in_hw,
-                                out_hw, True, stem=net.is_stem(node)))
+                                out_hw, True, stem=net.is_stem(node), kernel_w=node.kernel_w,
+                                groups=node.groups))
     return layers
 
 
-_ELEMENT_KINDS_OF = {"gap": "gap", "maxpool": "maxpool", "mul": "se_scale", "add": "residual_add"}
+_ELEMENT_KINDS_OF = {"gap": "gap", "maxpool": "maxpool", "mul": "se_scale", "add": "residual_add",
+                     "avgpool": "avgpool", "layer_norm": "layer_norm"}
+_WINDOW_OPS = ("maxpool", "avgpool")
 
 
 def element_ops(net: Network, img_size: int) -> list[ElementOp]:
@@ -135,7 +145,7 @@ def element_ops(net: Network, img_size: int) -> list[ElementOp]:
             out = shapes[node.name]
             hw = source.hw if node.op == "gap" else out.hw
             ops.append(ElementOp(_ELEMENT_KINDS_OF[node.op], node.name, hw, out.channels,
-                                 node.kernel if node.op == "maxpool" else 1))
+                                 node.kernel if node.op in _WINDOW_OPS else 1))
     return ops
 
 
@@ -341,7 +351,9 @@ def micronet_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, act_qua
     a = _bits(a_bits, spec.cin, f"{spec.scope} act")
     bias = _bits(bias_bits, 1, "bias_bits")
     positions = spec.out_hw * spec.out_hw
-    k2 = spec.kernel * spec.kernel
+    k2 = spec.taps
+    if spec.groups != 1:
+        return _grouped_counts(spec, w, a, bias, act_quantizer, gamma)
     if spec.kind == "dws":
         sum_max = _channel_sum(surrogate_max(w, a, gamma), spec.cin)
         adds_per_out = k2 - 1 + int(spec.has_bias)
@@ -353,6 +365,30 @@ def micronet_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, act_qua
     adds = tf.constant(float(positions * spec.cout * adds_per_out), _DTYPE)  # float32 accumulation
     params = spec.weights_per_out_channel * _channel_sum(w, n_w) / FLOAT_BITS
     params += 2.0 * _quantized_channels(w, n_w)
+    if act_quantizer:
+        params += 2.0 * _quantized_channels(a, spec.cin)
+    if spec.has_bias:
+        params += spec.cout * bias / FLOAT_BITS + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
+    return {"params": params, "multiplies": multiplies, "adds": adds}
+
+
+def _grouped_counts(spec: LayerSpec, w, a, bias, act_quantizer: bool,
+                    gamma: float) -> dict[str, tf.Tensor]:
+    """Official counts of a grouped conv: only the (input, output) channel pairs of one
+    group multiply (``docs/metric.md``, "Operations beyond the official table")."""
+    if spec.cin % spec.groups or spec.cout % spec.groups:
+        raise ValueError(f"{spec.scope}: groups={spec.groups} must divide cin and cout")
+    gin, gout = spec.cin // spec.groups, spec.cout // spec.groups
+    same_group = np.kron(np.eye(spec.groups), np.ones([gin, gout]))
+    pair = surrogate_max(tf.reshape(w, [1, -1]), tf.reshape(a, [-1, 1]), gamma)
+    pair = pair * tf.ones([spec.cin, spec.cout], _DTYPE)
+    sum_max = tf.reduce_sum(pair * tf.constant(same_group, _DTYPE))
+    positions = spec.out_hw * spec.out_hw
+    multiplies = positions * spec.taps * sum_max / FLOAT_BITS
+    adds_per_out = spec.taps * gin - 1 + int(spec.has_bias)
+    adds = tf.constant(float(positions * spec.cout * adds_per_out), _DTYPE)
+    params = spec.weights_per_out_channel * _channel_sum(w, spec.cout) / FLOAT_BITS
+    params += 2.0 * _quantized_channels(w, spec.cout)
     if act_quantizer:
         params += 2.0 * _quantized_channels(a, spec.cin)
     if spec.has_bias:
@@ -379,6 +415,17 @@ def micronet_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
     if op.kind == "maxpool":  # k*k - 1 comparisons per output element, counted as adds
         return {"params": _zero(), "multiplies": _zero(),
                 "adds": const((op.kernel * op.kernel - 1) * elements)}
+    if op.kind == "hard_sigmoid":  # relu6(x + 3) / 6: the relu6 and the / 6; the + 3
+        return {"params": _zero(), "multiplies": const(2 * elements), "adds": const(elements)}
+    if op.kind == "gelu":  # 0.5 * x * (1 + erf(x / sqrt 2)): /sqrt 2, erf, 2 products; the 1 +
+        return {"params": _zero(), "multiplies": const(4 * elements), "adds": const(elements)}
+    if op.kind == "avgpool":  # k*k - 1 adds and one division per output element
+        return {"params": _zero(), "multiplies": const(elements),
+                "adds": const((op.kernel * op.kernel - 1) * elements)}
+    if op.kind == "layer_norm":  # per position of C channels: 2C + 3 multiplies, 3C - 1 adds
+        positions = op.hw * op.hw
+        return {"params": _zero(), "multiplies": const(positions * (2 * c + 3)),
+                "adds": const(positions * (3 * c - 1))}
     if op.kind == "gap":
         return {"params": _zero(), "multiplies": const(c), "adds": const((op.hw * op.hw - 1) * c)}
     if op.kind == "se_scale":
@@ -574,10 +621,31 @@ def input_liveness(net: Network, bits: BitAssignment, img_size: int = 224) -> di
             y = x * alive[names[1]]
         elif node.op == "add":
             y = tf.maximum(x, alive[names[1]])
+        elif node.op in _LIVENESS_OF:
+            y = _LIVENESS_OF[node.op](node, [alive[name] for name in names])
+        elif node.op == "flatten":  # row-major: the channels repeat at every position
+            y = tf.tile(x, [net.shapes(img_size)[node.name].channels // int(x.shape[0])])
         else:
             y = x
         alive[node.name] = y
     return result
+
+
+#: Channel liveness through the operations that regroup channels (a layer norm's output
+#: is nonzero even where its input is).
+_LIVENESS_OF = {
+    "concat": lambda node, xs: tf.concat(xs, axis=0),
+    "slice": lambda node, xs: xs[0][node.start:node.start + node.filters],
+    "layer_norm": lambda node, xs: tf.ones_like(xs[0]),
+}
+
+
+def _check_sparse_layers(layers: list[LayerSpec]) -> None:
+    """Sparse counts know square, ungrouped kernels only."""
+    for spec in layers:
+        if spec.groups != 1 or spec.kernel_w not in (0, spec.kernel):
+            raise UserError(f"{spec.scope}: sparsity (density) is not counted for grouped or "
+                            "non-square convolutions; train this network without --sparsity")
 
 
 # --------------------------------------------------------------------------- totals
@@ -625,6 +693,8 @@ def count_specs(layers: list[LayerSpec], ops: list[ElementOp], bits: BitAssignme
         raise UserError(f"metric style {style!r}: use one of {', '.join(STYLES)}")
     layer_fn = micronet_layer_counts if style == "micronet" else adjq_layer_counts
     element_fn = micronet_element_counts if style == "micronet" else adjq_element_counts
+    if bits.density:
+        _check_sparse_layers(layers)
     rows = []
     for spec in layers:
         args = (spec, _lookup(bits.weight, spec.scope, "weight"),
@@ -671,7 +741,10 @@ def count_adjq(arch: Network, img_size: int, bits: BitAssignment, per_layer: boo
 
 
 def _liveness(arch: Network, bits: BitAssignment, img_size: int) -> dict | None:
-    return input_liveness(arch, bits, img_size) if bits.density else None
+    if not bits.density:
+        return None
+    _check_sparse_layers(network_layers(arch, img_size))
+    return input_liveness(arch, bits, img_size)
 
 
 def bits_of(model) -> BitAssignment:

@@ -16,9 +16,16 @@ Operations (``Node.op``):
     ``[1, 1, cin, filters]``, as slim's MobileNet and ResNet logits do). Convolutions use
     ``padding`` ``"SAME"`` (default) or ``"VALID"``. Followed by a slim ``BatchNorm`` scope
     when ``batch_norm`` is true, else by ``biases``. Their output is the pre-activation.
+    A conv or depthwise conv may have a non-square kernel (``kernel`` rows by ``kernel_w``
+    columns; SAME padding, or VALID at stride 1 with a square output is not possible, so
+    VALID needs a square kernel), a ``dilation`` rate, and a conv ``groups``
+    (weights ``[kh, kw, cin / groups, filters]``: each group of input channels feeds its
+    own group of outputs). A 1x1 depthwise conv is a per-channel affine map (a standalone
+    batch norm, a layer scale); it also reads ``[N, C]`` features.
 ``act``
-    An activation function ``fn``: ``swish``, ``sigmoid``, ``relu``, ``relu6`` or
-    ``hard_swish`` (``x * relu6(x + 3) / 6``). The
+    An activation function ``fn``: ``swish``, ``sigmoid``, ``relu``, ``relu6``,
+    ``hard_swish`` (``x * relu6(x + 3) / 6``), ``hard_sigmoid`` (``relu6(x + 3) / 6``) or
+    ``gelu`` (the exact ``x * Phi(x)``). The
     inputs of ``swish`` and ``sigmoid`` are quantizer sites; a site is keyed by the scope of
     the node that feeds it (``expanded_conv/dws`` for the swish after the depthwise conv).
 ``gap``
@@ -36,6 +43,25 @@ Operations (``Node.op``):
     example with probability ``drop_connect_rate * index / total`` (``drop_path``).
 ``dropout``
     Dropout during training with the network's ``dropout_rate``.
+``concat``
+    Concatenation of two or more inputs along the channels (equal spatial sides).
+``slice``
+    Channels ``start`` to ``start + filters`` of its input (a channel group).
+``avgpool``
+    Average pooling, ``kernel`` x ``kernel`` windows at ``stride``; with SAME padding a
+    border window averages only the values inside the image (as TensorFlow and Keras do).
+``flatten``
+    The ``[N, H, W, C]`` map as ``[N, H * W * C]`` features (row-major, as Keras'
+    ``Flatten``); fc layers read it. ``filters``, when given, is ``H * W * C``: the
+    following fc's weights then fit that one image size (as VGG's do), whatever size the
+    declaration's other users assume.
+``crop``
+    Removal of ``pads = (top, bottom, left, right)`` rows and columns (Keras'
+    ``Cropping2D``; ``top + bottom == left + right``).
+``layer_norm``
+    Normalisation of every position over its channels, ``(x - mean) / sqrt(var +
+    epsilon)``, without a scale or shift (an imported layer norm puts its gamma and beta in
+    a following 1x1 depthwise conv).
 
 A node's inputs default to the previous node; the first node reads ``"image"``, the input
 normalised with ``input_mean`` / ``input_std``. The last node is the output (the logits).
@@ -52,6 +78,8 @@ import numpy as np
 import tensorflow as tf
 from tf_slim.ops.arg_scope import add_arg_scope, arg_scope
 
+from adj_quant.errors import UserError
+
 IMAGE = "image"
 LINEAR_OPS = ("conv", "dws", "fc")
 ACTIVATIONS = {
@@ -60,10 +88,13 @@ ACTIVATIONS = {
     "relu": tf.nn.relu,
     "relu6": tf.nn.relu6,
     "hard_swish": lambda x: x * tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
+    "hard_sigmoid": lambda x: tf.nn.relu6(x + 3.0) * (1.0 / 6.0),
+    "gelu": lambda x: tf.nn.gelu(x, approximate=False),
 }
 #: Activation functions whose input is quantized (``--swish_bits`` applies to both).
 QUANTIZED_ACTIVATIONS = ("swish", "sigmoid")
-OPS = LINEAR_OPS + ("act", "gap", "maxpool", "pad", "mul", "add", "dropout")
+OPS = LINEAR_OPS + ("act", "gap", "maxpool", "pad", "mul", "add", "dropout", "concat",
+                    "slice", "avgpool", "flatten", "layer_norm", "crop")
 PADDINGS = ("SAME", "VALID")
 
 
@@ -84,6 +115,16 @@ class Node:
     padding: str = "SAME"            # conv, dws, maxpool: "SAME" or "VALID"
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # pad: (top, bottom, left, right)
     conv_weights: bool = False       # fc: weights stored as [1, 1, cin, filters]
+    kernel_w: int = 0                # conv, dws: kernel columns when not square (0: kernel)
+    groups: int = 1                  # conv: channel groups
+    dilation: int = 1                # conv, dws: dilation rate
+    start: int = 0                   # slice: the first channel
+    epsilon: float = 0.0             # layer_norm
+
+    @property
+    def kernel_hw(self) -> tuple[int, int]:
+        """``(rows, columns)`` of the kernel."""
+        return self.kernel, self.kernel_w or self.kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +218,18 @@ class Network:
                 shape = Shape(_out_side(first.hw, node), first.channels)
             elif node.op == "pad":
                 shape = Shape(first.hw + node.pads[0] + node.pads[1], first.channels)
+            elif node.op == "crop":
+                shape = Shape(first.hw - node.pads[0] - node.pads[1], first.channels)
             elif node.op == "fc":
                 shape = Shape(1, node.filters)
+            elif node.op == "avgpool":
+                shape = Shape(_out_side(first.hw, node), first.channels)
+            elif node.op == "flatten":  # the features fixed by the declaration, if given
+                shape = Shape(1, node.filters or first.hw * first.hw * first.channels)
+            elif node.op == "concat":
+                shape = Shape(first.hw, sum(shapes[i].channels for i in self.inputs_of(node)))
+            elif node.op == "slice":
+                shape = Shape(first.hw, node.filters)
             elif node.op == "gap":
                 shape = Shape(1, first.channels)
             elif node.op in ("mul", "add"):  # the larger operand (SE scale broadcasts 1x1)
@@ -215,7 +266,7 @@ class Network:
         for i, node in enumerate(self.nodes):
             for name in self.inputs_of(node):
                 last_use[name] = i
-        values = {IMAGE: (images - self.input_mean) / self.input_std}
+        values = {IMAGE: (float_images(images) - self.input_mean) / self.input_std}
         for i, node in enumerate(self.nodes):
             names = self.inputs_of(node)
             x = values[names[0]]
@@ -239,6 +290,8 @@ class Network:
                     if rate > 0:
                         x = dropout(x, rate, [tf.shape(x)[0], 1, 1, 1])
                 y = x + values[names[1]]
+            elif node.op in EXTRA_OPS:
+                y = EXTRA_OPS[node.op](node, [values[name] for name in names])
             elif training and dropout_rate > 0:  # dropout
                 y = dropout(x, dropout_rate, None)
             else:
@@ -250,12 +303,48 @@ class Network:
         return values[self.nodes[-1].name]
 
 
+def float_images(images) -> tf.Tensor:
+    """``images`` (a tensor or NumPy array of any float dtype) as a float32 tensor; a float32
+    tensor is returned as it is."""
+    if isinstance(images, (tf.Tensor, tf.Variable)) and images.dtype == tf.float32:
+        return images
+    dtype = tf.as_dtype(images.dtype) if hasattr(images, "dtype") else None
+    if dtype is not None and not dtype.is_floating:
+        raise UserError(f"images of dtype {dtype.name}: pass floats in [0, 1] (e.g. uint8 "
+                        "pixels divided by 255)")
+    return tf.cast(images, tf.float32)
+
+
+def _flatten(node: Node, xs: list) -> tf.Tensor:
+    x = xs[0]
+    features = x.shape[1:].num_elements()
+    return tf.reshape(x, [-1, features if features is not None else -1])
+
+
+def _layer_norm(node: Node, xs: list) -> tf.Tensor:
+    mean, variance = tf.nn.moments(xs[0], axes=[-1], keepdims=True)
+    return (xs[0] - mean) * tf.math.rsqrt(variance + node.epsilon)
+
+
+#: The operations that need nothing but their node and input values.
+EXTRA_OPS = {
+    "concat": lambda node, xs: tf.concat(xs, axis=-1),
+    "slice": lambda node, xs: xs[0][..., node.start:node.start + node.filters],
+    "avgpool": lambda node, xs: tf.nn.avg_pool2d(xs[0], node.kernel, node.stride, node.padding),
+    "flatten": _flatten,
+    "crop": lambda node, xs: xs[0][:, node.pads[0]:xs[0].shape[1] - node.pads[1],
+                                   node.pads[2]:xs[0].shape[2] - node.pads[3]],
+    "layer_norm": _layer_norm,
+}
+
+
 def _out_side(side: int, node: Node) -> int:
     """Output side of a strided window op: SAME ``ceil(side / stride)``, VALID
-    ``floor((side - kernel) / stride) + 1``."""
+    ``floor((side - kernel) / stride) + 1`` (the kernel dilated by ``dilation``)."""
     if node.padding == "SAME":
         return -(-side // node.stride)
-    return (side - node.kernel) // node.stride + 1
+    kernel = node.dilation * (node.kernel - 1) + 1
+    return (side - kernel) // node.stride + 1
 
 
 def _check(net: Network) -> None:
@@ -276,13 +365,17 @@ def _check(net: Network) -> None:
             if name not in seen:
                 raise ValueError(f"{where}: input {name!r} is not an earlier node")
         wanted = 2 if node.op in ("mul", "add") else 1
-        if node.inputs and len(node.inputs) != wanted or (not node.inputs and wanted == 2):
+        if node.op == "concat":
+            if len(node.inputs) < 2:
+                raise ValueError(f"{where}: concat takes two or more inputs")
+        elif node.inputs and len(node.inputs) != wanted or (not node.inputs and wanted == 2):
             raise ValueError(f"{where}: {node.op} takes {wanted} input(s)")
+        _check_conv_options(node, where)
         if node.op in ("conv", "fc") and not node.filters:
             raise ValueError(f"{where}: {node.op} needs filters")
         if node.padding not in PADDINGS:
             raise ValueError(f"{where}: padding {node.padding!r}; use SAME or VALID")
-        if node.op == "pad" and (len(node.pads) != 4 or min(node.pads) < 0
+        if node.op in ("pad", "crop") and (len(node.pads) != 4 or min(node.pads) < 0
                                  or node.pads[0] + node.pads[1] != node.pads[2] + node.pads[3]):
             raise ValueError(f"{where}: pads {node.pads!r} must be four non-negative "
                              "(top, bottom, left, right) with top + bottom == left + right")
@@ -294,6 +387,38 @@ def _check(net: Network) -> None:
         seen.add(node.name)
     if net.nodes[-1].op != "fc":
         raise ValueError(f"network {net.name!r}: the last node must be the fc logits layer")
+    shapes = net.shapes(32)
+    for node in net.nodes:
+        where = f"network {net.name!r}, node {node.name!r}"
+        cin = shapes[net.inputs_of(node)[0]].channels
+        if node.op == "conv" and (cin % node.groups or node.filters % node.groups):
+            raise ValueError(f"{where}: groups={node.groups} must divide the input channels "
+                             f"({cin}) and the filters ({node.filters})")
+        if node.op == "slice" and node.start + node.filters > cin:
+            raise ValueError(f"{where}: channels {node.start}..{node.start + node.filters} "
+                             f"exceed the input's {cin}")
+        if node.op == "concat" and len({shapes[i].hw for i in node.inputs}) != 1:
+            raise ValueError(f"{where}: the inputs of a concat need one spatial size")
+
+
+def _check_conv_options(node: Node, where: str) -> None:
+    """Non-square kernels, groups, dilation and slices, where they apply."""
+    if node.kernel_w and node.op not in ("conv", "dws"):
+        raise ValueError(f"{where}: kernel_w applies to conv and dws only")
+    if node.kernel_w and node.kernel_w != node.kernel and node.padding != "SAME":
+        raise ValueError(f"{where}: a non-square kernel needs SAME padding (square outputs)")
+    if node.groups < 1 or node.groups != 1 and node.op != "conv":
+        raise ValueError(f"{where}: groups={node.groups}; only conv layers have groups >= 1")
+    if node.dilation < 1 or node.dilation != 1 and node.op not in ("conv", "dws"):
+        raise ValueError(f"{where}: dilation={node.dilation}; conv and dws only, >= 1")
+    if node.dilation != 1 and node.stride != 1:
+        raise ValueError(f"{where}: dilation needs stride 1")
+    if node.op == "slice" and (node.start < 0 or not node.filters):
+        raise ValueError(f"{where}: slice needs start >= 0 and filters (the channel count)")
+    if node.op == "flatten" and node.filters is not None and node.filters < 1:
+        raise ValueError(f"{where}: flatten filters (the feature count) must be positive")
+    if node.op == "layer_norm" and not node.epsilon > 0:
+        raise ValueError(f"{where}: layer_norm needs epsilon > 0")
 
 
 # --------------------------------------------------------------------------- the float module
@@ -380,11 +505,25 @@ class BatchNorm(tf.Module):
 
 
 def weight_shape(kind: str, kernel: int, cin: int, cout: int,
-                 conv_weights: bool = False) -> list[int]:
+                 conv_weights: bool = False, *, kernel_w: int = 0,
+                 groups: int = 1) -> list[int]:
     if kind == "fc" and conv_weights:
         return [1, 1, cin, cout]
-    return {"conv": [kernel, kernel, cin, cout], "dws": [kernel, kernel, cin, 1],
+    kw = kernel_w or kernel
+    return {"conv": [kernel, kw, cin // groups, cout], "dws": [kernel, kw, cin, 1],
             "fc": [cin, cout]}[kind]
+
+
+def node_weight_shape(node: Node, cin: int, cout: int) -> list[int]:
+    """The weight shape of a weight layer ``node`` reading ``cin`` channels."""
+    return weight_shape(node.op, node.kernel, cin, cout, node.conv_weights,
+                        kernel_w=node.kernel_w, groups=node.groups)
+
+
+def linear_options(node: Node) -> dict:
+    """The keyword arguments of :func:`apply_linear` beyond the defaults (groups follow
+    from the weight shape)."""
+    return {"dilation": node.dilation} if node.dilation != 1 else {}
 
 
 def weight_name(kind: str) -> str:
@@ -396,15 +535,19 @@ class ConvLayer(tf.Module):
 
     def __init__(self, scope: str, kind: str, kernel: int, cin: int, cout: int, stride: int,
                  batch_norm: bool, rng: tf.random.Generator, bn_epsilon: float = 1e-3,
-                 padding: str = "SAME", conv_weights: bool = False):
+                 padding: str = "SAME", conv_weights: bool = False, *, kernel_w: int = 0,
+                 groups: int = 1, dilation: int = 1):
         super().__init__(name=None)
         self.scope, self.kind, self.kernel, self.stride = scope, kind, kernel, stride
         self.cin, self.cout, self.padding = cin, cout, padding
-        shape = weight_shape(kind, kernel, cin, cout, conv_weights)
+        self.options = {"dilation": dilation} if dilation != 1 else {}
+        shape = weight_shape(kind, kernel, cin, cout, conv_weights, kernel_w=kernel_w,
+                             groups=groups)
+        taps = kernel * (kernel_w or kernel)
         if kind == "conv":
-            init = _truncated_normal(rng, shape, math.sqrt(2.0 / (kernel * kernel * cout)))
+            init = _truncated_normal(rng, shape, math.sqrt(2.0 / (taps * cout)))
         elif kind == "dws":
-            init = _truncated_normal(rng, shape, math.sqrt(2.0 / (kernel * kernel)))
+            init = _truncated_normal(rng, shape, math.sqrt(2.0 / taps))
         else:
             limit = math.sqrt(1.0 / cin)  # independent of the class count
             init = rng.uniform(shape, -limit, limit)
@@ -414,19 +557,29 @@ class ConvLayer(tf.Module):
                        tf.Variable(np.zeros([cout], np.float32), name=f"{scope}/biases"))
 
     def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
-        y = apply_linear(self.kind, x, self.weights, self.stride, self.padding)
+        y = apply_linear(self.kind, x, self.weights, self.stride, self.padding, **self.options)
         if self.bn is not None:
             return self.bn(y, training)
         return y + self.biases
 
 
 def apply_linear(kind: str, x: tf.Tensor, weights: tf.Tensor, stride: int = 1,
-                 padding: str = "SAME") -> tf.Tensor:
+                 padding: str = "SAME", dilation: int = 1) -> tf.Tensor:
     """The linear part of a layer: conv, depthwise conv or matmul (of ``[N, cin]``
-    features; 1x1-kernel-shaped FC weights are reshaped)."""
+    features; 1x1-kernel-shaped FC weights are reshaped). A conv whose weights read fewer
+    channels than ``x`` has is grouped; a 1x1 depthwise conv also scales ``[N, C]``
+    features."""
     if kind == "conv":
+        if dilation != 1:
+            return tf.nn.conv2d(x, weights, strides=stride, padding=padding,
+                                dilations=dilation)
         return tf.nn.conv2d(x, weights, strides=stride, padding=padding)
     if kind == "dws":
+        if len(x.shape) == 2:  # per-channel affine map of features
+            return x * tf.reshape(weights, [-1])
+        if dilation != 1:
+            return tf.nn.depthwise_conv2d(x, weights, strides=[1, 1, 1, 1], padding=padding,
+                                          dilations=[dilation, dilation])
         return tf.nn.depthwise_conv2d(x, weights, strides=[1, stride, stride, 1], padding=padding)
     if len(weights.shape) == 4:
         weights = tf.reshape(weights, weights.shape[2:])
@@ -450,7 +603,8 @@ def fold_batch_norm(layer: ConvLayer) -> tuple[tf.Tensor, tf.Tensor]:
 def _layer(node: Node, cin: int, cout: int, *, rng: tf.random.Generator, scope: str,
            bn_epsilon: float) -> ConvLayer:
     return ConvLayer(f"{scope}/{node.name}", node.op, node.kernel, cin, cout, node.stride,
-                     node.batch_norm, rng, bn_epsilon, node.padding, node.conv_weights)
+                     node.batch_norm, rng, bn_epsilon, node.padding, node.conv_weights,
+                     kernel_w=node.kernel_w, groups=node.groups, dilation=node.dilation)
 
 
 def build_layers(net: Network, rng: tf.random.Generator) -> dict[str, ConvLayer]:

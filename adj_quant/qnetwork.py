@@ -164,9 +164,9 @@ class QuantizedLayer(tf.Module):
         full = f"{net_scope}/{scope}"
         self.scope, self.kind, self.kernel, self.stride = scope, kind, node.kernel, node.stride
         self.cin, self.cout, self.padding = cin, cout, node.padding
-        self.weights = tf.Variable(np.zeros(nw.weight_shape(kind, node.kernel, cin, cout,
-                                                            node.conv_weights), np.float32),
+        self.weights = tf.Variable(np.zeros(nw.node_weight_shape(node, cin, cout), np.float32),
                                    name=f"{full}/{nw.weight_name(kind)}")
+        self.options = nw.linear_options(node)
         self.biases = tf.Variable(np.zeros([cout], np.float32), name=f"{full}/biases")
         self.weight_quant = qcfg.make_quantizer(
             f"{full}/weight_quant", cout, axis=2 if kind == "dws" else -1,
@@ -242,14 +242,15 @@ class QuantizedLayer(tf.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         weights, biases = self.quantized_weights()
-        return nw.apply_linear(self.kind, x, weights, self.stride, self.padding) + biases
+        return nw.apply_linear(self.kind, x, weights, self.stride, self.padding,
+                               **self.options) + biases
 
     def float_call(self, x: tf.Tensor, observe) -> tf.Tensor:
         """Unquantized forward that reports its input to ``observe`` (for calibration)."""
         if self.act_quant is not None:
             observe(f"{self.scope}/input", x)
-        return nw.apply_linear(self.kind, x, self.weights, self.stride,
-                               self.padding) + self.biases
+        return nw.apply_linear(self.kind, x, self.weights, self.stride, self.padding,
+                               **self.options) + self.biases
 
 
 class QuantizedNetwork(tf.Module):

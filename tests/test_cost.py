@@ -605,3 +605,88 @@ def test_is_quantized_tells_the_model_kinds_apart():
     assert M.bits_of(float_model).is_float() and not M.bits_of(qmodel).is_float()
     with pytest.raises(TypeError, match="needs arch="):
         M.micronet_cost(M.BitAssignment.uniform(TOY, 8, 8), 32)
+
+
+# --------------------------------------------------------------------------- operations of
+# imported networks (docs/metric.md, "Operations beyond the official table")
+
+
+def test_grouped_conv_by_hand():
+    spec = M.LayerSpec("g", "conv", kernel=3, cin=4, cout=4, stride=1, in_hw=2, out_hw=2,
+                       has_bias=True, groups=2)
+    got = _floats(M.micronet_layer_counts(spec, [2, 4, 6, 8], [4, 4, 8, 8], 8))
+    # group 0: inputs 0,1 (a=4) x outputs 0,1 (w=2,4): max 4,4 per input -> 2*8 = 16
+    # group 1: inputs 2,3 (a=8) x outputs 2,3 (w=6,8): max 8,8 per input -> 2*16 = 32
+    # multiplies = 4 positions * 9 taps * 48 / 32 = 54
+    assert got["multiplies"] == pytest.approx(54.0)
+    # adds: 9*2 - 1 + 1 bias = 18 per output element, 4*4 elements = 288
+    assert got["adds"] == pytest.approx(288.0)
+    # params: 9*2 weights per output channel * (2+4+6+8)/32 = 11.25; bias 4*8/32 = 1;
+    # overhead: weights 2*4, input 2*4, bias tensor 2 -> 18. Total 30.25
+    assert got["params"] == pytest.approx(30.25)
+
+
+def test_non_square_kernel_by_hand():
+    spec = M.LayerSpec("r", "conv", kernel=1, cin=2, cout=1, stride=1, in_hw=3, out_hw=3,
+                       has_bias=True, kernel_w=7)
+    got = _floats(M.micronet_layer_counts(spec, 32, 32, 32, act_quantizer=False))
+    # 1x7: 7 taps * 2 inputs = 14 MACs per output, 9 outputs: 126 multiplies at 32/32;
+    # adds 14 - 1 + 1 = 14 per output: 126; params 14 weights + 1 bias
+    assert got == pytest.approx({"multiplies": 126.0, "adds": 126.0, "params": 15.0})
+    adjq = _floats(M.adjq_layer_counts(spec, 32, 32, 32))
+    assert adjq["multiplies"] + adjq["adds"] == pytest.approx(2 * 126.0)
+
+
+@pytest.mark.parametrize("kind, hw, channels, kernel, multiplies, adds", [
+    # relu6(x + 3) / 6: 2 multiplies (relu6, / 6) and 1 add per element; 2*2*3 = 12 elements
+    ("hard_sigmoid", 2, 3, 1, 24, 12),
+    # gelu: 4 multiplies and 1 add per element
+    ("gelu", 2, 3, 1, 48, 12),
+    # 3x3 average pool, 2x2 outputs of 3 channels: 8 adds and 1 division per output element
+    ("avgpool", 2, 3, 3, 12, 96),
+    # layer norm over C = 3 at 4 positions: 2*3 + 3 = 9 multiplies and 3*3 - 1 = 8 adds each
+    ("layer_norm", 2, 3, 1, 36, 32),
+])
+def test_new_element_ops_by_hand(kind, hw, channels, kernel, multiplies, adds):
+    got = _floats(M.micronet_element_counts(M.ElementOp(kind, "x", hw, channels, kernel)))
+    assert got == pytest.approx({"params": 0.0, "multiplies": multiplies, "adds": adds})
+    assert _floats(M.adjq_element_counts(M.ElementOp(kind, "x", hw, channels, kernel))) == {
+        "params": 0.0, "multiplies": 0.0, "adds": 0.0}
+
+
+def test_concat_slice_flatten_cost_nothing_and_shapes():
+    from adj_quant.network import Network, Node
+
+    net = Network("tiny", "tiny", (
+        Node("a", "conv", kernel=1, filters=4, batch_norm=False),
+        Node("b", "conv", ("image",), kernel=3, filters=2, batch_norm=False),
+        Node("cat", "concat", ("a", "b")),
+        Node("half", "slice", ("cat",), start=2, filters=4),
+        Node("pool", "avgpool", kernel=2, stride=2, padding="VALID"),
+        Node("flat", "flatten"),
+        Node("fc", "fc", filters=5, batch_norm=False)))
+    shapes = net.shapes(4)
+    assert shapes["cat"].channels == 6 and shapes["half"].channels == 4
+    assert shapes["pool"].hw == 2 and shapes["flat"] == shapes["flat"].__class__(1, 16)
+    ops = M.element_ops(net, 4)
+    assert [op.kind for op in ops] == ["avgpool"]
+    counts = M.micronet_cost(M.BitAssignment.uniform(net, 32, 32), 4, arch=net,
+                             freebie=False).as_floats()
+    # convs: a 16 positions * 3*4 = 192 MACs, b 16*27*2 = 864, fc 16*5 = 80 -> 1136 multiplies
+    # avgpool: 4 outputs * 4 channels, 1 division each: 16 -> 1152 multiplies
+    assert counts["multiplies"] == pytest.approx(1152.0)
+    # adds: a 16*4*(3-1+1) = 192, b 16*2*27 = 864, fc 5*16 = 80, avgpool 16*3 = 48 -> 1184
+    assert counts["adds"] == pytest.approx(1184.0)
+    # params: 12 + 4 + 54 + 2 + 80 + 5 = 157
+    assert counts["params"] == pytest.approx(157.0)
+
+
+def test_sparsity_is_refused_for_grouped_convs():
+    from adj_quant.network import Network, Node
+
+    net = Network("g", "g", (Node("c", "conv", kernel=3, filters=6, groups=3),
+                             Node("gap", "gap", keepdims=False),
+                             Node("fc", "fc", filters=2, batch_norm=False)))
+    bits = M.BitAssignment.uniform(net, 8, 8, sparsity=0.5)
+    with pytest.raises(UserError, match="grouped or non-square"):
+        M.micronet_cost(bits, 8, arch=net)

@@ -64,7 +64,7 @@ def test_resnet_keras_arrangement_has_the_keras_feature_map_sizes():
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v2_140", "resnet_v1_50",
-                                  "resnet_v1_50_keras"])
+                                  "resnet_v1_50_keras", "mixnet_s"])
 def test_declared_shapes_equal_the_computed_ones(name):
     """Every node's declared output shape equals what TensorFlow computes (VALID, padded,
     pooled and strided nodes included), at an odd image size."""
@@ -176,8 +176,53 @@ def test_unknown_model_lists_the_known_ones(capsys):
         assert len(err) == 1 and "mobilenet_v3" in err[0] and "resnet_v1_50" in err[0], err
 
 
+def test_mixnet_s_has_the_published_parameter_count():
+    """MixNet-S: 4.1M parameters in the paper (4.13M with batch norm's gamma and beta, as
+    frameworks count it); our declaration's trainable float variables."""
+    net = nets.build("mixnet_s")
+    model = FloatNetwork(net)
+    trainable = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
+    assert abs(trainable - 4.13e6) < 0.005e6
+    # mixed kernels: block 13 splits 720 channels into 5 groups of 144 (3x3 ... 11x11)
+    kernels = [net.node(f"blocks_13/dws_{g}") for g in range(5)]
+    assert [n.kernel for n in kernels] == [3, 5, 7, 9, 11]
+    assert [net.shapes(224)[f"blocks_13/split_{g}"].channels for g in range(5)] == [144] * 5
+    assert net.node("blocks_4/expand").groups == 2 and net.node("blocks_4/project").groups == 2
+
+
+def test_mixed_depthwise_conv_equals_tensorflow():
+    """A MixNet block's split / depthwise / concat equals per-group tf.nn.depthwise_conv2d
+    on slices of the expanded map, each with its own kernel size and batch norm."""
+    net = nets.build("mixnet_s", num_classes=3, width_multiplier=0.5, depth_multiplier=0.34)
+    model = FloatNetwork(net)
+    seen = {}
+
+    def activation(scope, fn, x):
+        y = aq.network.ACTIVATIONS[fn](x)
+        seen[scope] = (x, y)
+        return y
+
+    net.forward(tf.random.uniform([2, 32, 32, 3], seed=2),
+                lambda scope, x, t: model.layers[scope](x, t), activation=activation)
+    block = "blocks_3"  # kernels 3, 5, 7, stride 2, after a swish expansion
+    expanded = seen[f"{block}/expand"][1]
+    mixed = seen[f"{block}/dws"][0]
+    parts, start = [], 0
+    for g, kernel in enumerate((3, 5, 7)):
+        layer = model.layers[f"{block}/dws_{g}"]
+        size = int(layer.weights.shape[2])
+        assert tuple(layer.weights.shape[:2]) == (kernel, kernel)
+        y = tf.nn.depthwise_conv2d(expanded[..., start:start + size], layer.weights,
+                                   [1, 2, 2, 1], "SAME")
+        parts.append(layer.bn(y, False))
+        start += size
+    assert start == expanded.shape[-1]
+    np.testing.assert_allclose(mixed.numpy(), tf.concat(parts, -1).numpy(), rtol=1e-5,
+                               atol=1e-5)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet_v1_50"])
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet_v1_50", "mixnet_s"])
 def test_every_stage_of_the_digits_recipe_runs(name, tmp_path, capsys):
     run = tmp_path / name
     model = ["--model", name]

@@ -3,6 +3,7 @@
     adjq-score --weight_bits 32 --act_bits 32        # the float model
     adjq-score --weight_bits 4 --act_bits 4
     adjq-score --quant_info quant_info.json --json
+    adjq-score --model keras:model.keras --weight_bits 4 --act_bits 4   # your own network
 
 Prints the official MicroNet counts (params, multiplies, adds, ops, score_micronet) and the
 Adjustable Quantization submission's own counting (score_adjq). ``--json`` prints exactly
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_b0", metavar="NAME",
                    help="the declared network to count (default efficientnet_b0; also "
-                        "mobilenet_v2, mobilenet_v2_140, resnet_v1_50, ...)")
+                        "mobilenet_v2, mobilenet_v2_140, resnet_v1_50, mixnet_s, ...), or "
+                        "keras:PATH, a saved float Keras model, imported as train.py imports it "
+                        "(its own class count; --num_classes and the multipliers do not apply)")
     p.add_argument("--img_size", type=int, default=224,
                    help="input image side in pixels (default 224)")
     p.add_argument("--num_classes", type=int, default=1000,
@@ -84,9 +87,14 @@ def _validate(args) -> None:
                             f"{MAX_MULTIPLIER:g}, e.g. 1.0")
     from adj_quant import nets
 
-    if args.model not in nets.names():
+    if args.model.startswith("keras:"):
+        path = args.model[len("keras:"):]
+        if not os.path.isfile(path):
+            raise UserError(f"--model {args.model}: no Keras model file {path!r}; pass "
+                            "keras:PATH of a model saved with model.save('model.keras')")
+    elif args.model not in nets.names():
         raise UserError(f"--model {args.model!r} is not a known network; known networks: "
-                        f"{', '.join(nets.names())}")
+                        f"{', '.join(nets.names())} (or keras:PATH)")
     if args.json and args.per_layer:
         raise UserError("--json and --per_layer both given: --json prints only the totals; "
                         "drop one of them")
@@ -156,6 +164,10 @@ def main(argv=None) -> int:
     if getattr(args, "network", None):  # a run directory: the network it trained
         from adj_quant.checkpoints import ModelSpec
         arch = ModelSpec.from_json(args.network).arch
+    elif args.model.startswith("keras:"):
+        from adj_quant.recipe.stages import keras_model
+
+        arch = keras_model(args.model)[0]
     else:
         arch = nets.build(args.model, num_classes=args.num_classes,
                           width_multiplier=args.width_multiplier,
