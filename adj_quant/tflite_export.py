@@ -125,7 +125,8 @@ class ExportNet:
                 x = self._fake_quant(f"{scope}/input", x)
             padding = self.arch.node(scope).padding
             weights = self._int4_weights(scope, kind, weights)
-            y = nw.apply_linear(kind, x, weights, stride, padding) + biases
+            y = nw.apply_linear(kind, x, weights, stride, padding,
+                                **nw.linear_options(self.arch.node(scope))) + biases
             if self._observed is not None:
                 lo, hi = float(tf.reduce_min(y)), float(tf.reduce_max(y))
                 old = self._observed.get(scope, (lo, hi))
