@@ -13,6 +13,7 @@ curve.
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -456,3 +457,130 @@ def test_a_missing_worker_fails_within_the_timeout(tmp_path):
     assert done.returncode != 0
     assert "did not all connect within 3 s" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- a worker dies
+
+#: Three mini-epochs: a worker is killed after the first checkpoint, the stage still running.
+KILLED = ["--batch_size", "32", "--max_epoch", "0.3", "--lr", "1e-3", "--lr_fixed",
+          "--dropout", "0", "--drop_connect", "0", "--sync_bn"]
+LOST_TIMEOUT = 60  # --worker_timeout of these runs
+
+
+def _logged_workers(args, ports, temp, logs):
+    """Two worker processes whose stdout and stderr go to files in ``logs`` (a kill leaves
+    no pipe to drain)."""
+    logs.mkdir(exist_ok=True)
+    return [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
+                             env=_env(TF_CONFIG=_tf_config(ports, i), TMPDIR=str(temp)),
+                             stdout=open(logs / f"out{i}", "w"), stderr=open(logs / f"err{i}", "w"))
+            for i in range(len(ports))]
+
+
+@pytest.fixture(scope="session")
+def two_workers_uninterrupted(small_net, tmp_path_factory):
+    run, temp = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("tmp")
+    codes, outputs = _two_workers(["--stage", "pretrain", "--run_dir", str(run), *small_net,
+                                   *KILLED, "--strategy", "multi_worker", "--worker_timeout",
+                                   str(LOST_TIMEOUT)], temp)
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return run / "pretrain"
+
+
+def _intact(stage_dir):
+    """Every file of a stage directory is whole: the JSON files parse, and every checkpoint
+    that ``checkpoints.json`` lists reads back with its checksums. Returns the leftovers of
+    an interrupted save (``.tmp-*``), which the next run removes."""
+    from adj_quant.checkpoints import verify_checksums
+    for name in ("config.json", "model_spec.json", "checkpoints.json"):
+        read_json(stage_dir / name)
+    state = read_json(stage_dir / "checkpoints.json")
+    assert state["checkpoints"] and not state["finished"]
+    for entry in state["checkpoints"]:
+        verify_checksums(str(stage_dir / entry["name"]))
+    assert not (stage_dir / "result.json").exists()
+    return [n for n in os.listdir(stage_dir) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["chief", "worker"])
+def test_a_lost_worker_stops_the_other_with_one_line_and_a_rerun_resumes(
+        victim, small_net, two_workers_uninterrupted, tmp_path):
+    """``kill -9`` of one worker at a random moment after the first checkpoint: the other
+    one exits within --worker_timeout plus a minute with one line naming the lost worker
+    and the command; the run directory is whole; both started again finish the stage,
+    equal to an uninterrupted two-worker run tensor by tensor."""
+    import random
+    run, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    args = ["--stage", "pretrain", "--run_dir", str(run), *small_net, *KILLED,
+            "--strategy", "multi_worker", "--worker_timeout", str(LOST_TIMEOUT)]
+    ports = _free_ports(2)
+    workers = _logged_workers(args, ports, temp, tmp_path / "logs")
+    state_file = run / "pretrain" / "checkpoints.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (
+            state_file.exists() and read_json(state_file)["checkpoints"]):
+        assert all(w.poll() is None for w in workers), (tmp_path / "logs" / "err0").read_text()
+        time.sleep(0.05)
+    delay = random.uniform(0, 2)
+    time.sleep(delay)
+    workers[victim].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    workers[victim].wait()
+    survivor = workers[1 - victim]
+    survivor.wait(timeout=LOST_TIMEOUT + 120)
+    waited = time.monotonic() - killed
+    err = (tmp_path / "logs" / f"err{1 - victim}").read_text()
+    assert survivor.returncode == 75, (delay, err[-3000:])
+    assert waited <= LOST_TIMEOUT + 60, (delay, waited)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"lost worker /job:worker/replica:0/task:{victim} (127.0.0.1:{ports[victim]})" \
+        in errors[0], errors[0]
+    assert errors[0].endswith("same command: " + shlex.join(["python", "train.py", *args]))
+    leftovers = _intact(run / "pretrain")
+    assert victim == 0 or not leftovers, leftovers  # only a killed chief can leave them
+    # Started again with the same commands, they resume and finish the stage.
+    workers = _logged_workers(args, _free_ports(2), temp, tmp_path / "logs2")
+    for w in workers:
+        w.wait(timeout=600)
+    outputs = [(tmp_path / "logs2" / f"out{i}").read_text() for i in range(2)]
+    for w, out, i in zip(workers, outputs, range(2)):
+        assert w.returncode == 0, (tmp_path / "logs2" / f"err{i}").read_text()[-3000:]
+        assert "resuming from" in out
+    assert not [n for n in os.listdir(run / "pretrain") if n.startswith(".tmp-")]
+    assert read_json(state_file)["finished"]
+    _every_tensor_equal(two_workers_uninterrupted, run / "pretrain", rel=0.0, floor=0.0)
+
+
+def test_a_frozen_chief_stops_the_other_worker_within_the_timeout(small_net, tmp_path):
+    """A chief stopped (``SIGSTOP``: its connections stay open, it answers nothing) is a
+    host cut off the network: the other worker must not wait for ever."""
+    run, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    timeout = 30
+    args = ["--stage", "pretrain", "--run_dir", str(run), *small_net, *KILLED,
+            "--strategy", "multi_worker", "--worker_timeout", str(timeout)]
+    ports = _free_ports(2)
+    workers = _logged_workers(args, ports, temp, tmp_path / "logs")
+    state_file = run / "pretrain" / "checkpoints.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and not (
+                state_file.exists() and read_json(state_file)["checkpoints"]):
+            assert all(w.poll() is None for w in workers)
+            time.sleep(0.05)
+        workers[0].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        workers[1].wait(timeout=timeout + 120)
+        waited = time.monotonic() - stopped
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    err = (tmp_path / "logs" / "err1").read_text()
+    assert workers[1].returncode == 75 and waited <= timeout + 60, (waited, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"lost worker /job:worker/replica:0/task:0 (127.0.0.1:{ports[0]})" in errors[0]
+    _intact(run / "pretrain")
