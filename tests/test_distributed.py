@@ -8,7 +8,11 @@ norms) move by up to its learning rate per step either way. The checks therefore
 gradients of one step (the machinery: loss scaling, the metric counted once, the
 all-reduce), the whole parameter vector after training (relative norm), every weight
 tensor, the learned bits (identical), the calibrated thresholds (identical) and the loss
-curve.
+curve; float pretraining, where such betas are left untrained, every model variable
+element by element (:func:`_every_tensor_equal`).
+
+A worker that dies (``kill -9``) stops the other one with one line; both started again
+resume, equal bit for bit to an uninterrupted two-worker run.
 """
 
 import json
