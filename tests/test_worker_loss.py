@@ -69,3 +69,26 @@ def test_the_survivor_ends_with_one_line_and_status_75(tmp_path):
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert "lost worker /job:worker/replica:0/task:0 (h:1): UnavailableError" in lines[0]
     assert lines[0].endswith("same command: -c --stage qat8 --run_dir 'runs/a b'")
+
+
+def test_a_peer_silent_for_the_timeout_ends_the_worker(tmp_path):
+    """The peer watch, when no collective op fails: a peer that does not answer its probes
+    for --worker_timeout seconds is lost."""
+    code = ("import time\n"
+            "from adj_quant import distribution as d\n"
+            "d.PEER_PROBE_INTERVAL = 0.1\n"
+            "d._probe = lambda peer, timeout: peer.endswith('task:0')\n"
+            "peers = {'/job:worker/replica:0/task:0': 'h:0', '/job:worker/replica:0/task:2': "
+            "'h:2'}\n"
+            "d._cluster = {'peers': peers, 'watch': d._PeerWatch(peers, 1.0)}\n"
+            "d._cluster['watch'].start()\n"
+            "time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", code, "--stage", "calibrate"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 75, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert len(lines) == 1, done.stderr[-2000:]
+    assert ("lost worker /job:worker/replica:0/task:2 (h:2): it has not answered for 1 s "
+            "(--worker_timeout)") in lines[0]
+    assert lines[0].endswith("same command: -c --stage calibrate")
