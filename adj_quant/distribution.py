@@ -16,6 +16,8 @@ replicas, and the losses are scaled so that the sum is the one-device loss
 several workers is the exception: each worker reads its own files (:func:`input_pipelines`)
 and builds only its part of the global batch. The chief (:func:`is_chief`) writes the run's
 files; the other workers write their checkpoints to temporary directories and delete them.
+A worker that loses another one ends with one line naming it and the command that resumes
+(:func:`exit_if_a_worker_is_lost`, exit status :data:`WORKER_LOST_EXIT`).
 """
 
 from __future__ import annotations
@@ -190,8 +192,7 @@ def _watch_peers(config: dict, timeout: float) -> None:
     peers = {_task_name(job, i): address for job in ("chief", "worker")
              for i, address in enumerate(config["cluster"].get(job, []))}
     peers.pop(own)
-    _cluster = {"own": own, "peers": peers, "timeout": timeout,
-                "watch": _PeerWatch(peers, timeout)}
+    _cluster = {"peers": peers, "watch": _PeerWatch(peers, timeout)}
     _cluster["watch"].start()
 
 
@@ -269,11 +270,8 @@ def worker_lost(lost: list[str], how: str, argv: list[str] | None = None) -> Non
     peers = _cluster["peers"] if _cluster else {}
     names = ", ".join(f"{p} ({peers[p]})" if p in peers else p for p in lost)
     program = sys.argv[0]
-    command = ([sys.executable if program.endswith(".py") else os.path.basename(program)]
-               + ([program] if program.endswith(".py") else [])
-               + list(sys.argv[1:] if argv is None else argv))
-    if command[0] == sys.executable:
-        command[0] = "python"
+    command = ["python", program] if program.endswith(".py") else [os.path.basename(program)]
+    command += list(sys.argv[1:] if argv is None else argv)
     sys.stdout.flush()
     print(f"error: --strategy multi_worker: lost worker {names}: {how}; this worker stopped "
           "too, and the run directory holds only complete checkpoints. To resume, start every "

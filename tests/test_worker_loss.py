@@ -19,8 +19,7 @@ PEERS = {"/job:worker/replica:0/task:0": "127.0.0.1:5000",
 def cluster(monkeypatch):
     """This process as task 1 of three workers, whose peers answer ``answering``."""
     answering = set(PEERS)
-    monkeypatch.setattr(distribution, "_cluster", {"own": "/job:worker/replica:0/task:1",
-                                                   "peers": PEERS, "timeout": 60.0})
+    monkeypatch.setattr(distribution, "_cluster", {"peers": PEERS})
     monkeypatch.setattr(distribution, "_probe", lambda peer, timeout: peer in answering)
     return answering
 
