@@ -16,15 +16,20 @@ replicas, and the losses are scaled so that the sum is the one-device loss
 several workers is the exception: each worker reads its own files (:func:`input_pipelines`)
 and builds only its part of the global batch. The chief (:func:`is_chief`) writes the run's
 files; the other workers write their checkpoints to temporary directories and delete them.
+A worker that loses another one ends with one line naming it and the command that resumes
+(:func:`exit_if_a_worker_is_lost`, exit status :data:`WORKER_LOST_EXIT`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import threading
 import time
 
 import tensorflow as tf
@@ -34,6 +39,13 @@ from adj_quant.errors import UserError
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 #: Seconds a multi-worker start may wait for the other workers (``--worker_timeout``).
 DEFAULT_WORKER_TIMEOUT = 300.0
+#: Exit status of a worker that lost another worker of its cluster: sysexits' EX_TEMPFAIL
+#: (a temporary failure; rerunning the same command resumes).
+WORKER_LOST_EXIT = 75
+#: The peer watch (:class:`_PeerWatch`): seconds between two probes of every other worker,
+#: and how long one probe may wait for an answer.
+PEER_PROBE_INTERVAL = 5.0
+PEER_PROBE_TIMEOUT = 10.0
 
 _strategies: dict[tuple, tf.distribute.Strategy] = {}
 
@@ -149,10 +161,140 @@ def _multi_worker(timeout: float) -> tf.distribute.Strategy:
     with _Watchdog(timeout, addresses):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         barrier(strategy)  # every worker is up and reachable
+    _watch_peers(config, timeout)
     print(f"[distribute] {strategy.num_replicas_in_sync} replicas on {len(addresses)} workers "
           f"(this is task {config['task']['type']}:{config['task'].get('index', 0)}), "
           f"connected in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return strategy
+
+
+# --------------------------------------------------------------------------- a lost worker
+#
+# When a worker of a multi-worker run dies, TensorFlow aborts the collective ops of the
+# others: the next all-reduce raises an ``UnavailableError`` (the peer's connection is
+# reset or refused, or the coordination service saw its heartbeats stop). The survivors
+# turn that into one line naming the lost worker (:func:`exit_if_a_worker_is_lost`). Where
+# no collective op would ever fail (a peer that vanished without closing its connections),
+# a thread probing the other workers (:class:`_PeerWatch`) ends the wait instead.
+
+#: The multi-worker cluster of this process (set once its strategy is up), else ``None``.
+_cluster: dict | None = None
+_exiting = threading.Lock()
+
+
+def _task_name(job: str, index: int) -> str:
+    return f"/job:{job}/replica:0/task:{index}"
+
+
+def _watch_peers(config: dict, timeout: float) -> None:
+    global _cluster
+    own = _task_name(config["task"]["type"], config["task"].get("index", 0))
+    peers = {_task_name(job, i): address for job in ("chief", "worker")
+             for i, address in enumerate(config["cluster"].get(job, []))}
+    peers.pop(own)
+    _cluster = {"peers": peers, "watch": _PeerWatch(peers, timeout)}
+    _cluster["watch"].start()
+
+
+def _probe(peer: str, timeout: float) -> bool:
+    """Whether ``peer`` (a task name) answers a health check within ``timeout`` seconds."""
+    from tensorflow.python.eager import context  # noqa: PLC0415 (TensorFlow's own probe)
+
+    try:
+        context.context().check_collective_ops_peer_health(
+            peer, timeout_in_ms=int(timeout * 1000))
+        return True
+    except Exception:  # noqa: BLE001 (an unreachable peer raises several kinds)
+        return False
+
+
+class _PeerWatch(threading.Thread):
+    """Probes every other worker each :data:`PEER_PROBE_INTERVAL` seconds; one that has not
+    answered for ``timeout`` seconds (``--worker_timeout``) is lost: this process ends with
+    the one line of :func:`worker_lost`.
+
+    A backstop only: a dead peer normally makes the next collective op fail at once. It
+    waits a whole ``--worker_timeout`` so that a worker that finished its command and
+    exited before this one is not taken for a lost one. (TensorFlow's own collective
+    timeout, ``CommunicationOptions(timeout_seconds=...)``, would start a sleeping thread
+    for every collective op: hundreds a step with synchronised batch norm.)"""
+
+    def __init__(self, peers: dict, timeout: float):
+        super().__init__(name="adjq-peer-watch", daemon=True)
+        self.peers, self.timeout = peers, timeout
+        self.stopped = threading.Event()
+
+    def run(self):
+        answered = {peer: time.monotonic() for peer in self.peers}
+        while not self.stopped.wait(PEER_PROBE_INTERVAL):
+            for peer in self.peers:
+                if _probe(peer, PEER_PROBE_TIMEOUT):
+                    answered[peer] = time.monotonic()
+                elif (time.monotonic() - answered[peer] >= self.timeout
+                      and not self.stopped.is_set()):
+                    worker_lost([peer], f"it has not answered for {self.timeout:g} s "
+                                        "(--worker_timeout)")
+
+    def stop(self):
+        self.stopped.set()
+
+
+def lost_workers(err: BaseException) -> list[str] | None:
+    """The workers whose loss made the op error ``err`` fail (task names, or ``["another
+    worker"]`` when none can be named), or ``None`` when ``err`` is not a lost worker's."""
+    if _cluster is None or not isinstance(err, tf.errors.OpError):
+        return None
+    message = str(err)
+    aborted = isinstance(err, (tf.errors.UnavailableError, tf.errors.AbortedError,
+                               tf.errors.DeadlineExceededError, tf.errors.CancelledError)) or (
+        "Collective ops is aborted" in message or "unhealthy" in message)
+    if not aborted:
+        return None
+    # The peers that do not answer now are the lost ones; else the ones the message names.
+    lost = [peer for peer in _cluster["peers"] if not _probe(peer, 2.0)]
+    if not lost:
+        named = {f"/job:{job}/replica:0/task:{index}"
+                 for job, index in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", message)}
+        lost = [peer for peer in _cluster["peers"] if peer in named]
+    return lost or ["another worker"]
+
+
+def worker_lost(lost: list[str], how: str, argv: list[str] | None = None) -> None:
+    """Print the one line naming the lost worker(s) and the command that resumes, and end
+    this process with :data:`WORKER_LOST_EXIT` (at once: TensorFlow's teardown may wait for
+    the lost worker). Only the first caller prints; a second one waits for the exit."""
+    if not _exiting.acquire(blocking=False):
+        threading.Event().wait()
+    if _cluster is not None:
+        _cluster["watch"].stop()
+    peers = _cluster["peers"] if _cluster else {}
+    names = ", ".join(f"{p} ({peers[p]})" if p in peers else p for p in lost)
+    program = sys.argv[0]
+    command = ["python", program] if program.endswith(".py") else [os.path.basename(program)]
+    command += list(sys.argv[1:] if argv is None else argv)
+    sys.stdout.flush()
+    print(f"error: --strategy multi_worker: lost worker {names}: {how}; this worker stopped "
+          "too, and the run directory holds only complete checkpoints. To resume, start every "
+          "worker again (each with its own TF_CONFIG) with the same command: "
+          f"{shlex.join(command)}", file=sys.stderr, flush=True)
+    os._exit(WORKER_LOST_EXIT)
+
+
+@contextlib.contextmanager
+def exit_if_a_worker_is_lost(argv: list[str] | None = None):
+    """Around a command's work: an op error caused by a lost worker becomes the one line of
+    :func:`worker_lost`; on the way out, the peer watch stops (the other workers may end
+    before this one)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 (only a lost worker's op errors are handled)
+        lost = lost_workers(err)
+        if lost is None:
+            raise
+        worker_lost(lost, f"{type(err).__name__} in a collective op", argv)
+    finally:
+        if _cluster is not None:
+            _cluster["watch"].stop()
 
 
 def _tpu() -> tf.distribute.Strategy:

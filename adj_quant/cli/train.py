@@ -25,8 +25,14 @@ def parse(argv=None) -> dict:
 def main(argv=None) -> None:
     start(xla=True)
     cli = parse(argv)
+    from adj_quant.distribution import exit_if_a_worker_is_lost
     from adj_quant.recipe import stages
 
+    with exit_if_a_worker_is_lost(argv):
+        _run(cli, stages)
+
+
+def _run(cli: dict, stages) -> None:
     stage = cli.pop("stage", None)
     if stage:
         result = stages.STAGE_FUNCTIONS[stage](cli)
