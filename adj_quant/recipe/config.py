@@ -311,9 +311,10 @@ SCHEMA: tuple[Opt, ...] = (
        "without GPUs; it tests the plumbing, it is not faster)", "Devices", sign="positive",
        resume=_UN, doc="split the CPU into this many logical devices"),
     _o("worker_timeout", float, 300.0,
-       "seconds a multi_worker start waits for every worker of TF_CONFIG "
-       "before it gives up", "Devices", sign="positive", resume=_UN,
-       doc="seconds a `multi_worker` start waits for every worker"),
+       "seconds a multi_worker start waits for every worker of TF_CONFIG, and how long a "
+       "worker may go unanswered mid-run before the others stop", "Devices",
+       sign="positive", resume=_UN,
+       doc="seconds a `multi_worker` start waits for every worker, and a silent one mid-run"),
     _o("sync_bn", bool, False,
        "batch norm with the statistics of the global batch, summed over all replicas "
        "(float pretraining under a multi-replica strategy)", "Devices",
