@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from adj_quant.cli import train as train_cli
+from adj_quant.network import Network, Node
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,6 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--img_size", "32", "--batch_size", "64", "--width_multiplier", "0.25",
         "--depth_multiplier", "0.25", "--calib_images", "256", "--max_val_images", "360",
         "--metric_img_size", "224", "--no-progress"]
+
+
+#: A small declared network (stem, depthwise block with a residual add, pooling, FC) for the
+#: tests of pruning, learned sparsity and packed files.
+TOY_NET = Network("toy", "toy", (
+    Node("Conv", "conv", kernel=3, filters=8, stride=2), Node("Conv/swish", "act", fn="swish"),
+    Node("block/dws", "dws", kernel=3), Node("block/dws/swish", "act", fn="swish"),
+    Node("block/project", "conv", filters=8),
+    Node("block/add", "add", inputs=("block/project", "Conv/swish")),
+    Node("pool", "gap", keepdims=False), Node("Logits", "fc", filters=10, batch_norm=False)))
 
 
 def train_stage(run_dir, stage, *extra):

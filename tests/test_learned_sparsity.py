@@ -5,21 +5,16 @@ the checkpoint, a stage that learns them and the one after it that keeps them.""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import train_stage
+from conftest import TOY_NET, train_stage
 
 from adj_quant import cost as M
 from adj_quant.errors import UserError
-from adj_quant.network import FloatNetwork, Network, Node
+from adj_quant.network import FloatNetwork
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 from adj_quant.recipe.config import resolve
 from adj_quant.sparsity import MASK_TEMPERATURE, learned_mask
 
-NET = Network("toy", "toy", (
-    Node("Conv", "conv", kernel=3, filters=8, stride=2), Node("Conv/swish", "act", fn="swish"),
-    Node("block/dws", "dws", kernel=3), Node("block/dws/swish", "act", fn="swish"),
-    Node("block/project", "conv", filters=8),
-    Node("block/add", "add", inputs=("block/project", "Conv/swish")),
-    Node("pool", "gap", keepdims=False), Node("Logits", "fc", filters=10, batch_norm=False)))
+NET = TOY_NET
 IMAGES = np.random.default_rng(0).uniform(0, 1, (4, 16, 16, 3)).astype(np.float32)
 
 

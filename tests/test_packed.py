@@ -15,6 +15,7 @@ import pytest
 import safetensors
 import safetensors.numpy as st
 import tensorflow as tf
+from conftest import TOY_NET
 
 import adj_quant as aq
 from adj_quant import packed
@@ -23,12 +24,7 @@ from adj_quant.cli import export as E
 from adj_quant.network import FloatNetwork, Network, Node
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
 
-NET = Network("toy", "toy", (
-    Node("Conv", "conv", kernel=3, filters=8, stride=2), Node("Conv/swish", "act", fn="swish"),
-    Node("block/dws", "dws", kernel=3), Node("block/dws/swish", "act", fn="swish"),
-    Node("block/project", "conv", filters=8),
-    Node("block/add", "add", inputs=("block/project", "Conv/swish")),
-    Node("pool", "gap", keepdims=False), Node("Logits", "fc", filters=10, batch_norm=False)))
+NET = TOY_NET
 OTHER = Network("toy", "toy", NET.nodes[:-1] + (Node("Logits", "fc", filters=5,
                                                      batch_norm=False),))
 QUIET = ["--no-progress"]
