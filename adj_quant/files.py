@@ -14,6 +14,11 @@ import shutil
 import tempfile
 from typing import Callable
 
+#: The process's umask, read once at import (reading it means setting it): files written here
+#: get the mode ``open()`` would give them, not ``mkstemp``'s private 0600.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def write_atomic(path, data: bytes | str) -> None:
     """Write ``data`` (bytes, or text as UTF-8) to ``path`` atomically."""
@@ -21,6 +26,7 @@ def write_atomic(path, data: bytes | str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=os.path.dirname(os.path.abspath(path)))
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
