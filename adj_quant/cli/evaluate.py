@@ -5,11 +5,14 @@
     python eval.py --ckpt_path runs/digits/finetune --plot bits.png
     python eval.py --tflite model.tflite --dataset digits      # a TFLite model, in the interpreter
     python eval.py --ckpt_path runs/digits                     # a run: its last finished stage
+    python eval.py --model keras:model.keras --img_size 32     # a saved Keras model, untrained
 
 Data and model flags default to the ones the checkpoint was trained with (the
 ``config.json`` beside it), then to the config file; flags given here override them.
 A float checkpoint is evaluated as is with ``--float``; without it, it is quantized with
 ``--weight_bits/--act_bits`` and calibrated thresholds (``--thresholds`` or calibration).
+``--model keras:PATH`` without ``--ckpt_path`` does the same with the weights of a saved
+float Keras model, imported as ``train.py`` imports it; ``quant_info.json`` goes beside it.
 Installed as ``adjq-eval``; ``python eval.py`` in a checkout runs the same.
 """
 
@@ -66,7 +69,7 @@ def main(argv=None) -> None:
     as_json = cli.pop("json", False)
     if cli.get("tflite"):
         result = evaluate_tflite(cli)
-    elif cli.get("ckpt_path"):
+    elif cli.get("ckpt_path") or str(cli.get("model") or "").startswith("keras:"):
         thresholds = cli.get("thresholds")
         if thresholds and not os.path.exists(thresholds):
             raise UserError(f"--thresholds {thresholds} not found; pass a calibrate stage's "
@@ -74,8 +77,8 @@ def main(argv=None) -> None:
                             "or leave --thresholds out to calibrate now")
         result = evaluate_checkpoint(cli)
     else:
-        raise UserError("pass --ckpt_path CHECKPOINT (a prefix or a run's stage directory) or "
-                        "--tflite MODEL.tflite")
+        raise UserError("pass --ckpt_path CHECKPOINT (a prefix or a run's stage directory), "
+                        "--model keras:MODEL.keras or --tflite MODEL.tflite")
     if as_json:
         print(json.dumps(result, indent=1))
         return

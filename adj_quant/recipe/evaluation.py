@@ -37,7 +37,7 @@ def make_parent(path: str, flag: str) -> None:
 def quant_info_path(output: str | None, ckpt: str) -> str:
     """Where ``quant_info.json`` goes: ``--output`` (a file, or a directory: created if it ends
     with a separator), default beside the checkpoint."""
-    out = output or os.path.dirname(ckpt)
+    out = output or os.path.dirname(ckpt) or "."
     if os.path.isdir(out) or out.endswith(os.sep):
         try:
             os.makedirs(out, exist_ok=True)
@@ -50,6 +50,9 @@ def quant_info_path(output: str | None, ckpt: str) -> str:
 
 
 def evaluate_checkpoint(cli: dict) -> dict:
+    """``eval.py --ckpt_path CKPT``, or ``eval.py --model keras:PATH`` (the Keras model's own
+    weights, no training): a float model is quantized at ``--weight_bits/--act_bits`` with
+    calibrated (or ``--thresholds``) activation ranges unless ``--float``."""
     from adj_quant import distribution
     from adj_quant.checkpoints import ModelSpec, model_spec_for, resolve_checkpoint, restore_model
     from adj_quant.qnetwork import QuantizedNetwork
@@ -61,15 +64,21 @@ def evaluate_checkpoint(cli: dict) -> dict:
     as_float = cli.pop("float_model", False)
     output, plot, thresholds = cli.pop("output", None), cli.pop("plot", None), cli.pop(
         "thresholds", None)
-    ckpt = resolve_checkpoint(cli["ckpt_path"], "--ckpt_path")
+    if cli.get("ckpt_path"):
+        ckpt = resolve_checkpoint(cli["ckpt_path"], "--ckpt_path")
+    else:  # a saved Keras model, evaluated with its own weights
+        ckpt = cli["model"][len("keras:"):]
     out = quant_info_path(output, ckpt)  # checked (folders made) before the work starts
     if plot:
         make_parent(plot, "--plot")
-    o = _resolve(cli, ckpt)
+    o = _resolve(cli, ckpt if cli.get("ckpt_path") else None)
     # Before the model: a strategy's devices must be set up before TensorFlow starts.
     strategy = distribution.get_strategy(o.strategy, logical_cpus=o.logical_cpus,
                                          worker_timeout=o.worker_timeout)
-    spec = model_spec_for(ckpt, ModelSpec("float", arch_of(o)), "--ckpt_path")
+    if cli.get("ckpt_path"):
+        spec = model_spec_for(ckpt, ModelSpec("float", arch_of(o)), "--ckpt_path")
+    else:
+        spec = ModelSpec("float", arch_of(o))  # refuses a class count that does not fit
     if spec.arch.num_classes != arch_of(o).num_classes:
         raise UserError(f"--ckpt_path {ckpt} has {spec.arch.num_classes} classes but the "
                         f"dataset has {arch_of(o).num_classes}; pass the matching --num_classes")
@@ -77,7 +86,13 @@ def evaluate_checkpoint(cli: dict) -> dict:
         raise UserError(f"--float: {ckpt} holds a quantized model; evaluate it without --float")
     with strategy.scope():
         model = spec.build(seed=o.seed)
-        restore_model(model, ckpt)
+        if cli.get("ckpt_path"):
+            restore_model(model, ckpt)
+        else:
+            from adj_quant.keras_import import load_weights
+            from adj_quant.recipe.stages import keras_model
+
+            load_weights(model, keras_model(o.model)[1])
         if spec.kind == "float" and not as_float:
             qmodel = QuantizedNetwork.from_float(model, quant_config(o, False), seed=o.seed)
             if thresholds:
