@@ -16,7 +16,9 @@ concatenation over all layers in order, ``index`` in the metadata giving each la
   output channel (the layer's TF layout with the output axis moved to the front);
 * ``<scope>/weights/scale`` (F32), ``/zero_point`` (I8/I16/I32): one per stored output
   channel; the weight is ``(c + z_c) / s_c`` in float32; ``/bits`` (U8): one per output
-  channel (a removed channel's bits still count in the score's parameter count);
+  channel (a removed channel's bits still count in the score's parameter count). A symmetric
+  grid (``--symmetric_weights``, declared in the network's quantization settings) has
+  ``z_c = -(2^(b_c - 1) - 1)``, its codes run from 0 to ``2^b_c - 2``;
 * ``<scope>/weights/channels`` (U8, packbits over the output channels): present when pruning
   removed channels; only the kept channels are stored;
 * ``<scope>/weights/mask`` (U8, packbits over the stored channels' weights): present when
@@ -110,9 +112,21 @@ def quantizer_grid(quant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(s, z, b)`` per channel of an adjustable quantizer with a calibrated base range:
     its output is ``clip(round(x s), z, z + 2^b - 1) / s`` (float32), the formula's terms
     computed with the same float32 operations as
-    :func:`adj_quant.quantizers.formula._fake_quantize_math`."""
+    :func:`adj_quant.quantizers.formula._fake_quantize_math`.
+
+    A symmetric quantizer (``--symmetric_weights``) has ``s = n / (A + 1e-7)`` with
+    ``n = 2^(b-1) - 1`` and the levels ``k``, ``|k| <= n``: its zero point is ``z = -n``, so
+    that the codes ``k - z`` run from 0 to ``2 n = 2^b - 2`` as every packed code does
+    (:func:`adj_quant.quantizers.formula._symmetric_scale` computes ``s``)."""
     import tensorflow as tf
 
+    if getattr(quant, "symmetric", False):
+        from adj_quant.quantizers.formula import _symmetric_scale
+
+        bits = quant.bits()
+        scale, half = _symmetric_scale(quant.amplitude(), bits, quant.bits_grad)
+        return (scale.numpy().astype(np.float32), -half.numpy().astype(np.int64),
+                bits.numpy().astype(np.int64))
     low, width = quant.adjusted_range()
     bits = quant.bits()
     low = tf.clip_by_value(low, -float(_F32_MAX), float(_F32_MAX))
@@ -135,6 +149,17 @@ def _nearby(value: np.float32, steps: int = 6):
         yield down
 
 
+def _width_for(s: np.float32, lv: np.float32) -> np.float32 | None:
+    """A width ``W >= 0`` with ``fl(lv / fl(W + 1e-7)) = s`` (None if there is none)."""
+    for d in _nearby(np.float32(np.float64(lv) / np.float64(s))):
+        if np.float32(lv / d) != s:
+            continue
+        for w in _nearby(np.float32(np.float64(d) - np.float64(_EPSILON))):
+            if w >= 0 and np.float32(w + _EPSILON) == d:
+                return w
+    return None
+
+
 def quantizer_variables(scale, zero, bits, *, init_bits: int, bits_trainable: bool, levels,
                         who: str) -> dict[str, np.ndarray]:
     """Variables of an adjustable quantizer whose grid is exactly ``(scale, zero, bits)``.
@@ -155,16 +180,7 @@ def quantizer_variables(scale, zero, bits, *, init_bits: int, bits_trainable: bo
         if not bits_trainable and b != init_bits:
             raise UserError(f"{who}: channel {c} has {b} bits but the network's quantizer is "
                             f"fixed at {init_bits}; the file does not match its declaration")
-        width = None
-        for d in _nearby(np.float32(np.float64(lv) / np.float64(s))):
-            if np.float32(lv / d) != s:
-                continue
-            for w in _nearby(np.float32(np.float64(d) - np.float64(_EPSILON))):
-                if w >= 0 and np.float32(w + _EPSILON) == d:
-                    width = w
-                    break
-            if width is not None:
-                break
+        width = _width_for(s, lv)
         if width is None:
             raise UserError(f"{who}: channel {c} scale {s!r} is not a quantizer's scale")
         target = np.float64(z) / np.float64(s)
@@ -189,6 +205,32 @@ def quantizer_variables(scale, zero, bits, *, init_bits: int, bits_trainable: bo
         out["init_min"][c], out["init_max"][c], out["range_scale"][c] = found
         if bits_trainable:
             out["bits_scale"][c] = np.float32(b / init_bits)
+    return out
+
+
+def symmetric_variables(scale, zero, bits, *, init_bits: int, bits_trainable: bool,
+                        who: str) -> dict[str, np.ndarray]:
+    """Variables of a symmetric adjustable quantizer whose grid is exactly ``(scale, -n,
+    bits)``, ``n = 2^(b-1) - 1``: the base range ``[-A, A]``, ``range_scale`` 1 (inside
+    every preset's clip) and shift 0, with ``A`` chosen so that ``fl(n / fl(A + 1e-7)) = s``."""
+    scale, zero, bits = (np.asarray(v) for v in (scale, zero, bits))
+    n = len(scale)
+    out = {"init_min": np.zeros(n, np.float32), "init_max": np.zeros(n, np.float32),
+           "range_scale": np.ones(n, np.float32), "range_shift": np.zeros(n, np.float32)}
+    if bits_trainable:
+        out["bits_scale"] = (bits / np.float32(init_bits)).astype(np.float32)
+    for c in range(n):
+        b, half = int(bits[c]), 2 ** (int(bits[c]) - 1) - 1
+        if not bits_trainable and b != init_bits:
+            raise UserError(f"{who}: channel {c} has {b} bits but the network's quantizer is "
+                            f"fixed at {init_bits}; the file does not match its declaration")
+        if int(zero[c]) != -half:
+            raise UserError(f"{who}: channel {c} zero point {int(zero[c])} is not the "
+                            f"symmetric grid's {-half}; the file does not match its declaration")
+        amplitude = _width_for(np.float32(scale[c]), np.float32(half))
+        if amplitude is None:
+            raise UserError(f"{who}: channel {c} scale {scale[c]!r} is not a quantizer's scale")
+        out["init_min"][c], out["init_max"][c] = -amplitude, amplitude
     return out
 
 
@@ -523,9 +565,14 @@ def load_packed(path, network=None):
 def _set_quantizer(quant, s, z, b, name, path):
     if np.any(b < 2) or np.any(b > 8) or np.any(~np.isfinite(s)) or np.any(s <= 0):
         raise UserError(f"{path}: {name} holds bits outside 2..8 or a non-positive scale")
-    values = quantizer_variables(s, z, b, init_bits=quant.init_bits,
-                                 bits_trainable=quant.bits_scale is not None,
-                                 levels=_levels(b), who=f"{path}: {name}")
+    if getattr(quant, "symmetric", False):
+        values = symmetric_variables(s, z, b, init_bits=quant.init_bits,
+                                     bits_trainable=quant.bits_scale is not None,
+                                     who=f"{path}: {name}")
+    else:
+        values = quantizer_variables(s, z, b, init_bits=quant.init_bits,
+                                     bits_trainable=quant.bits_scale is not None,
+                                     levels=_levels(b), who=f"{path}: {name}")
     for key, value in values.items():
         getattr(quant, key).assign(value)
 
@@ -573,10 +620,12 @@ def _restore_layer(layer, scope, tensors, path):
     layer.weights.assign(np.moveaxis(full.reshape(moved), 0, axis))
     if layer.mask is not None:
         layer.mask.assign(np.moveaxis(mask.reshape(moved), 0, axis))
-    # The removed channels keep their bits and get the grid s = 1, z = 0: their weights are
-    # masked to 0.
+    # The removed channels keep their bits and get the grid s = 1, z = 0 (a symmetric
+    # quantizer's z = -n): their weights are masked to 0.
     s_all = np.ones(cout, np.float32)
     z_all = np.zeros(cout, np.int64)
+    if getattr(layer.weight_quant, "symmetric", False):
+        z_all = 1 - 2 ** (np.clip(b_all, 2, 8) - 1)
     s_all[kept], z_all[kept] = s, z
     _set_quantizer(layer.weight_quant, s_all, z_all, b_all, name, path)
     layer.biases.assign(_get(tensors, f"{scope}/biases", path, np.float32, cout))

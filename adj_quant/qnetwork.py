@@ -96,6 +96,11 @@ class QuantConfig:
     #: Every prunable weight tensor (not depthwise, not the stem) has a trainable magnitude
     #: threshold, and its mask follows it (:func:`adj_quant.sparsity.learned_mask`).
     learned_sparsity: bool = False
+    #: Every weight quantizer puts its channels on a symmetric narrow grid with zero point 0,
+    #: ``clip(round(x s), -n, n) / s`` with ``n = 2^(b-1) - 1`` (``--symmetric_weights``,
+    #: :mod:`adj_quant.quantizers.formula`): at <= 4 bits a weight tensor exports as INT4.
+    #: Activations and biases keep the asymmetric grid. The adjustable quantizer only.
+    symmetric_weights: bool = False
 
     #: What a model_spec.json written before these fields existed was trained with.
     LEGACY = {"bits_grad": "scale_only", "bias_range": "calibrated", "quantize_se_gate": False}
@@ -115,6 +120,10 @@ class QuantConfig:
         if self.quantizer == "lsq" and self.bits_trainable:
             raise UserError("quantizer 'lsq' runs at fixed bits; pass bits_trainable=False, or "
                             "quantizer 'adjq' to learn bits")
+        if self.quantizer != "adjq" and self.symmetric_weights:
+            raise UserError(f"symmetric_weights is a grid of the adjustable quantizer, not of "
+                            f"quantizer {self.quantizer!r}; pass symmetric_weights=False, or "
+                            "quantizer 'adjq'")
 
     @classmethod
     def from_options(cls, options, **overrides) -> "QuantConfig":
@@ -136,15 +145,18 @@ class QuantConfig:
 
     def make_quantizer(self, scope: str, channels: int, *, init_bits: int, axis: int = -1,
                        bits_trainable: bool = False, signed: bool = False,
-                       live_range: bool = False, compiled: bool = True) -> Quantizer:
+                       live_range: bool = False, compiled: bool = True,
+                       symmetric: bool = False) -> Quantizer:
         """The quantizer of one tensor under this config (``Quantizer.for_tensor`` of the
         registered ``quantizer``): ``signed`` for weights and biases (LSQ+ quantizes them
         symmetrically, without offset); ``live_range`` and ``compiled`` are the adjustable
-        quantizer's (LSQ+ has a learned step instead)."""
+        quantizer's (LSQ+ has a learned step instead); ``symmetric`` (a weight tensor under
+        ``symmetric_weights``) is passed on only when true."""
+        extra = {"symmetric": True} if symmetric else {}
         return quantizers.get(self.quantizer).for_tensor(
             scope, channels, axis=axis, init_bits=init_bits, bits_trainable=bits_trainable,
             signed=signed, live_range=live_range, compiled=compiled,
-            range_preset_id=self.range_preset, bits_grad=self.bits_grad)
+            range_preset_id=self.range_preset, bits_grad=self.bits_grad, **extra)
 
 
 #: QuantConfig fields whose option (flag) has another name.
@@ -171,7 +183,7 @@ class QuantizedLayer(tf.Module):
         self.weight_quant = qcfg.make_quantizer(
             f"{full}/weight_quant", cout, axis=2 if kind == "dws" else -1,
             init_bits=qcfg.weight_bits, bits_trainable=qcfg.bits_trainable, signed=True,
-            compiled=False)
+            compiled=False, symmetric=qcfg.symmetric_weights)
         self.act_quant = None if stem else qcfg.make_quantizer(
             f"{full}/act_quant", cin, axis=-1, init_bits=qcfg.act_bits,
             bits_trainable=qcfg.bits_trainable)

@@ -24,6 +24,7 @@ from adj_quant.quantizers.formula import (
     _float_input,
     _live_range_math,
     _numeric_input,
+    _symmetric_amplitude_math,
     check_axis,
     check_bits,
     check_bits_grad,
@@ -125,11 +126,17 @@ class AdjustableQuantizer(tf.Module):
     (:data:`~adj_quant.quantizers.formula.BITS_GRAD_MODES`).
     ``compiled=False`` keeps the quantizer out of the per-shape XLA kernels (for weights
     and biases: many distinct small shapes); the result is the same either way.
+
+    ``symmetric=True`` (``--symmetric_weights``, weight quantizers) puts every channel on the
+    symmetric narrow grid ``clip(round(x s), -n, n) / s``, ``n = 2^(b-1) - 1``,
+    ``s = n / (A + 1e-7)``, ``A = max(|m|, |M|) clip(range_scale, r_alpha)`` (zero point 0;
+    ``range_shift`` unused): a channel of at most 4 bits then exports as INT4.
     """
 
     def __init__(self, scope: str, channels: int, *, axis: int = -1, init_bits: int = 8,
                  bits_trainable: bool = False, range_preset_id: int = 5,
-                 bits_grad: str = "original", live_range: bool = False, compiled: bool = True):
+                 bits_grad: str = "original", live_range: bool = False, compiled: bool = True,
+                 symmetric: bool = False):
         super().__init__(name=None)
         self.compiled = bool(compiled)
         self.scope, self.channels, self.axis = scope, channels, axis
@@ -138,6 +145,7 @@ class AdjustableQuantizer(tf.Module):
         self.bits_trainable = bits_trainable
         self.bits_grad = check_bits_grad(bits_grad)
         self.live_range = bool(live_range)
+        self.symmetric = bool(symmetric)
         self.init_min = tf.Variable(np.full([channels], -1.0, np.float32), trainable=False,
                                     name=f"{scope}/init_min")
         self.init_max = tf.Variable(np.full([channels], 1.0, np.float32), trainable=False,
@@ -151,12 +159,15 @@ class AdjustableQuantizer(tf.Module):
     @classmethod
     def for_tensor(cls, scope: str, channels: int, *, axis: int, init_bits: int,
                    bits_trainable: bool, signed: bool, live_range: bool, compiled: bool,
-                   range_preset_id: int, bits_grad: str) -> AdjustableQuantizer:
+                   range_preset_id: int, bits_grad: str,
+                   symmetric: bool = False) -> AdjustableQuantizer:
         """The quantizer of one tensor of the quantized network (``signed`` does not apply:
-        the range is calibrated and adjusted the same way for every tensor)."""
+        the range is calibrated and adjusted the same way for every tensor; ``symmetric``:
+        the symmetric grid, asked for weights with ``--symmetric_weights``)."""
         return cls(scope, channels, axis=axis, init_bits=init_bits,
                    bits_trainable=bits_trainable, range_preset_id=range_preset_id,
-                   bits_grad=bits_grad, live_range=live_range, compiled=compiled)
+                   bits_grad=bits_grad, live_range=live_range, compiled=compiled,
+                   symmetric=symmetric)
 
     @property
     def _settings(self) -> dict:
@@ -164,7 +175,8 @@ class AdjustableQuantizer(tf.Module):
         (part of the compiled signature)."""
         return dict(init_bits=self.init_bits, alpha=(self.alpha_lo, self.alpha_hi),
                     beta=(self.beta_lo, self.beta_hi), bits_grad=self.bits_grad,
-                    live_range=self.live_range, per_tensor=self.channels == 1)
+                    live_range=self.live_range, per_tensor=self.channels == 1,
+                    symmetric=self.symmetric)
 
     def bits(self) -> tf.Tensor:
         """Current per-channel bits ``[channels]`` (float, integer-valued, differentiable)."""
@@ -182,9 +194,20 @@ class AdjustableQuantizer(tf.Module):
             return self.init_min, self.init_max
         return _live_range_math(x, self.axis % max(len(x.shape), 1), self.channels == 1)
 
+    def amplitude(self, x: tf.Tensor | None = None) -> tf.Tensor:
+        """``A = max(|m|, |M|) clip(range_scale, r_alpha)`` per channel: the symmetric grid's
+        amplitude (``symmetric``; its scale is ``(2^(b-1) - 1) / (A + 1e-7)``)."""
+        minimum, maximum = self.base_range(x)
+        return _symmetric_amplitude_math(minimum, maximum, self.range_scale,
+                                         (self.alpha_lo, self.alpha_hi))
+
     def adjusted_range(self, x: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """``(L, W)``: the adjusted per-channel minimum and width (of ``x``'s live range
-        with ``live_range``; pass the tensor being quantized)."""
+        with ``live_range``; pass the tensor being quantized). A ``symmetric`` quantizer's
+        is ``(-A, 2 A)`` (:meth:`amplitude`): its ``2^b - 1`` levels span ``[-A, A]``."""
+        if self.symmetric:
+            amplitude = self.amplitude(x)
+            return -amplitude, 2.0 * amplitude
         minimum, maximum = self.base_range(x)
         return _adjusted_range_math(minimum, maximum, self.range_scale, self.range_shift,
                                     (self.alpha_lo, self.alpha_hi), (self.beta_lo, self.beta_hi))

@@ -48,12 +48,14 @@ class Quantizer(Protocol):
     @classmethod
     def for_tensor(cls, scope: str, channels: int, *, axis: int, init_bits: int,
                    bits_trainable: bool, signed: bool, live_range: bool, compiled: bool,
-                   range_preset_id: int, bits_grad: str) -> Quantizer:
+                   range_preset_id: int, bits_grad: str, symmetric: bool = False) -> Quantizer:
         """The quantizer of one tensor of the quantized network. ``signed``: a weight or
         bias tensor; ``live_range``: the base range follows the tensor (biases);
         ``compiled``: may run as a per-shape XLA kernel (activations); ``range_preset_id``
-        and ``bits_grad``: the adjustable quantizer's settings. A quantizer ignores the
-        options that do not apply to it and refuses those it cannot honour."""
+        and ``bits_grad``: the adjustable quantizer's settings; ``symmetric``: a symmetric
+        grid with zero point 0 (``--symmetric_weights``, weights only; passed only when
+        true, so a quantizer without the option needs no such argument). A quantizer
+        ignores the options that do not apply to it and refuses those it cannot honour."""
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         """The fake-quantized ``x`` (same shape and dtype), differentiable."""

@@ -20,6 +20,26 @@ it to the bits (``bits_grad="original"``, the default). ``bits_grad="scale_only"
 bound no gradient (the estimator as the original's ``ClipByValue`` override was written,
 which never fired); the bits then learn only through the scale ``s``.
 
+**Symmetric weight grids** (``symmetric=True``, ``--symmetric_weights``; weight quantizers
+only). The grid is centred on 0 with zero point 0 and a narrow integer range::
+
+    A_c = max(|m_c|, |M_c|) * clip(range_scale_c, r_alpha)   # amplitude
+    b_c = clip(round(bits_scale_c * b0), 2, 8)               # as above
+    n_c = 2^(b_c - 1) - 1
+    s_c = n_c / (A_c + 1e-7)
+    out = clip(round(x * s_c), -n_c, n_c) / s_c
+
+``range_shift`` is not used (its gradient is 0). A channel has ``2 n_c + 1 = 2^b_c - 1``
+levels ``k / s_c``, ``|k| <= n_c``: at 2 bits ``{-1, 0, 1} / s_c``. The estimator mirrors the
+asymmetric one: the round is straight-through, and the code clip is
+``minimum(maximum(t, -n), n)`` with ordinary gradients, so with ``bits_grad="original"`` an
+element above the grid sends its gradient to the bound ``n`` and one below it to ``-n``
+(``d out/dn = (u - l) / s``, ``u``/``l`` = above/below), and through ``n`` to the bits
+(``dn/db = 2^(b-1) ln 2``); with ``"scale_only"`` the bounds pass none and the bits learn
+only through ``s``. A negative amplitude counts as 0, one beyond float32 as its maximum,
+and ``s`` is kept at or above the smallest normal float32 (no gradient through these
+bounds); elsewhere they are inactive.
+
 The quantizer is total on finite inputs: its output is finite whenever ``x``, the range and
 the bits are. Where the formula above would overflow float32 (ranges near +-3e38, a near-zero
 width beyond ~1e27) its terms are bounded; elsewhere the bounds are inactive and the result
@@ -233,6 +253,31 @@ def _fake_quantize_math(x, low, width, bits, axis: int, bits_grad: str):
     return _CORE[bits_grad](x, scale, zero, levels)
 
 
+def _symmetric_scale(amplitude, bits, bits_grad: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """``(s, n)`` of a symmetric grid: ``n = 2^(b - 1) - 1``, ``s = n / (A + 1e-7)``; ``n``
+    carries no gradient with ``bits_grad="scale_only"`` (used as the clip bound). Also what
+    :func:`adj_quant.packed.quantizer_grid` reads, so the file's scale is the quantizer's."""
+    amplitude = tf.clip_by_value(amplitude, 0.0, _F32_MAX)
+    half = tf.pow(tf.constant(2.0, tf.float32), bits - 1.0) - 1.0
+    scale = tf.maximum(half / (amplitude + EPSILON), _F32_TINY)
+    bound = half if bits_grad == "original" else tf.stop_gradient(half)
+    return scale, bound
+
+
+def _symmetric_quantize_math(x, amplitude, bits, axis: int, bits_grad: str):
+    """``clip(round(x s), -n, n) / s`` per channel along ``axis`` (the symmetric grid of the
+    module docstring) on a float32 ``x``, with the estimator of :func:`_make_core`: the
+    core's clip ``[z, z + levels]`` with ``z = -n`` and ``levels = 2 n``."""
+    rank = len(x.shape)
+
+    def per_channel(v):
+        v = tf.cast(v, tf.float32)
+        return tf.reshape(v, _channel_shape(rank, axis)) if v.shape.rank == 1 else v
+
+    scale, bound = _symmetric_scale(per_channel(amplitude), per_channel(bits), bits_grad)
+    return _CORE[bits_grad](x, scale, -bound, 2.0 * bound)
+
+
 def _check_range(minimum, maximum, axis, who: str = "quantize") -> None:
     """Refuse ``minimum > maximum``, a NaN or infinite bound, or a range whose width
     ``maximum - minimum`` overflows float32 (values known when tracing or eager; the check is
@@ -344,20 +389,35 @@ def _adjusted_range_math(minimum, maximum, range_scale, range_shift, alpha, beta
     return minimum + width * shift, width * scale
 
 
+def _symmetric_amplitude_math(minimum, maximum, range_scale, alpha) -> tf.Tensor:
+    """``A = max(|m|, |M|) clip(range_scale, alpha)``: a symmetric grid's amplitude."""
+    return tf.maximum(tf.abs(minimum), tf.abs(maximum)) * clip_ste(range_scale, *alpha)
+
+
 def _quantizer_math(x, init_min, init_max, range_scale, range_shift, bits_scale, *, axis: int,
                     init_bits: int, alpha, beta, bits_grad: str, live_range: bool,
-                    per_tensor: bool) -> tf.Tensor:
+                    per_tensor: bool, symmetric: bool = False) -> tf.Tensor:
     """One :class:`~adj_quant.quantizers.adjustable.AdjustableQuantizer` call on a float32
     ``x``, from its variables' values.
 
     ``bits_scale`` is None for fixed bits. The keyword arguments are the quantizer's
     settings; compiled (:mod:`adj_quant.quantizers.kernels`) they are part of the function's
-    signature.
+    signature. ``symmetric`` selects the symmetric grid (module docstring; ``range_shift``
+    and ``beta`` unused).
     """
     if live_range:
         minimum, maximum = _live_range_math(x, axis, per_tensor)
     else:
         minimum, maximum = init_min, init_max
+    if symmetric:
+        amplitude = _symmetric_amplitude_math(minimum, maximum, range_scale, alpha)
+        if bits_scale is None:
+            bits = tf.fill(tf.shape(amplitude), float(init_bits))
+        else:
+            bits = _bits_math(bits_scale, init_bits)
+        if per_tensor:
+            amplitude, bits = amplitude[0], bits[0]
+        return _symmetric_quantize_math(x, amplitude, bits, axis, bits_grad)
     low, width = _adjusted_range_math(minimum, maximum, range_scale, range_shift, alpha, beta)
     if bits_scale is None:
         bits = tf.fill(tf.shape(low), float(init_bits))

@@ -187,11 +187,16 @@ class LsqQuantizer(tf.Module):
     @classmethod
     def for_tensor(cls, scope: str, channels: int, *, axis: int, init_bits: int,
                    bits_trainable: bool, signed: bool, live_range: bool, compiled: bool,
-                   range_preset_id: int, bits_grad: str) -> LsqQuantizer:
+                   range_preset_id: int, bits_grad: str,
+                   symmetric: bool = False) -> LsqQuantizer:
         """The quantizer of one tensor of the quantized network: ``signed`` for weights and
-        biases (symmetric codes, no offset). Trainable bits are refused; ``live_range``,
-        ``compiled``, ``range_preset_id`` and ``bits_grad`` do not apply (the step and the
-        offset are learned)."""
+        biases (symmetric codes, no offset). Trainable bits and ``symmetric`` (the adjustable
+        quantizer's narrow grid) are refused; ``live_range``, ``compiled``,
+        ``range_preset_id`` and ``bits_grad`` do not apply (the step and the offset are
+        learned)."""
+        if symmetric:
+            raise UserError(f"quantizer {scope}: LSQ+ has its own signed grid [-2^(b-1), "
+                            "2^(b-1) - 1]; build it without symmetric, or use quantizer 'adjq'")
         return cls(scope, channels, axis=axis, init_bits=init_bits, signed=signed,
                    bits_trainable=bits_trainable)
 

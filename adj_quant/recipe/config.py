@@ -214,6 +214,14 @@ SCHEMA: tuple[Opt, ...] = (
        choices=LazyChoices("adj_quant.quantizers", "names"), resume=_AD, trained_with=True,
        doc="`adjq` (this method) or `lsq`: LSQ+ at fixed bits, a baseline "
            "([`baselines.md`](baselines.md))"),
+    _o("symmetric_weights", bool, False,
+       "put every weight channel on a symmetric grid with zero point 0: "
+       "clip(round(x s), -n, n) / s, n = 2^(b-1) - 1 (2^b - 1 levels; at 2 bits ternary), so "
+       "that weight tensors of <= 4 bits export as INT4 (activations and biases unchanged; "
+       "--quantizer adjq only; no new variables: a stage may start from an asymmetric "
+       "checkpoint)", "Quantization",
+       doc="symmetric weight grids, zero point 0, `2^b − 1` levels: ≤ 4-bit conv/depthwise "
+           "tensors export as INT4 ([symmetric grids](#symmetric-weight-grids))"),
     _o("calib_images", int, 10000, "training images used to calibrate activation ranges",
        "Quantization", sign="positive", trained_with=True,
        doc="training images used for calibration"),
@@ -694,6 +702,11 @@ def _check_quantization(o: Options) -> None:
         raise UserError("--quantizer lsq runs at fixed bits and cannot take --bits_trainable; "
                         "drop --bits_trainable (pass --no-bits_trainable where a config file "
                         "sets it, e.g. the [adjustable] table), or use --quantizer adjq")
+    if o.quantizer != "adjq" and o.symmetric_weights:
+        raise UserError(f"--symmetric_weights with --quantizer {o.quantizer}: the symmetric "
+                        "grid is the adjustable quantizer's; drop --symmetric_weights (pass "
+                        "--no-symmetric_weights where a config file sets it), or use "
+                        "--quantizer adjq")
     QuantConfig.from_options(o)
     _check_pruning(o)
 
