@@ -251,7 +251,9 @@ def learned_grid(quant, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.n
 def int4_steps(model, net: ExportNet) -> dict:
     """``scope -> per-channel step`` of every conv / depthwise weight tensor whose channels
     all hold learned levels ``q / s_c`` with ``|q| <= 7`` (learned bits <= 4 and a grid
-    around 0): what :attr:`ExportNet.int4` stores as INT4. FC weights stay INT8: the
+    around 0; always, at bits <= 4, for a symmetric grid, ``--symmetric_weights``, whose
+    levels are ``k / s_c`` with ``|k| <= 2^(b-1) - 1``): what :attr:`ExportNet.int4` stores
+    as INT4. FC weights stay INT8: the
     converter refuses a per-channel fake quant on them and a per-tensor one would re-round
     channels of different steps."""
     steps = {}
