@@ -27,6 +27,13 @@ TOY_NET = Network("toy", "toy", (
     Node("pool", "gap", keepdims=False), Node("Logits", "fc", filters=10, batch_norm=False)))
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--every-keras-application", action="store_true",
+        help="run tests/test_keras_applications.py on every keras.applications constructor, "
+             "not only on the smallest member of each family")
+
+
 def train_stage(run_dir, stage, *extra):
     train_cli.main(["--stage", stage, "--run_dir", str(run_dir), *TINY, *extra])
 

@@ -9,10 +9,16 @@ does), and then either
   runs through ``quantize``, ``calibrate`` and ``micronet_cost``; or
 * is refused with one line, and docs/networks.md names the constructor among the refused.
 
-Only the smallest member of some families runs in the fast suite; the rest are slow.
+By default one constructor per family runs (its smallest member, :data:`DEFAULT`); the
+other members are collected but skipped. ``pytest --every-keras-application`` runs every
+constructor. A family is a constructor's name without its size (:func:`family`), and
+``test_every_family_has_a_default_member`` fails when the installed Keras brings a family
+with no default member, so that no family is skipped unnoticed. Of the default members,
+those in :data:`FAST` run in the fast suite (``-m 'not slow'``); the rest are slow.
 """
 
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +38,14 @@ MIN_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
 #: not cover already.
 FAST = ("MobileNet", "MobileNetV3Small", "DenseNet121", "ResNet50V2", "VGG16", "ConvNeXtTiny",
         "InceptionV3", "Xception")
+#: Run by default: the smallest member of each family (one per family).
+DEFAULT = FAST + ("EfficientNetB0", "EfficientNetV2B0", "ResNet50", "MobileNetV2",
+                  "NASNetMobile", "InceptionResNetV2")
+#: The size part of a constructor's name: B0-B7, an EfficientNetV2 size (S, M, L after the
+#: version), a word size, or a depth (121, 50, 16) that is not a version's number (V2, V3).
+SIZE = re.compile(r"B\d$|(?<=V\d)[SML]$|(?:Tiny|Small|Base|XLarge|Large|Mobile)$|(?<![V\d])\d+")
+#: Run every constructor, not only the default member of each family.
+OPTION = "--every-keras-application"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "networks.md"
@@ -41,6 +55,11 @@ def constructors() -> list[str]:
     """The model constructors of keras.applications (capitalised callables)."""
     return sorted(name for name in dir(keras.applications)
                   if name[:1].isupper() and callable(getattr(keras.applications, name)))
+
+
+def family(name: str) -> str:
+    """The constructor's name without its size: ``ResNet152V2`` -> ``ResNetV2``."""
+    return SIZE.sub("", name)
 
 
 def _layers(model):
@@ -100,8 +119,36 @@ def _case(name):
     return pytest.param(name, marks=marks, id=name)
 
 
+def test_family_names():
+    expected = {"ConvNeXtXLarge": "ConvNeXt", "ConvNeXtTiny": "ConvNeXt",
+                "DenseNet201": "DenseNet", "EfficientNetB7": "EfficientNet",
+                "EfficientNetV2B3": "EfficientNetV2", "EfficientNetV2S": "EfficientNetV2",
+                "EfficientNetV2L": "EfficientNetV2", "InceptionResNetV2": "InceptionResNetV2",
+                "InceptionV3": "InceptionV3", "MobileNet": "MobileNet",
+                "MobileNetV2": "MobileNetV2", "MobileNetV3Large": "MobileNetV3",
+                "NASNetMobile": "NASNet", "NASNetLarge": "NASNet", "ResNet101": "ResNet",
+                "ResNet152V2": "ResNetV2", "VGG19": "VGG", "Xception": "Xception"}
+    assert {name: family(name) for name in expected} == expected
+
+
+def test_every_family_has_a_default_member():
+    """A family of the installed Keras with no member in DEFAULT would only run under
+    --every-keras-application: add its smallest member to DEFAULT."""
+    names = constructors()
+    defaults = {}
+    for name in DEFAULT:
+        assert name in names, f"{name} is not in keras.applications"
+        assert family(name) not in defaults, f"{name} and {defaults[family(name)]}: one family"
+        defaults[family(name)] = name
+    missing = sorted({family(name) for name in names} - set(defaults))
+    assert not missing, f"families without a default member: {missing}"
+
+
 @pytest.mark.parametrize("name", [_case(n) for n in constructors()])
-def test_keras_application_imports_or_is_refused(name):
+def test_keras_application_imports_or_is_refused(name, request):
+    if name not in DEFAULT and not request.config.getoption(OPTION):
+        pytest.skip(f"{family(name)} family: only its default member runs; "
+                    f"pass {OPTION} to run every constructor")
     size = _size(name)
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, name)(
