@@ -419,25 +419,32 @@ def test_load_quant_info_file_errors(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env.pop("ADJQ_TRACEBACK", None)
-    return subprocess.Popen([sys.executable, "-m", "adj_quant.cli.score", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def score_cli(tmp_path, capsys, monkeypatch):
+    """``score.main`` in this process (TensorFlow is already loaded), in an empty directory:
+    returns ``(exit code, stdout, stderr)``. Any exception but ``SystemExit`` propagates,
+    failing the test, as a traceback would."""
+    from adj_quant.cli import score
+
+    monkeypatch.delenv("ADJQ_TRACEBACK", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = score.main(list(args))
+        except SystemExit as exit_info:
+            code = exit_info.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
-@pytest.fixture(scope="module")
-def cli_runs():
-    """The two CLI runs that import TensorFlow, started together to share the wait."""
-    procs = {"float": _cli("--weight_bits", "32", "--act_bits", "32", "--json"),
-             "int8": _cli("--weight_bits", "8", "--act_bits", "8", "--json")}
-    return {name: (p.communicate(timeout=120), p.returncode) for name, p in procs.items()}
-
-
-def test_cli_json_float_vs_8bit(cli_runs):
+def test_cli_json_float_vs_8bit(score_cli):
     results = {}
-    for name in ("float", "int8"):
-        (out, err), rc = cli_runs[name]
+    for name, bits in (("float", "32"), ("int8", "8")):
+        rc, out, err = score_cli("--weight_bits", bits, "--act_bits", bits, "--json")
         assert rc == 0, err
         results[name] = json.loads(out)
         assert set(results[name]) == {"params", "multiplies", "adds", "ops", "score_micronet",
@@ -451,22 +458,37 @@ def test_cli_json_float_vs_8bit(cli_runs):
     assert q8["score_adjq"] < q8["score_micronet"]
 
 
-def test_cli_quant_info_in_process(tmp_path, capsys, monkeypatch):
-    # in-process (TensorFlow is already loaded): a matching file, then a mismatched one
-    from adj_quant.cli import score
+def test_cli_runs_as_a_process():
+    """The command as a process, which imports TensorFlow itself: a good run prints its JSON
+    and exits 0; a bad input exits 2 with one line on stderr, TensorFlow's start-up chatter
+    silenced. The two processes start together to share the wait."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("ADJQ_TRACEBACK", None)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "adj_quant.cli.score", *args],
+                                    cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, args in (("good", ["--weight_bits", "8", "--act_bits", "8", "--json"]),
+                                ("bad", ["--weight_bits", "9", "--act_bits", "4"]))}
+    (out, err), rc = procs["good"].communicate(timeout=120), procs["good"].returncode
+    assert rc == 0, err
+    assert json.loads(out)["params"] == pytest.approx(1_497_521)  # as in-process, above
+    (out, err), rc = procs["bad"].communicate(timeout=120), procs["bad"].returncode
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert "--weight_bits 9: bits must be in [2, 8]" in err
 
-    monkeypatch.delenv("ADJQ_TRACEBACK", raising=False)
+
+def test_cli_quant_info_in_process(tmp_path, score_cli):
     qi = tmp_path / "quant_info.json"
     QI.save_quant_info(qi, M.BitAssignment.uniform(B0, 4, 4), B0, {})
-    assert score.main(["--quant_info", str(qi), "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
+    rc, out, _ = score_cli("--quant_info", str(qi), "--json")
+    assert rc == 0
+    got = json.loads(out)
     # 4-bit weights, 8-bit biases: 5,236,192/8 + 31,348/4 = 654,524 + 7,837 = 662,361,
     # + scale/offset overhead 180,636 (see test_uniform_8bit_params_by_hand)
     assert got["params"] == pytest.approx(842_997)
-    with pytest.raises(SystemExit) as exit_info:
-        score.main(["--quant_info", str(qi), "--num_classes", "10"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    rc, _, err = score_cli("--quant_info", str(qi), "--num_classes", "10")
+    assert rc == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert "Logits weight has 1000 bits, the model needs 10" in err
 
@@ -484,21 +506,18 @@ def test_cli_quant_info_in_process(tmp_path, capsys, monkeypatch):
     (["--num_classes", "-3"], "--num_classes -3"),
     (["--json", "--per_layer"], "--json and --per_layer"),
 ])
-def test_cli_bad_input(args, message):
-    proc = _cli(*args)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and out == ""
+def test_cli_bad_input(score_cli, args, message):
+    rc, out, err = score_cli(*args)
+    assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
     assert message in err
 
 
-def test_cli_exit_code_and_help():
-    p = _cli("--swish_bits", "9")
-    p.communicate(timeout=60)
-    assert p.returncode == 2
-    p = _cli("--help")
-    out, _ = p.communicate(timeout=60)
-    assert p.returncode == 0
+def test_cli_exit_code_and_help(score_cli):
+    rc, _, _ = score_cli("--swish_bits", "9")
+    assert rc == 2
+    rc, out, _ = score_cli("--help")
+    assert rc == 0
     for flag in ("--img_size", "--num_classes", "--weight_bits", "--act_bits", "--swish_bits",
                  "--bias_bits", "--quant_info", "--json", "--per_layer", "--no_freebie",
                  "--width_multiplier", "--depth_multiplier"):
