@@ -221,12 +221,21 @@ def test_mixed_depthwise_conv_equals_tensorflow():
                                atol=1e-5)
 
 
+#: One batch of validation and of calibration images (conftest's TINY has 360 and 256): each
+#: stage still validates and calibrates, on fewer images.
+FEW_IMAGES = ("--max_val_images", "64", "--calib_images", "64")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet_v1_50", "mixnet_s"])
 def test_every_stage_of_the_digits_recipe_runs(name, tmp_path, capsys):
+    """The stages at conftest's tiny size (width and depth multipliers 0.25, 32 pixels), one
+    mini-epoch each: what is checked is that each stage runs on the network, not accuracy.
+    At these multipliers MixNet-S keeps every stage's mixed-kernel depthwise layers (2 to 5
+    kernel groups) and its grouped 1x1 convolutions."""
     run = tmp_path / name
-    model = ["--model", name]
-    train_stage(run, "pretrain", *model, "--max_epoch", "0.2", "--lr", "3e-3", "--lr_fixed")
+    model = ["--model", name, *FEW_IMAGES]
+    train_stage(run, "pretrain", *model, "--max_epoch", "0.1", "--lr", "3e-3", "--lr_fixed")
     train_stage(run, "calibrate", *model)
     train_stage(run, "qat8", *model, "--max_epoch", "0.1", "--lr", "1e-4", "--lr_fixed")
     train_stage(run, "adjustable", *model, "--max_epoch", "0.1", "--bits_trainable",
@@ -237,6 +246,15 @@ def test_every_stage_of_the_digits_recipe_runs(name, tmp_path, capsys):
     assert spec["network"]["name"] == name and spec["quant"]["bits_trainable"]
     result = json.loads((run / "finetune" / "result.json").read_text())
     assert 0.0 <= result["top1"] <= 1.0 and result["score_micronet"] > 0
+    if name == "mixnet_s":  # the trained network has MixNet's mixed and grouped layers
+        net = nets.from_json(spec["network"])
+        kernels = {}
+        for node in net.nodes:
+            if node.op == "dws" and "/dws_" in node.name:
+                kernels.setdefault(node.name.split("/")[0], set()).add(node.kernel)
+        assert max(len(k) for k in kernels.values()) == 5  # blocks of kernels 3, 5, ..., 11
+        assert all(len(k) >= 2 for k in kernels.values())
+        assert sum(1 for node in net.nodes if node.op == "conv" and node.groups == 2) >= 10
 
 
 @pytest.mark.slow
