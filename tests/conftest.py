@@ -113,3 +113,46 @@ def build_tool():
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
     return sys.modules["build_tfrecords"]
+
+
+def small_run(tmp_path):
+    """A run of the small saved Keras model (:func:`save_small_keras_model`) at the TINY
+    settings, pretrained briefly and calibrated. Returns ``(run_dir, train, model_flags)``,
+    where ``train(stage, *flags)`` runs one more stage in it and ``model_flags`` is the
+    ``--model`` flag of the run."""
+    run = str(tmp_path / "run")
+    small = ["--model", save_small_keras_model(tmp_path / "small.keras")]
+
+    def train(stage, *extra):
+        train_cli.main(["--stage", stage, "--run_dir", run, *TINY, *small, *extra])
+
+    train("pretrain", "--max_epoch", "0.2", "--lr", "3e-3", "--lr_fixed")
+    train("calibrate")
+    return run, train, small
+
+
+def export_int4_and_int8(model, spec, images, out) -> dict:
+    """``model`` exported as ``--quantization adjustable`` twice, into ``out``: ``"int4"``
+    (INT4 where the learned levels fit) and ``"int8"`` (every tensor INT8). Each entry has the
+    file's ``path`` and ``bytes``, the snapped ``levels``, the exported ``net``, the
+    interpreter's ``logits`` and output ``step``, and the TensorFlow graph's logits ``tf``."""
+    import tensorflow as tf
+
+    from adj_quant import tflite_export as TE
+    from adj_quant import tflite_runner as TR
+
+    result = {}
+    for name, int4 in (("int4", True), ("int8", False)):
+        net = TE.export_net(model, spec, "adjustable")
+        if int4:
+            net.int4 = TE.int4_steps(model, net)
+            net.out_ranges = TE.output_ranges(net, images)
+        data, levels = TE.snap_to_learned_levels(
+            TE.convert(TE.inference_module(net, 32), "adjustable", images), model, net)
+        path = out / f"{name}.tflite"
+        path.write_bytes(data)
+        runner = TR.TFLiteRunner(str(path), batch=len(images))
+        result[name] = {"path": path, "bytes": data, "levels": levels, "net": net,
+                        "logits": runner(images), "step": runner.output["quantization"][0],
+                        "tf": net(tf.constant(images)).numpy()}
+    return result

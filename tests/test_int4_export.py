@@ -9,10 +9,10 @@ TensorFlow, against the LiteRT interpreter; the same model exported with every t
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import export_int4_and_int8
 from tensorflow.lite.tools import flatbuffer_utils
 
 from adj_quant import tflite_export as TE
-from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import ModelSpec
 from adj_quant.network import FloatNetwork, Network, Node
 from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
@@ -42,21 +42,8 @@ def exported(tmp_path_factory):
         quant.range_scale.assign(np.full(quant.channels, 1.1, np.float32))
         quant.bits_scale.assign(np.resize([2, 3, 4], quant.channels) / 8)
     spec = ModelSpec("quant", NET, cfg)
-    out = tmp_path_factory.mktemp("int4")
-    result = {"model": model, "images": images}
-    for name, int4 in (("int4", True), ("int8", False)):
-        net = TE.export_net(model, spec, "adjustable")
-        if int4:
-            net.int4 = TE.int4_steps(model, net)
-            net.out_ranges = TE.output_ranges(net, images)
-        data, levels = TE.snap_to_learned_levels(
-            TE.convert(TE.inference_module(net, 32), "adjustable", images), model, net)
-        path = out / f"{name}.tflite"
-        path.write_bytes(data)
-        runner = TR.TFLiteRunner(str(path), batch=len(images))
-        result[name] = {"path": path, "bytes": data, "levels": levels, "net": net,
-                        "logits": runner(images), "step": runner.output["quantization"][0],
-                        "tf": net(tf.constant(images)).numpy()}
+    result = export_int4_and_int8(model, spec, images, tmp_path_factory.mktemp("int4"))
+    result.update(model=model, images=images)
     return result
 
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY, save_small_keras_model
+from conftest import TINY, small_run
 
 from adj_quant import cost as cost_lib
 from adj_quant import nets
@@ -403,14 +403,7 @@ def test_qat8_finetune_and_eval_with_lsq(tmp_path, capsys):
     from adj_quant.checkpoints import resolve_checkpoint
     from adj_quant.cli import evaluate as eval_cli
 
-    run = str(tmp_path / "run")
-    small = ["--model", save_small_keras_model(tmp_path / "small.keras")]
-
-    def train(stage, *extra):
-        train_cli.main(["--stage", stage, "--run_dir", run, *TINY, *small, *extra])
-
-    train("pretrain", "--max_epoch", "0.2", "--lr", "3e-3", "--lr_fixed")
-    train("calibrate")
+    run, train, small = small_run(tmp_path)
     lsq = ["--quantizer", "lsq", "--weight_bits", "4", "--act_bits", "4", "--swish_bits", "0"]
     train("qat8", *lsq, "--max_epoch", "0.2", "--lr", "1e-3", "--lr_fixed")
     qat8 = json.load(open(f"{run}/qat8/result.json"))

@@ -14,12 +14,11 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY, TOY_NET, save_small_keras_model
+from conftest import TOY_NET, export_int4_and_int8, small_run
 
 import adj_quant as aq
 from adj_quant import packed
 from adj_quant import tflite_export as TE
-from adj_quant import tflite_runner as TR
 from adj_quant.checkpoints import ModelSpec, save_spec
 from adj_quant.cli import export as export_cli
 from adj_quant.cli import train as train_cli
@@ -223,23 +222,9 @@ def _toy_model(symmetric=True):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     model, images, spec = _toy_model()
-    net = TE.export_net(model, spec, "adjustable")
-    steps = TE.int4_steps(model, net)
     out = tmp_path_factory.mktemp("sym")
-    result = {"model": model, "images": images, "spec": spec, "net": net, "dir": out}
-    for name, int4 in (("int4", steps), ("int8", {})):  # the same model, every tensor INT8
-        net.int4 = int4
-        net.out_ranges = TE.output_ranges(net, images)
-        data, levels = TE.snap_to_learned_levels(
-            TE.convert(TE.inference_module(net, 32), "adjustable", images), model, net)
-        path = out / f"{name}.tflite"
-        path.write_bytes(data)
-        runner = TR.TFLiteRunner(str(path), batch=len(images))
-        result[name] = {"bytes": data, "levels": levels, "logits": runner(images),
-                        "step": runner.output["quantization"][0],
-                        "tf": net(tf.constant(images)).numpy()}
-    net.int4 = steps
-    net.out_ranges = TE.output_ranges(net, images)
+    result = export_int4_and_int8(model, spec, images, out)
+    result.update(model=model, images=images, spec=spec, net=result["int4"]["net"], dir=out)
     return result
 
 
@@ -347,14 +332,7 @@ def test_qat8_with_symmetric_weights(tmp_path, capsys):
     export stores every conv/depthwise tensor as INT4."""
     from adj_quant.checkpoints import resolve_checkpoint, restore_model
 
-    run = str(tmp_path / "run")
-    small = ["--model", save_small_keras_model(tmp_path / "small.keras")]
-
-    def train(stage, *extra):
-        train_cli.main(["--stage", stage, "--run_dir", run, *TINY, *small, *extra])
-
-    train("pretrain", "--max_epoch", "0.2", "--lr", "3e-3", "--lr_fixed")
-    train("calibrate")
+    run, train, _ = small_run(tmp_path)
     train("qat8", "--symmetric_weights", "--weight_bits", "4", "--max_epoch", "0.1",
           "--lr", "1e-3", "--lr_fixed")
     spec = json.load(open(f"{run}/qat8/model_spec.json"))
