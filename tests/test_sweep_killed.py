@@ -109,8 +109,10 @@ def test_a_killed_sweep_resumes_to_the_uninterrupted_result(tmp_path):
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait()
         log.close()
-    assert sorted(n.split("-")[0] for n in finished) == ["calibrate", "calibrate", "pretrain",
-                                                         "pretrain"], finished
+    # Killed in a qat8: its point's pretrain and calibrate are finished; the other point's
+    # may be finished or still running (the two run at once), and nothing later is.
+    kinds = [n.split("-")[0] for n in finished]
+    assert set(kinds) == {"pretrain", "calibrate"} and len(kinds) >= 2, finished
     holder = json.loads((killed / "lock").read_text())  # the dead sweep's lock is left
     assert holder["pid"] == sweep.pid
 
