@@ -340,6 +340,16 @@ def test_replica_rows_cover_the_batch_in_order():
             assert max(b - a for a, b in rows) - min(b - a for a, b in rows) <= 1
 
 
+def _wait_for_a_checkpoint(workers, state_file, log=None):
+    """Until the stage's ``checkpoints.json`` lists a checkpoint (at most 10 minutes), while
+    every worker still runs (else fail, with ``log``'s text if given)."""
+    deadline = time.time() + 600
+    while time.time() < deadline and not (
+            state_file.exists() and read_json(state_file)["checkpoints"]):
+        assert all(w.poll() is None for w in workers), log.read_text() if log else ""
+        time.sleep(0.05)
+
+
 def _free_ports(count):
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -540,11 +550,7 @@ def test_a_lost_worker_stops_the_other_with_one_line_and_a_rerun_resumes(
     ports = _free_ports(2)
     workers = _logged_workers(args, ports, temp, tmp_path / "logs")
     state_file = run / "pretrain" / "checkpoints.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (
-            state_file.exists() and read_json(state_file)["checkpoints"]):
-        assert all(w.poll() is None for w in workers), (tmp_path / "logs" / "err0").read_text()
-        time.sleep(0.05)
+    _wait_for_a_checkpoint(workers, state_file, tmp_path / "logs" / "err0")
     delay = random.uniform(0, 0.5)
     time.sleep(delay)
     workers[victim].send_signal(signal.SIGKILL)
@@ -587,12 +593,8 @@ def test_a_frozen_chief_stops_the_other_worker_within_the_timeout(small_net, tmp
     ports = _free_ports(2)
     workers = _logged_workers(args, ports, temp, tmp_path / "logs")
     state_file = run / "pretrain" / "checkpoints.json"
-    deadline = time.time() + 600
     try:
-        while time.time() < deadline and not (
-                state_file.exists() and read_json(state_file)["checkpoints"]):
-            assert all(w.poll() is None for w in workers)
-            time.sleep(0.05)
+        _wait_for_a_checkpoint(workers, state_file)
         workers[0].send_signal(signal.SIGSTOP)
         stopped = time.monotonic()
         workers[1].wait(timeout=timeout + 120)
