@@ -21,7 +21,9 @@ Quantization modes (docs/export.md):
   per-channel ranges) tells the converter the range; the tensors the model never quantized
   (sigmoid, products, sums) are calibrated on the representative dataset. A conv or
   depthwise weight tensor whose channels all hold learned levels in [-7, 7] is stored as
-  INT4 (:func:`int4_steps`, ``ExportNet.int4``); the others as INT8 with their learned
+  INT4 (:func:`int4_steps`, ``ExportNet.int4``). A conv with only some such channels is
+  split in two ops, the fitting channels INT4 and the others INT8, whose outputs are
+  concatenated and put back in order by one ``GATHER``. INT8 channels hold their learned
   levels where those fit (:func:`snap_to_learned_levels`).
 
 See docs/export.md for what TFLite can and cannot represent exactly.
@@ -56,7 +58,8 @@ class ExportNet:
         #: ``scope -> step`` (per output channel) of the weight tensors stored as INT4:
         #: their values ``k * step_c`` (``|k| <= 7``) pass through a 4-bit narrow-range
         #: per-channel fake quant over ``[-7 step_c, 7 step_c]``, which leaves them on their
-        #: grid and tells the converter to write INT4 with scale ``step_c``.
+        #: grid and tells the converter to write INT4 with scale ``step_c``. A NaN step marks
+        #: a channel that stays INT8: the layer is split (:meth:`_split_linear`).
         self.int4 = int4 or {}
         #: ``scope -> (min, max)``: an 8-bit fake quant on the output of an INT4 layer whose
         #: output has none (the converter writes INT4 only for a layer between fake quants);
@@ -64,12 +67,23 @@ class ExportNet:
         self.out_ranges: dict = {}
         self._observed: dict | None = None
 
-    def _int4_weights(self, scope: str, kind: str, weights):
+    def is_split(self, scope: str) -> bool:
+        """Whether ``scope`` exports as two ops, an INT4 and an INT8 one."""
+        return scope in self.int4 and bool(np.isnan(self.int4[scope]).any())
+
+    def split_channels(self, scope: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(int4, int8)``: the output channels of a split layer in each op."""
+        fits = ~np.isnan(self.int4[scope])
+        return np.flatnonzero(fits), np.flatnonzero(~fits)
+
+    def _int4_weights(self, scope: str, kind: str, weights, channels=None):
         import tensorflow as tf
 
         if scope not in self.int4:
             return weights
         step = np.asarray(self.int4[scope], np.float32)
+        if channels is not None:
+            step = step[channels]
         lo, hi = tf.constant(-7.0 * step), tf.constant(7.0 * step)
         if kind == "dws":  # [h, w, C, 1]: the per-channel fake quant takes the last axis
             shape = weights.shape
@@ -89,6 +103,48 @@ class ExportNet:
         return tf.quantization.fake_quant_with_min_max_vars(
             x, tf.constant(lo, tf.float32), tf.constant(hi, tf.float32), num_bits=8,
             narrow_range=False)
+
+    def _output_range(self, scope: str, moved: dict) -> tuple[float, float]:
+        """The ``(min, max)`` of the first fake quant the output of ``scope`` meets: the
+        INT4 half of a split layer is fake-quantized to it, so that the concatenation and
+        the gather keep one scale and add no requantization."""
+        from adj_quant import network as nw
+
+        if scope in moved:
+            return self.act_ranges[moved[scope]]
+        for fn in nw.QUANTIZED_ACTIVATIONS:
+            if f"{scope}/{fn}_input" in self.act_ranges:
+                return self.act_ranges[f"{scope}/{fn}_input"]
+        if scope in self.out_ranges:
+            return self.out_ranges[scope]
+        after = [node.name for node in self.arch.nodes if scope in self.arch.inputs_of(node)]
+        ranges = {self.act_ranges.get(f"{name}/input") for name in after}
+        if len(ranges) == 1 and None not in ranges:
+            return ranges.pop()
+        raise RuntimeError(f"{scope}: a split layer's output meets no single fake quant")
+
+    def _split_linear(self, scope: str, x, moved: dict):
+        """The layer as an INT4 op on its fitting channels and an INT8 op on the others,
+        concatenated and gathered back into channel order (exactly the layer's output)."""
+        import tensorflow as tf
+
+        from adj_quant import network as nw
+
+        kind, stride, weights, biases = self.layers[scope]
+        node = self.arch.node(scope)
+        int4, int8 = self.split_channels(scope)
+        options = nw.linear_options(node)
+        low = nw.apply_linear(kind, x, self._int4_weights(scope, kind, weights[..., int4], int4),
+                              stride, node.padding, **options) + biases[int4]
+        if self._observed is None:  # the ranges are known (not while observing them)
+            lo, hi = self._output_range(scope, moved)
+            low = tf.quantization.fake_quant_with_min_max_vars(
+                low, tf.constant(lo, tf.float32), tf.constant(hi, tf.float32), num_bits=8,
+                narrow_range=False)
+        high = nw.apply_linear(kind, x, weights[..., int8], stride, node.padding,
+                               **options) + biases[int8]
+        order = np.argsort(np.concatenate([int4, int8])).astype(np.int32)
+        return tf.gather(tf.concat([low, high], axis=-1), order, axis=-1)
 
     def _moved_input_ranges(self) -> dict:
         """``producer scope -> "<consumer>/input"``: a layer whose output feeds another
@@ -123,10 +179,12 @@ class ExportNet:
                     x, tf.constant(0.0), tf.constant(1.0), num_bits=8, narrow_range=False)
             if f"{scope}/input" not in moved.values():
                 x = self._fake_quant(f"{scope}/input", x)
-            padding = self.arch.node(scope).padding
-            weights = self._int4_weights(scope, kind, weights)
-            y = nw.apply_linear(kind, x, weights, stride, padding,
-                                **nw.linear_options(self.arch.node(scope))) + biases
+            if self.is_split(scope):
+                y = self._split_linear(scope, x, moved)
+            else:
+                weights = self._int4_weights(scope, kind, weights)
+                y = nw.apply_linear(kind, x, weights, stride, self.arch.node(scope).padding,
+                                    **nw.linear_options(self.arch.node(scope))) + biases
             if self._observed is not None:
                 lo, hi = float(tf.reduce_min(y)), float(tf.reduce_max(y))
                 old = self._observed.get(scope, (lo, hi))
@@ -248,14 +306,25 @@ def learned_grid(quant, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.n
     return q, scale
 
 
-def int4_steps(model, net: ExportNet) -> dict:
-    """``scope -> per-channel step`` of every conv / depthwise weight tensor whose channels
-    all hold learned levels ``q / s_c`` with ``|q| <= 7`` (learned bits <= 4 and a grid
-    around 0; always, at bits <= 4, for a symmetric grid, ``--symmetric_weights``, whose
-    levels are ``k / s_c`` with ``|k| <= 2^(b-1) - 1``): what :attr:`ExportNet.int4` stores
-    as INT4. FC weights stay INT8: the
-    converter refuses a per-channel fake quant on them and a per-tensor one would re-round
-    channels of different steps."""
+#: A conv whose INT4-fitting channels would save fewer bytes than this is not split: the split
+#: adds a CONCATENATION, a GATHER and their tensors to the file (measured: ~1 KB).
+MIN_SPLIT_SAVING = 2048
+
+
+def int4_steps(model, net: ExportNet, split: bool = True,
+               min_saving: int = MIN_SPLIT_SAVING) -> dict:
+    """``scope -> per-channel step`` of the weight tensors stored (wholly or partly) as INT4:
+    what :attr:`ExportNet.int4` holds.
+
+    A channel fits INT4 when it holds learned levels ``q / s_c`` with ``|q| <= 7`` (learned
+    bits <= 4 and a grid around 0; always, at bits <= 4, for a symmetric grid,
+    ``--symmetric_weights``, whose levels are ``k / s_c`` with ``|k| <= 2^(b-1) - 1``). A conv
+    or depthwise tensor whose channels all fit is INT4. With ``split``, a conv (not grouped)
+    with some fitting channels gets a NaN step on the others and is exported as two ops
+    (:meth:`ExportNet._split_linear`) when that saves at least ``min_saving`` bytes.
+    Depthwise tensors are not split (a split would gather the input too), nor FC weights,
+    which stay INT8: the converter refuses a per-channel fake quant on them and a
+    per-tensor one would re-round channels of different steps."""
     steps = {}
     for scope, (kind, _, weights, _) in net.layers.items():
         if kind == "fc":
@@ -265,10 +334,17 @@ def int4_steps(model, net: ExportNet) -> dict:
         shape = [1] * weights.ndim
         shape[axis] = -1
         on_grid = np.abs(q / s.reshape(shape) - weights) <= 1e-5 * (np.abs(weights) + 1e-3)
-        if np.all(on_grid) and np.all(np.abs(q) <= 7):
-            # A channel of zeros (removed by pruning) gets step 1: its grid is not stored.
-            zero = np.moveaxis(weights, axis, 0).reshape(len(s), -1).any(axis=1) == 0
-            steps[scope] = np.where(zero, 1.0, 1.0 / s).astype(np.float32)
+        fits = np.moveaxis(on_grid & (np.abs(q) <= 7), axis, 0).reshape(len(s), -1).all(axis=1)
+        # A channel of zeros (removed by pruning) gets step 1: its grid is not stored.
+        zero = np.moveaxis(weights, axis, 0).reshape(len(s), -1).any(axis=1) == 0
+        step = np.where(zero, 1.0, 1.0 / s).astype(np.float32)
+        if fits.all():
+            steps[scope] = step
+            continue
+        per_channel = weights.size // len(s)
+        if (split and kind == "conv" and net.arch.node(scope).groups == 1
+                and fits.sum() * per_channel / 2 >= min_saving):
+            steps[scope] = np.where(fits, step, np.nan).astype(np.float32)
     return steps
 
 
@@ -331,10 +407,7 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
     graph = fb.subgraphs[0]
     linear = [op for op in graph.operators if schema_util.get_builtin_code_from_operator_code(
         fb.operatorCodes[op.opcodeIndex]) in _LINEAR_OPS]
-    scopes = model.arch.layer_names
-    if len(linear) != len(scopes):
-        raise RuntimeError(f"the converted model has {len(linear)} conv/depthwise/FC ops, the "
-                           f"network {len(scopes)} layers")
+    parts = _match_ops(linear, model.arch.layer_names, net, graph)
     uses: dict[int, int] = {}
     for tensor in graph.tensors:
         uses[tensor.buffer] = uses.get(tensor.buffer, 0) + 1
@@ -354,11 +427,13 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
 
     channels = exact = 0
     layers = {}
-    for op, scope in zip(linear, scopes):
+    for op, scope, part in parts:
         kind, _, weights, biases = net.layers[scope]
         w_t, x_t = graph.tensors[op.inputs[1]], graph.tensors[op.inputs[0]]
         # The converter drops an all-zero bias (input -1).
         b_t = graph.tensors[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] >= 0 else None
+        if part is not None:
+            biases = biases[part]
         if b_t is None and np.any(biases != 0):
             raise RuntimeError(f"{scope}: the converted model lost the layer's bias")
         if w_t.type not in (_INT8, _INT4) or (b_t is not None and b_t.type != _INT32):
@@ -371,7 +446,11 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
             stored = read(w_t, np.int8)
         old_scale = np.asarray(w_t.quantization.scale, np.float64)
         axis = w_t.quantization.quantizedDimension
-        target = _to_tflite_layout(kind, weights)
+        full = _to_tflite_layout(kind, weights)
+        q, s = learned_grid(model.layers[scope].weight_quant, full, axis)
+        target = full
+        if part is not None:
+            target, q, s = np.take(full, part, axis), np.take(q, part, axis), s[part]
         if stored.shape != target.shape or old_scale.size != target.shape[axis]:
             raise RuntimeError(f"{scope}: converted weights {list(stored.shape)} do not match "
                                f"the layer's {list(target.shape)}")
@@ -380,7 +459,6 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
         converted = stored * old_scale.reshape(shape)
         if np.any(np.abs(converted - target) > 0.5001 * old_scale.reshape(shape) + 1e-6):
             raise RuntimeError(f"{scope}: converted weights are not this layer's values")
-        q, s = learned_grid(model.layers[scope].weight_quant, target, axis)
         on_grid = np.abs(q / s.reshape(shape) - target) <= 1e-5 * (np.abs(target) + 1e-3)
         fits = np.moveaxis((np.abs(q) <= 127) & on_grid, axis, 0).reshape(len(s), -1).all(axis=1)
         if int4 and not (fits.all() and np.array_equal(stored, q)):
@@ -402,11 +480,41 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
             b_t.quantization.scale = bias_scale.astype(np.float32)
         channels += len(s)
         exact += int(fits.sum())
-        layers[scope] = {"channels": len(s), "exact": int(fits.sum()),
-                         "container": "INT4" if int4 else "INT8",
-                         "weights": int(np.prod(stored.shape))}
+        row = layers.setdefault(scope, {"channels": 0, "exact": 0, "weights": 0,
+                                        "int4_weights": 0, "containers": []})
+        row["channels"] += len(s)
+        row["exact"] += int(fits.sum())
+        row["weights"] += int(np.prod(stored.shape))
+        row["int4_weights"] += int(np.prod(stored.shape)) if int4 else 0
+        row["containers"].append("INT4" if int4 else "INT8")
+    for row in layers.values():
+        row["container"] = "+".join(sorted(set(row.pop("containers"))))  # INT4+INT8
     out = flatbuffer_utils.convert_object_to_bytearray(fb)
     return bytes(out), {"channels": channels, "exact_channels": exact, "layers": layers}
+
+
+def _match_ops(linear: list, scopes: list, net: ExportNet, graph) -> list:
+    """``[(op, scope, channels)]``: each conv / depthwise / FC op of the converted model (in
+    execution order) with the layer and the output channels it computes (``None``: all).
+    A split layer
+    (:meth:`ExportNet.is_split`) has two ops, told apart by their weights' type."""
+    expected = sum(2 if net.is_split(scope) else 1 for scope in scopes)
+    if len(linear) != expected:
+        raise RuntimeError(f"the converted model has {len(linear)} conv/depthwise/FC ops, the "
+                           f"network's {len(scopes)} layers make {expected}")
+    parts, ops = [], iter(linear)
+    for scope in scopes:
+        if not net.is_split(scope):
+            parts.append((next(ops), scope, None))
+            continue
+        int4, int8 = net.split_channels(scope)
+        pair = [next(ops), next(ops)]
+        types = [graph.tensors[op.inputs[1]].type for op in pair]
+        if sorted(types) != [_INT8, _INT4]:
+            raise RuntimeError(f"{scope}: the two ops of a split layer are not INT4 and INT8")
+        for op, kind in zip(pair, types):
+            parts.append((op, scope, int4 if kind == _INT4 else int8))
+    return parts
 
 
 def unpack_int4(data, shape) -> np.ndarray:

@@ -54,6 +54,11 @@ EXTRA = {
                    help="with --quantization adjustable: store a conv / depthwise weight "
                         "tensor as INT4 when every channel's learned levels fit in [-7, 7] "
                         "(--no-int4: every tensor INT8)"),
+    "--int4_split": dict(action=argparse.BooleanOptionalAction, default=True,
+                         help="with --int4: a conv with only some channels that fit INT4 "
+                              "becomes an INT4 op and an INT8 op, concatenated and gathered "
+                              "back into order (--no-int4_split: such a conv stays one INT8 "
+                              "op; fewer ops, a larger file)"),
     "--output": dict(metavar="PATH",
                      help="output file (tflite) or directory (saved_model) (default: "
                           "<ckpt dir>/model_<quantization>.tflite or "
@@ -142,9 +147,14 @@ def print_weight_table(result: dict) -> None:
     print(f"{'layer':40s} {'learned bits':>12s} {'container':>9s}")
     for row in table["rows"]:
         print(f"{row['layer']:40s} {_bits(*row['bits']):>12s} {row['container']:>9s}")
-    int4 = sum(row["container"] == "INT4" for row in table["rows"])
-    print(f"{int4} of {len(table['rows'])} weight tensors INT4; file {result['size_bytes']:,} "
-          f"bytes; counted weight bits / 8: {table['counted_weight_bits'] / 8:,.0f} bytes")
+    rows = table["rows"]
+    whole = sum(row["container"] == "INT4" for row in rows)
+    split = sum(row["container"] == "INT4+INT8" for row in rows)
+    int4 = sum(row["int4_weights"] for row in rows)
+    print(f"{whole} of {len(rows)} weight tensors INT4, {split} split INT4+INT8; "
+          f"{int4:,} of {sum(row['weights'] for row in rows):,} weights INT4; file "
+          f"{result['size_bytes']:,} bytes; counted weight bits / 8: "
+          f"{table['counted_weight_bits'] / 8:,.0f} bytes")
 
 
 def print_packed_table(result: dict) -> None:

@@ -217,11 +217,11 @@ SCHEMA: tuple[Opt, ...] = (
     _o("symmetric_weights", bool, False,
        "put every weight channel on a symmetric grid with zero point 0: "
        "clip(round(x s), -n, n) / s, n = 2^(b-1) - 1 (2^b - 1 levels; at 2 bits ternary), so "
-       "that weight tensors of <= 4 bits export as INT4 (activations and biases unchanged; "
+       "that weight channels of <= 4 bits export as INT4 (activations and biases unchanged; "
        "--quantizer adjq only; no new variables: a stage may start from an asymmetric "
        "checkpoint)", "Quantization",
        doc="symmetric weight grids, zero point 0, `2^b − 1` levels: ≤ 4-bit conv/depthwise "
-           "tensors export as INT4 ([symmetric grids](#symmetric-weight-grids))"),
+           "channels export as INT4 ([symmetric grids](#symmetric-weight-grids))"),
     _o("calib_images", int, 10000, "training images used to calibrate activation ranges",
        "Quantization", sign="positive", trained_with=True,
        doc="training images used for calibration"),

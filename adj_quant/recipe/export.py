@@ -181,7 +181,7 @@ def export(cli: dict) -> dict:
                 name, img_size=o.img_size, count=count, seed=o.seed, dataset_dir=dataset_dir,
                 labels_offset=offset, eval_crop=o.eval_crop)
         if quantization == "adjustable" and cli.get("int4", True):
-            net.int4 = int4_steps(model, net)
+            net.int4 = int4_steps(model, net, split=cli.get("int4_split", True))
             net.out_ranges = output_ranges(net, representative)
             module = inference_module(net, o.img_size)
         tflite = convert(module, quantization, representative)
@@ -224,7 +224,7 @@ def weight_table(model, levels: dict) -> dict:
         info = levels["layers"][scope]
         rows.append({"layer": scope, "bits": (int(bits.min()), int(bits.max())),
                      "container": info["container"], "counted_bits": counted,
-                     "weights": info["weights"]})
+                     "weights": info["weights"], "int4_weights": info["int4_weights"]})
     return {"rows": rows, "counted_weight_bits": total}
 
 
