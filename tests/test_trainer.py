@@ -88,11 +88,29 @@ def test_a_loss_above_max_loss_stops_the_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def _check_time_lines(out: str) -> None:
+    """The stage's time report: the loop's parts (other included) add up to its total, every
+    part is >= 0, the stage (which also builds the model) takes at least the loop."""
+    loop = next(line for line in out.splitlines() if "training loop time" in line)
+    total, parts = loop.split("training loop time ")[1].split(" s: ")
+    seconds = {name: float(value) for name, value in
+               (part.rsplit(" ", 1) for part in parts.split(", "))}
+    assert set(seconds) == {"tracing", "first calls", "steps", "data", "validation",
+                            "checkpoints", "summaries", "other"}
+    assert all(value >= 0 for value in seconds.values())
+    assert seconds["tracing"] > 0 and seconds["first calls"] > 0 and seconds["steps"] > 0
+    assert abs(sum(seconds.values()) - float(total.replace(",", ""))) <= 0.5 + 0.05 * len(seconds)
+    stage = next(line for line in out.splitlines() if "[pretrain] stage time" in line)
+    assert float(stage.split("stage time ")[1].split(" s")[0].replace(",", "")) >= float(
+        total.replace(",", "")) - 0.5
+
+
 def test_resume_skips_a_damaged_latest_checkpoint_and_matches_an_uninterrupted_run(
         tmp_path, capsys):
     args = ["--stage", "pretrain", "--max_epoch", "0.3"]
-    code, _, _ = _train(capsys, *args, "--run_dir", str(tmp_path / "ref"))
+    code, out, _ = _train(capsys, *args, "--run_dir", str(tmp_path / "ref"))
     assert code == 0
+    _check_time_lines(out)
     ref = tmp_path / "ref" / "pretrain"
     # The same run, interrupted after its third checkpoint was written damaged.
     run = tmp_path / "run"

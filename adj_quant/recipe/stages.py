@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import os
 import sys
+import time
 
 from adj_quant import distribution, nets
 from adj_quant.checkpoints import (
@@ -337,6 +338,14 @@ def _run_stage(name: str, body, cli: dict) -> tuple[Stage, dict]:
     st = Stage(name, cli)
     if (done := st.already_finished()) is not None:
         return st, done
+    started = time.perf_counter()
+    result = _run_stage_body(st, name, body)
+    if st.chief and result is not None:
+        print(f"[{name}] stage time {time.perf_counter() - started:,.0f} s")
+    return result
+
+
+def _run_stage_body(st, name: str, body) -> tuple[Stage, dict]:
     st.distribute()
     if not st.chief:  # the chief locks, cleans and writes; the others follow it
         with st.strategy.scope():

@@ -7,9 +7,11 @@ optimizer slots, same data order and dropout stream.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -59,6 +61,39 @@ class StageResult:
     best_path: str | None
     best: dict
     final: dict
+
+
+class StageClock:
+    """Wall seconds of a stage's training loop, by what they were spent on.
+
+    ``tracing``: building each step function's graph (``get_concrete_function``);
+    ``first calls``: each step function's first call, graph optimization and XLA
+    compilation of its kernels included; ``steps``: every later step; ``data``: waiting for
+    batches; ``validation`` (the first one traces its evaluation step); ``checkpoints``;
+    ``summaries`` (TensorBoard, the per-layer bits plot).
+    """
+
+    PARTS = ("tracing", "first calls", "steps", "data", "validation", "checkpoints",
+             "summaries")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def line(self) -> str:
+        """``1,234 s: steps 900, first calls 40, ...``: the loop's total, then each part."""
+        total = time.perf_counter() - self.started
+        other = total - sum(self.seconds.values())
+        parts = sorted(self.seconds.items(), key=lambda kv: -kv[1]) + [("other", other)]
+        return f"{total:,.0f} s: " + ", ".join(f"{k} {v:,.1f}" for k, v in parts)
 
 
 def _untrained_betas(model) -> list[tf.Variable]:
@@ -135,6 +170,8 @@ class Trainer:
             warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
             iter_train_freq=options.iter_train_freq)
         self._train_step = {}
+        self._called: set[bool] = set()
+        self.clock = StageClock()
         self.top1_history: list[float] = []
         self._eval_step = validation.make_eval_step(model, self.strategy)
         self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
@@ -311,28 +348,35 @@ class Trainer:
 
     def run(self) -> StageResult:
         """Train the stage to its end (or resume it), validating and saving as it goes."""
+        self.clock = StageClock()
         with graph_options.lean_grappler():
-            return self._run()
+            result = self._run()
+        if self.chief:
+            print(f"[{self.stage}] training loop time {self.clock.line()}")
+        return result
 
     def _run(self) -> StageResult:
         o = self.o
         total = rules.total_mini_epochs(o.max_epoch)
         bounds = rules.mini_epoch_bounds(self.steps_per_epoch)
-        self._write_hparams()
+        with self.clock.part("summaries"):
+            self._write_hparams()
         start = int(self.mini_epoch.numpy())
         batches = None
         last = {}
         for i in range(start, total):
             epoch, k = divmod(i, rules.MINI_EPOCHS)
             if batches is None or k == 0:
-                batches = self._epoch_batches(epoch, bounds[k])
+                with self.clock.part("data"):
+                    batches = self._epoch_batches(epoch, bounds[k])
             train_bits = rules.train_bits_in(epoch, k, self.flags)
             mean_loss = self._train_mini_epoch(i, total, batches, bounds[k + 1] - bounds[k],
                                                train_bits)
             if not all_finite(self.model.variables):
                 raise self._diverged(f"the weights became NaN or Inf in mini-epoch {i + 1}")
             self.mini_epoch.assign(i + 1)
-            last = self.validate()
+            with self.clock.part("validation"):
+                last = self.validate()
             if rules.swa_snapshot_due(epoch, k, o.swa_delay, o.swa_freq):
                 self.swa.snapshot(self.model.trainable_variables)
             name = f"me{i + 1:04d}_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
@@ -344,9 +388,11 @@ class Trainer:
                 info.update(sparsity=self._learned_sparsity())
             if self.ckpts.state.get("reference_loss") is None and mean_loss is not None:
                 self.ckpts.state["reference_loss"] = mean_loss
-            self._save(name, info, checked=True)
+            with self.clock.part("checkpoints"):
+                self._save(name, info, checked=True)
             self._check_collapse(last["top1"])
-            self._summaries(last, i + 1)
+            with self.clock.part("summaries"):
+                self._summaries(last, i + 1)
             print(f"[{self.stage}] mini-epoch {i + 1}/{total}: top-1 {100 * last['top1']:.2f}%  "
                   f"metric {last['metric']:.4f}  bits w/a {last['avg_weight_bits']:.2f}/"
                   f"{last['avg_act_bits']:.2f}{'  (bits trained)' if train_bits else ''}")
@@ -354,11 +400,14 @@ class Trainer:
             last = next(e for e in self.ckpts.entries() if e["name"] == self.ckpts.state["latest"])
         swa_due = o.swa_delay is not None and not self.ckpts.finished
         if swa_due and self.swa.assign_average(self.model.trainable_variables):
-            last = self.validate()
+            with self.clock.part("validation"):
+                last = self.validate()
             name = f"swa_metric{last['metric']:.4f}_top1-{100 * last['top1']:.2f}"
-            self._save(name, dict(last, swa=int(self.swa.count.numpy())))
+            with self.clock.part("checkpoints"):
+                self._save(name, dict(last, swa=int(self.swa.count.numpy())))
             self.ckpts.set_best(name)
-            self._summaries(last, total + 1)
+            with self.clock.part("summaries"):
+                self._summaries(last, total + 1)
             print(f"[{self.stage}] SWA of {int(self.swa.count.numpy())} snapshots: top-1 "
                   f"{100 * last['top1']:.2f}%  metric {last['metric']:.4f}")
         self.ckpts.mark_finished()
@@ -391,7 +440,8 @@ class Trainer:
                    disable=not (o.progress and self.chief), leave=False)
         for _ in range(steps):
             try:
-                images, labels = next(batches)
+                with self.clock.part("data"):
+                    images, labels = next(batches)
             except StopIteration:
                 break
             step = int(self.global_step.numpy())
@@ -405,9 +455,16 @@ class Trainer:
                                                     reinit=o.reinit)
             images, labels = distribution.split_batch(self.strategy, images, labels,
                                                       per_worker=self.file_shard is not None)
-            parts = step_fn(images, labels, tf.constant(lr, tf.float32),
-                            tf.constant(lr_bits, tf.float32))
-            loss = float(parts["loss"].numpy())
+            args = (images, labels, tf.constant(lr, tf.float32),
+                    tf.constant(lr_bits, tf.float32))
+            first = train_bits not in self._called
+            if first and not distribution.is_distributed(self.strategy):
+                with self.clock.part("tracing"):  # the call below reuses this trace
+                    step_fn.get_concrete_function(*args)
+            with self.clock.part("first calls" if first else "steps"):
+                parts = step_fn(*args)
+                loss = float(parts["loss"].numpy())
+            self._called.add(train_bits)
             if not rules.is_finite(loss):
                 raise self._diverged(f"the loss became {loss} at step {step}")
             if bound is not None and loss > bound:
