@@ -134,12 +134,13 @@ class RunCheckpoints:
         return list(self.state["checkpoints"])
 
     def save(self, checkpoint: tf.train.Checkpoint, name: str, info: dict,
-             best_key=None) -> str:
+             best_key=None, write=None) -> str:
         """Write ``checkpoint`` as ``name`` atomically and update the pointers.
 
         ``best_key(entry)`` ranks entries; the highest is the best (default: top-1).
+        ``write(prefix)`` writes the files (default: ``checkpoint.write``).
         """
-        final = self._write_files(checkpoint, name)
+        final = self._write_files(checkpoint, name, write or checkpoint.write)
         entry = dict(info, name=name)
         self.state["checkpoints"] = [e for e in self.state["checkpoints"] if e["name"] != name]
         self.state["checkpoints"].append(entry)
@@ -150,12 +151,12 @@ class RunCheckpoints:
         self._write_state()
         return final
 
-    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str) -> str:
+    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str, write) -> str:
         tmp_prefix = os.path.join(self.directory, f".tmp-{name}")
         for stale in glob.glob(tmp_prefix + ".*"):
             os.remove(stale)
         try:
-            checkpoint.write(tmp_prefix)
+            write(tmp_prefix)
         except BaseException:
             for path in glob.glob(tmp_prefix + "*"):
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
@@ -226,10 +227,10 @@ class WorkerCheckpoints(RunCheckpoints):
         if os.path.exists(self.state_path):
             self.state = read_json(self.state_path)
 
-    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str) -> str:
+    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str, write) -> str:
         temp = tempfile.mkdtemp(prefix=f"adjq-{self.worker}-")
         try:
-            checkpoint.write(os.path.join(temp, name))
+            write(os.path.join(temp, name))
         finally:
             shutil.rmtree(temp, ignore_errors=True)
         return os.path.join(self.directory, name)

@@ -34,6 +34,7 @@ no quantizer of ours (micronet) and which ``adjq`` charges at a flat 8 bits.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Any
 
@@ -212,6 +213,27 @@ class BitAssignment:
     bias_bits: Any
     image_inputs: frozenset = frozenset()
     density: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def fingerprint(self) -> bytes:
+        """A digest of every bit-width and density: equal assignments have equal
+        fingerprints, so a cost computed for one serves the other."""
+        digest = hashlib.sha256()
+
+        def add(value) -> None:
+            if value is None:
+                digest.update(b"None")
+            else:
+                array = np.asarray(value, np.float64)
+                digest.update(str(array.shape).encode() + array.tobytes())
+
+        for table in (self.weight, self.act, self.swish, self.density):
+            for key in sorted(table):
+                digest.update(key.encode() + b"=")
+                add(table[key])
+            digest.update(b"|")
+        add(self.bias_bits)
+        digest.update(",".join(sorted(self.image_inputs)).encode())
+        return digest.digest()
 
     @classmethod
     def uniform(cls, arch: Network, weight_bits, act_bits, swish_bits=8,

@@ -709,3 +709,26 @@ def test_sparsity_is_refused_for_grouped_convs():
     bits = M.BitAssignment.uniform(net, 8, 8, sparsity=0.5)
     with pytest.raises(UserError, match="grouped or non-square"):
         M.micronet_cost(bits, 8, arch=net)
+
+
+def test_fingerprint_is_equal_for_equal_assignments_only():
+    """The trainer counts a model once per distinct fingerprint: equal values (numbers,
+    arrays or tensors) give one fingerprint; any change of a bit-width or density another."""
+    def make(w=(2, 3, 8), density=None, bias=8):
+        return M.BitAssignment(weight={"a": np.array(w, np.float32), "b": 4},
+                               act={"a": 8, "b": tf.constant([5.0, 6.0])}, swish={"a": 3},
+                               bias_bits=bias, density=density or {})
+    base = make().fingerprint()
+    assert make().fingerprint() == base
+    assert M.BitAssignment(weight={"a": tf.constant([2.0, 3.0, 8.0]), "b": 4.0},
+                           act={"a": 8, "b": np.array([5, 6])}, swish={"a": 3},
+                           bias_bits=8).fingerprint() == base
+    assert make(w=(2, 3, 7)).fingerprint() != base
+    assert make(bias=None).fingerprint() != base
+    assert make(density={"a": np.array([1.0, 0.5, 1.0])}).fingerprint() != base
+    assert make(density={"a": np.array([1.0, 0.5, 1.0])}).fingerprint() != make(
+        density={"a": np.array([1.0, 0.25, 1.0])}).fingerprint()
+    # the same numbers under another scope or in another table are another assignment
+    moved = M.BitAssignment(weight={"a": np.array([2, 3, 8]), "b": 4}, act={"a": 8},
+                            swish={"a": 3, "b": tf.constant([5.0, 6.0])}, bias_bits=8)
+    assert moved.fingerprint() != base

@@ -95,8 +95,8 @@ def _check_time_lines(out: str) -> None:
     total, parts = loop.split("training loop time ")[1].split(" s: ")
     seconds = {name: float(value) for name, value in
                (part.rsplit(" ", 1) for part in parts.split(", "))}
-    assert set(seconds) == {"tracing", "first calls", "steps", "data", "validation",
-                            "checkpoints", "summaries", "other"}
+    assert set(seconds) == {"tracing", "first calls", "steps", "data", "epoch data",
+                            "validation", "checkpoints", "summaries", "other"}
     assert all(value >= 0 for value in seconds.values())
     assert seconds["tracing"] > 0 and seconds["first calls"] > 0 and seconds["steps"] > 0
     assert abs(sum(seconds.values()) - float(total.replace(",", ""))) <= 0.5 + 0.05 * len(seconds)
@@ -186,3 +186,31 @@ def test_a_single_stage_without_a_teacher_names_teacher_ckpt(tmp_path, capsys):
     assert code == 2
     assert "--teacher_ckpt" in _one_error(err)
     assert not (tmp_path / "new" / "qat8").exists()
+
+
+def test_traced_checkpoint_writes_equal_eager_ones_and_resume_from_them(tmp_path, capsys,
+                                                                        monkeypatch):
+    """With every save traced (``TRACED_SAVE_MIN_REMAINING`` 0), each mini-epoch's checkpoint
+    holds exactly what the eager saves of the same run hold (every variable, optimizer
+    slots included)."""
+    from adj_quant.recipe import trainer as trainer_lib
+
+    args = ["--stage", "pretrain", "--max_epoch", "0.3"]
+    code, _, _ = _train(capsys, *args, "--run_dir", str(tmp_path / "eager"))
+    assert code == 0
+    monkeypatch.setattr(trainer_lib, "TRACED_SAVE_MIN_REMAINING", 0)
+    code, out, _ = _train(capsys, *args, "--run_dir", str(tmp_path / "traced"))
+    assert code == 0
+    eager = read_json(tmp_path / "eager" / "pretrain" / "checkpoints.json")
+    traced = read_json(tmp_path / "traced" / "pretrain" / "checkpoints.json")
+    names = [e["name"] for e in eager["checkpoints"]]
+    assert names == [e["name"] for e in traced["checkpoints"]] and names
+    for name in names:
+        a = tf.train.load_checkpoint(str(tmp_path / "eager" / "pretrain" / name))
+        b = tf.train.load_checkpoint(str(tmp_path / "traced" / "pretrain" / name))
+        keys = [k for k in a.get_variable_to_shape_map() if not k.startswith("_CHECKPOINT")]
+        assert sorted(keys) == sorted(k for k in b.get_variable_to_shape_map()
+                                      if not k.startswith("_CHECKPOINT"))
+        assert any("/m/" in k or "adam" in k for k in keys)
+        for key in keys:
+            np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
