@@ -131,6 +131,18 @@ def small_run(tmp_path):
     return run, train, small
 
 
+def set_weight_bits_on_a_centred_range(quant, bits) -> None:
+    """Give a weight quantizer per-channel ``bits`` on a range centred on 0 and 10 % wider
+    than its weights: channels of <= 4 bits then hold codes in [-7, 7] (INT4)."""
+    import numpy as np
+
+    half = np.maximum(-quant.init_min.numpy(), quant.init_max.numpy())
+    quant.init_min.assign(-half)
+    quant.init_max.assign(half)
+    quant.range_scale.assign(np.full(quant.channels, 1.1, np.float32))
+    quant.bits_scale.assign(np.asarray(bits, np.float32) / 8)
+
+
 def export_int4_and_int8(model, spec, images, out) -> dict:
     """``model`` exported as ``--quantization adjustable`` twice, into ``out``: ``"int4"``
     (INT4 where the learned levels fit) and ``"int8"`` (every tensor INT8). Each entry has the

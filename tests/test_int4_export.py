@@ -9,7 +9,7 @@ TensorFlow, against the LiteRT interpreter; the same model exported with every t
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import export_int4_and_int8
+from conftest import export_int4_and_int8, set_weight_bits_on_a_centred_range
 from tensorflow.lite.tools import flatbuffer_utils
 
 from adj_quant import tflite_export as TE
@@ -32,15 +32,9 @@ def exported(tmp_path_factory):
     model = QuantizedNetwork.from_float(FloatNetwork(NET, seed=0), cfg)
     images = (rng.integers(0, 256, (64, 32, 32, 3)) / 255).astype(np.float32)  # 8-bit images
     model.calibrate_activations([images], progress=False)
-    for scope in LOW_BITS:
-        # Bits 2, 3, 4 per channel on a symmetric range 10% wider than the weights: the codes
-        # of the 4-bit channels stay in [-7, 7].
+    for scope in LOW_BITS:  # bits 2, 3, 4 per channel
         quant = model.layers[scope].weight_quant
-        half = np.maximum(-quant.init_min.numpy(), quant.init_max.numpy())
-        quant.init_min.assign(-half)
-        quant.init_max.assign(half)
-        quant.range_scale.assign(np.full(quant.channels, 1.1, np.float32))
-        quant.bits_scale.assign(np.resize([2, 3, 4], quant.channels) / 8)
+        set_weight_bits_on_a_centred_range(quant, np.resize([2, 3, 4], quant.channels))
     spec = ModelSpec("quant", NET, cfg)
     result = export_int4_and_int8(model, spec, images, tmp_path_factory.mktemp("int4"))
     result.update(model=model, images=images)

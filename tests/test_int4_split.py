@@ -11,6 +11,7 @@ LiteRT interpreter.
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import set_weight_bits_on_a_centred_range
 from tensorflow.lite.python import schema_util
 from tensorflow.lite.tools import flatbuffer_utils
 
@@ -43,11 +44,7 @@ def toy(tmp_path_factory):
     model.calibrate_activations([images], progress=False)
     for scope in MIXED:
         quant = model.layers[scope].weight_quant
-        half = np.maximum(-quant.init_min.numpy(), quant.init_max.numpy())
-        quant.init_min.assign(-half)
-        quant.init_max.assign(half)
-        quant.range_scale.assign(np.full(quant.channels, 1.1, np.float32))
-        quant.bits_scale.assign(_bits(quant.channels) / 8)
+        set_weight_bits_on_a_centred_range(quant, _bits(quant.channels))
     out = tmp_path_factory.mktemp("split")
     result = {"model": model, "images": images}
     for name, split in (("split", True), ("whole", False)):
