@@ -38,10 +38,11 @@ from adj_quant.sparsity import GradualPruner
 
 LOG_EVERY = 10
 #: A stage with at least this many checkpoints still to write saves them from a traced
-#: function (:meth:`Trainer._traced_writer`). Its first call costs about eight ordinary
-#: saves (tracing the reads of every variable, ~4,400 for a quantized EfficientNet-B0 with
-#: its optimizer slots, and optimizing that graph); each later call about 1/15 of one, the
-#: Python work of an eager save gone. The files hold the same values.
+#: function (:meth:`Trainer._traced_writer`). Its first call costs 8-12 ordinary saves
+#: (tracing the reads of every variable, ~4,400 for a quantized EfficientNet-B0 with its
+#: optimizer slots, and optimizing that graph: 11-17 s against 1.4-1.7 s a save, measured
+#: on a 2-core Xeon); each later call about 1/15 of one (0.08-0.10 s), the Python work of an
+#: eager save gone. The files hold the same values.
 TRACED_SAVE_MIN_REMAINING = 12
 #: Without ``--max_loss``, a loss above this multiple of the stage's first mini-epoch mean
 #: loss counts as divergence.
