@@ -117,8 +117,8 @@ class ExportNet:
                 return self.act_ranges[f"{scope}/{fn}_input"]
         if scope in self.out_ranges:
             return self.out_ranges[scope]
-        after = [node.name for node in self.arch.nodes if scope in self.arch.inputs_of(node)]
-        ranges = {self.act_ranges.get(f"{name}/input") for name in after}
+        after = self.consumers().get(scope, [])
+        ranges = {self.act_ranges.get(f"{node.name}/input") for node in after}
         if len(ranges) == 1 and None not in ranges:
             return ranges.pop()
         raise RuntimeError(f"{scope}: a split layer's output meets no single fake quant")
@@ -146,15 +146,20 @@ class ExportNet:
         order = np.argsort(np.concatenate([int4, int8])).astype(np.int32)
         return tf.gather(tf.concat([low, high], axis=-1), order, axis=-1)
 
+    def consumers(self) -> dict[str, list]:
+        """``node name -> the nodes that read its output`` (each once)."""
+        out: dict[str, list] = {}
+        for node in self.arch.nodes:
+            for source in set(self.arch.inputs_of(node)):
+                out.setdefault(source, []).append(node)
+        return out
+
     def _moved_input_ranges(self) -> dict:
         """``producer scope -> "<consumer>/input"``: a layer whose output feeds another
         layer's input quantizer and also something else (a projection feeding the next
         block's expansion and its residual sum). The fake quant goes on the producer's output,
         shared by every consumer; the converter otherwise leaves the producer float."""
-        consumers: dict[str, list[str]] = {}
-        for node in self.arch.nodes:
-            for source in set(self.arch.inputs_of(node)):
-                consumers.setdefault(source, []).append(node.name)
+        consumers = self.consumers()
         moved = {}
         for scope in self.layers:
             source = self.arch.inputs_of(self.arch.node(scope))[0]
@@ -354,10 +359,7 @@ def output_ranges(net: ExportNet, representative: np.ndarray) -> dict:
     another layer (whose ``/input`` has one). 0 is included, as TFLite needs."""
     import tensorflow as tf
 
-    consumers: dict[str, list] = {}
-    for node in net.arch.nodes:
-        for source in net.arch.inputs_of(node):
-            consumers.setdefault(source, []).append(node)
+    consumers = net.consumers()
     layer_names = set(net.layers)
 
     moved = net._moved_input_ranges()
@@ -496,8 +498,8 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
 def _match_ops(linear: list, scopes: list, net: ExportNet, graph) -> list:
     """``[(op, scope, channels)]``: each conv / depthwise / FC op of the converted model (in
     execution order) with the layer and the output channels it computes (``None``: all).
-    A split layer
-    (:meth:`ExportNet.is_split`) has two ops, told apart by their weights' type."""
+    A split layer (:meth:`ExportNet.is_split`) has two ops, told apart by their weights'
+    type."""
     expected = sum(2 if net.is_split(scope) else 1 for scope in scopes)
     if len(linear) != expected:
         raise RuntimeError(f"the converted model has {len(linear)} conv/depthwise/FC ops, the "

@@ -340,7 +340,7 @@ def _run_stage(name: str, body, cli: dict) -> tuple[Stage, dict]:
         return st, done
     started = time.perf_counter()
     result = _run_stage_body(st, name, body)
-    if st.chief and result is not None:
+    if st.chief:
         print(f"[{name}] stage time {time.perf_counter() - started:,.0f} s")
     return result
 

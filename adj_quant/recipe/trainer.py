@@ -182,7 +182,6 @@ class Trainer:
         self._traced_write = None
         self._bits_png = None   # (the per-layer averages plotted, the PNG)
         self._called: set[bool] = set()
-        self.clock = StageClock()
         self.top1_history: list[float] = []
         self._eval_step = validation.make_eval_step(model, self.strategy)
         self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
