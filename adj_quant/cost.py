@@ -627,16 +627,28 @@ def input_liveness(net: Network, bits: BitAssignment, img_size: int = 224) -> di
     dropout; a sigmoid of 0 is not 0. A product is zero where a factor is, a residual sum
     where both terms are. The image's channels exist.
     """
+    return channel_liveness(net, bits.density, img_size)[0]
+
+
+def channel_liveness(net: Network, density: dict, img_size: int = 224
+                     ) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
+    """``(alive_in, alive_out)``: ``{layer: [cin]}`` and ``{layer: [cout]}`` of 1/0 (float64,
+    without gradient), which input and output channels of each weight layer exist, for
+    the densities ``density`` (as :attr:`BitAssignment.density`; a layer without an entry
+    is dense). An output channel none of whose kept weights reads a live input channel
+    is removed; :class:`adj_quant.qnetwork.QuantizedNetwork` zeroes its bias, so it is
+    exactly 0 (see :func:`input_liveness` for how zero travels between layers).
+    """
     specs = {spec.scope: spec for spec in network_layers(net, img_size)}
     alive = {"image": tf.ones([3], _DTYPE)}
-    result = {}
+    alive_in, alive_out = {}, {}
     for node in net.nodes:
         names = net.inputs_of(node)
         x = alive[names[0]]
         if node.name in specs:
             spec = specs[node.name]
-            result[node.name] = x
-            y = _kept_taps(spec, bits.density.get(node.name, 1.0), x)[2]
+            alive_in[node.name] = x
+            y = alive_out[node.name] = _kept_taps(spec, density.get(node.name, 1.0), x)[2]
         elif node.op == "act":
             y = x if node.fn in ZERO_PRESERVING else tf.ones_like(x)
         elif node.op == "mul":
@@ -650,7 +662,7 @@ def input_liveness(net: Network, bits: BitAssignment, img_size: int = 224) -> di
         else:
             y = x
         alive[node.name] = y
-    return result
+    return alive_in, alive_out
 
 
 #: Channel liveness through the operations that regroup channels (a layer norm's output

@@ -220,14 +220,19 @@ class QuantizedLayer(tf.Module):
         if self.prune_threshold is not None:
             self.mask.assign(learned_mask(self.weights, self.prune_threshold))
 
-    def quantized_weights(self) -> tuple[tf.Tensor, tf.Tensor]:
+    def quantized_weights(self, alive_out=None) -> tuple[tf.Tensor, tf.Tensor]:
+        """The weights and biases the layer computes with. ``alive_out`` ([cout] 1/0, from
+        :meth:`QuantizedNetwork.output_liveness`) says which output channels the network
+        keeps; without it, a channel is kept when it has a weight left."""
         biases = self.biases if self.bias_quant is None else self.bias_quant(self.biases)
         weights = self.weight_quant(self.weights)
         if self.mask is None:
             return weights, biases
-        # Pruned weights are exactly 0; an output channel with none left loses its bias.
+        # Pruned weights are exactly 0; an output channel with none left (or none reading a
+        # channel that is left) loses its bias.
         mask = self.current_mask()
-        return weights * mask, biases * self.kept_channels(mask)
+        kept = self.kept_channels(mask) if alive_out is None else tf.cast(alive_out, mask.dtype)
+        return weights * mask, biases * kept
 
     def _out_axis(self) -> int:
         return 2 if self.kind == "dws" else len(self.weights.shape) - 1
@@ -250,10 +255,10 @@ class QuantizedLayer(tf.Module):
             return tf.reduce_mean(mask, axis=[0, 1])
         return mask
 
-    def __call__(self, x: tf.Tensor, training: bool = False) -> tf.Tensor:
+    def __call__(self, x: tf.Tensor, training: bool = False, alive_out=None) -> tf.Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x)
-        weights, biases = self.quantized_weights()
+        weights, biases = self.quantized_weights(alive_out)
         return nw.apply_linear(self.kind, x, weights, self.stride, self.padding,
                                **self.options) + biases
 
@@ -331,9 +336,25 @@ class QuantizedNetwork(tf.Module):
         quant = self._quantizer_of(scope, fn)
         return nw.ACTIVATIONS[fn](x if quant is None else quant(x))
 
+    def output_liveness(self, img_size: int = 224) -> dict[str, tf.Tensor] | None:
+        """``{layer: [cout] 1/0}``: the output channels the network keeps, or None when it
+        has no masks. A channel is removed when none of its kept weights reads a channel
+        that is left (:func:`adj_quant.cost.channel_liveness`, the rule the score counts
+        by): a depthwise channel whose input channel was pruned away loses its bias too,
+        so every removed channel is exactly 0."""
+        if not self.qcfg.pruned:
+            return None
+        from adj_quant.cost import channel_liveness
+
+        density = {s: layer.density() for s, layer in self.layers.items()
+                   if layer.mask is not None}
+        return channel_liveness(self.net, density, img_size)[1]
+
     def __call__(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        alive = self.output_liveness(int(images.shape[1] or 224)) or {}
         return self.net.forward(
-            images, lambda name, x, t: self.layers[name](x, t), training=training,
+            images, lambda name, x, t: self.layers[name](x, t, alive.get(name)),
+            training=training,
             activation=self._activation, dropout=nw.stateless_dropout(self.rng),
             dropout_rate=self.dropout_rate, drop_connect_rate=self.drop_connect_rate)
 

@@ -217,11 +217,12 @@ def export_net(model, spec, quantization: str) -> ExportNet:
     from adj_quant.qnetwork import ACTIVATION_SITES
 
     layers = {}
+    alive = {} if spec.kind == "float" else model.output_liveness() or {}
     for scope, layer in model.layers.items():
         if spec.kind == "float":
             weights, biases = fold_batch_norm(layer)
         else:
-            weights, biases = layer.quantized_weights()
+            weights, biases = layer.quantized_weights(alive.get(scope))
         layers[scope] = (layer.kind, layer.stride, weights.numpy().astype(np.float32),
                          biases.numpy().astype(np.float32))
     act_ranges = None

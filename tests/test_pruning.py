@@ -9,7 +9,7 @@ from conftest import TOY_NET
 from adj_quant import cost as M
 from adj_quant.errors import UserError
 from adj_quant.network import FloatNetwork
-from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+from adj_quant.qnetwork import QuantConfig, QuantizedLayer, QuantizedNetwork
 from adj_quant.recipe.config import resolve
 from adj_quant.recipe.trainer import pruned_best_key
 from adj_quant.sparsity import GradualPruner, magnitude_mask
@@ -41,6 +41,39 @@ def test_pruned_weights_are_exactly_zero_and_a_removed_channel_loses_its_bias():
     # The forward pass uses them: the output channel 3 of the conv is exactly 0.
     x = tf.constant(np.random.default_rng(1).normal(size=(2, 8, 8, 8)).astype(np.float32))
     np.testing.assert_array_equal(layer(x).numpy()[..., 3], 0.0)
+
+
+def test_a_depthwise_channel_whose_input_is_removed_is_removed_with_its_bias(monkeypatch):
+    """The score removes a depthwise channel whose only input channel is removed (no kept
+    tap reads a live channel), and its consumers' input channel with it; the network must
+    compute it so: the channel loses its bias and is exactly 0."""
+    model = _model()
+    dws = model.layers["block/dws"]
+    dws.biases.assign(np.linspace(-0.35, 0.35, 8).astype(np.float32))  # a folded BN's shift
+    model.calibrate_weights()
+    assert np.all(dws.quantized_weights()[1].numpy() != 0)  # the bias alone would survive
+    conv = model.layers["Conv"]
+    mask = conv.mask.numpy()
+    mask[..., 3] = 0  # the stem's output channel 3, the depthwise's input channel 3
+    conv.mask.assign(mask)
+    counted = M.input_liveness(NET, model.bit_assignment(), 16)
+    np.testing.assert_array_equal(counted["block/dws"], [1, 1, 1, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(counted["block/project"], [1, 1, 1, 0, 1, 1, 1, 1])
+    outputs = {}
+    original = QuantizedLayer.__call__
+
+    def recording(self, x, training=False, alive_out=None):
+        outputs[self.scope] = original(self, x, training, alive_out)
+        return outputs[self.scope]
+
+    monkeypatch.setattr(QuantizedLayer, "__call__", recording)
+    model(IMAGES)
+    dws_out = outputs["block/dws"].numpy()
+    assert np.all(dws_out[..., 3] == 0.0)
+    assert np.all(np.any(dws_out[..., [0, 1, 2, 4, 5, 6, 7]] != 0, axis=(0, 1, 2)))
+    # A dense network keeps every channel.
+    dense = _model(pruned=False)
+    assert dense.output_liveness() is None
 
 
 def test_the_counts_follow_the_masks():
