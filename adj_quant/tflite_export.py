@@ -66,6 +66,15 @@ class ExportNet:
         #: the range is the one calibration would give that tensor (:func:`output_ranges`).
         self.out_ranges: dict = {}
         self._observed: dict | None = None
+        #: ``scope -> the model's output channels the layer keeps`` (index array) for a layer
+        #: that lost channels (:func:`remove_channels`); the others keep all.
+        self.channels: dict = {}
+
+    def model_channels(self, scope: str):
+        """The model's output channels that layer ``scope`` computes (an index array), or
+        ``slice(None)`` for all of them."""
+        kept = self.channels.get(scope)
+        return slice(None) if kept is None else kept
 
     def is_split(self, scope: str) -> bool:
         """Whether ``scope`` exports as two ops, an INT4 and an INT8 one."""
@@ -211,6 +220,143 @@ class ExportNet:
         return self.arch.forward(images, layer, activation=activation)
 
 
+# --------------------------------------------------------------------------- removed channels
+
+#: Operations that act on each channel alone: their input and output carry the same channels.
+_CHANNELWISE = ("act", "gap", "maxpool", "avgpool", "pad", "crop", "dropout")
+#: Activations with f(0) = 0 (a channel of zeros stays zeros).
+_ZERO_PRESERVING = ("swish", "relu", "relu6", "hard_swish")
+
+
+def carried_channels(arch, layers: dict) -> dict[str, tuple]:
+    """``scope -> (input channels, output channels)`` (index arrays, ``None``: all) that the
+    exported graph needs to compute, from the exported weights themselves.
+
+    A channel is left out of a tensor when it is 0 for every image (*dead*: no nonzero weight
+    reads a live channel and the bias is 0; it stays 0 through swish, ReLU and the like, a
+    product with it is 0) or when nothing downstream reads it (*unused*: its consumers' weights
+    from it are 0, or it is multiplied by a dead channel, as an SE gate is where the block's
+    channel was removed). Tensors joined channel by channel (an activation, a pool, a
+    depthwise, the factors of a product, the terms of a sum) carry the same channels, so
+    nothing has to be scattered back: a sum keeps a channel when either term is live. The
+    image, the logits and the inputs and outputs of concatenations, slices, flatten, layer
+    norm and grouped convolutions keep every channel."""
+    from adj_quant import network as nw
+
+    nodes = arch.nodes
+    channels = {name: shape.channels for name, shape in arch.shapes(224).items()}
+    channels[nw.IMAGE] = len(arch.input_mean)
+    live = {nw.IMAGE: np.ones(channels[nw.IMAGE], bool)}
+
+    def reads(weights, alive_in):  # conv / FC: [..., cin, cout] -> [cout] any nonzero live tap
+        nonzero = (weights != 0).reshape(-1, weights.shape[-2], weights.shape[-1]).any(axis=0)
+        return (nonzero & alive_in[:, None]).any(axis=0)
+
+    for node in nodes:
+        names = arch.inputs_of(node)
+        x = live[names[0]]
+        if node.name in layers:
+            kind, _, weights, biases = layers[node.name]
+            if kind == "dws":
+                taps = (weights != 0).any(axis=(0, 1, 3))
+                y = (taps & x) | (biases != 0) if weights.shape[3] == 1 else np.ones_like(x)
+            elif node.groups != 1:
+                y = np.ones(channels[node.name], bool)
+            else:
+                y = reads(weights, x) | (biases != 0)
+        elif node.op == "act":
+            y = x.copy() if node.fn in _ZERO_PRESERVING else np.ones_like(x)
+        elif node.op == "mul":
+            y = x & live[names[1]]
+        elif node.op == "add":
+            y = x | live[names[1]]
+        elif node.op in _CHANNELWISE:
+            y = x.copy()
+        else:
+            y = np.ones(channels[node.name], bool)
+        live[node.name] = y
+    # Which channels are read, from the logits back.
+    used = {name: np.zeros(n, bool) for name, n in channels.items()}
+    used[nodes[-1].name][:] = True
+    for node in reversed(nodes):
+        names = arch.inputs_of(node)
+        out = used[node.name]
+        if node.name in layers and node.groups == 1 and (
+                layers[node.name][0] != "dws" or layers[node.name][2].shape[3] == 1):
+            kind, _, weights, _ = layers[node.name]
+            if kind == "dws":
+                used[names[0]] |= out
+            else:
+                nonzero = (weights != 0).reshape(-1, weights.shape[-2], weights.shape[-1])
+                used[names[0]] |= nonzero.any(axis=0)[:, out].any(axis=1)
+        elif node.op == "mul":
+            used[names[0]] |= out & live[names[1]]
+            used[names[1]] |= out & live[names[0]]
+        elif node.op == "add" or node.op in _CHANNELWISE:
+            for name in names:
+                used[name] |= out
+        else:
+            for name in names:
+                used[name][:] = True
+    # Tensors joined channel by channel share one set: the channels any of them needs.
+    group = {name: name for name in channels}
+
+    def root(name):
+        while group[name] != name:
+            group[name] = group[group[name]]
+            name = group[name]
+        return name
+
+    full = {nw.IMAGE, nodes[-1].name}
+    for node in nodes:
+        names = arch.inputs_of(node)
+        joined = node.op in ("mul", "add") or node.op in _CHANNELWISE or (
+            node.name in layers and layers[node.name][0] == "dws")
+        if joined:
+            for name in names:
+                group[root(name)] = root(node.name)
+        elif node.name not in layers or node.groups != 1:
+            full.update(names)
+            full.add(node.name)
+    keep = {}
+    for name in channels:
+        r = root(name)
+        keep[r] = keep.get(r, np.zeros(channels[name], bool)) | (used[name] & live[name])
+    for name in full:
+        keep[root(name)][:] = True
+    for r, k in keep.items():
+        if not k.any():  # a tensor with no channel left keeps one (TFLite has no empty tensors)
+            k[0] = True
+
+    def index(name):
+        k = keep[root(name)]
+        return None if k.all() else np.flatnonzero(k)
+
+    return {scope: (index(arch.inputs_of(arch.node(scope))[0]), index(scope)) for scope in layers}
+
+
+def remove_channels(net: ExportNet) -> int:
+    """Drop from ``net`` the channels :func:`carried_channels` finds no use for: the
+    layers' weights and biases lose those input and output channels, and ``net.channels``
+    records which of the model's channels each layer kept. Returns the weights removed."""
+    removed = 0
+    for scope, (cin, cout) in carried_channels(net.arch, net.layers).items():
+        if cin is None and cout is None:
+            continue
+        kind, stride, weights, biases = net.layers[scope]
+        before = weights.size
+        if kind == "dws":
+            weights = weights[:, :, cout] if cout is not None else weights
+        else:
+            weights = weights if cin is None else np.take(weights, cin, axis=-2)
+            weights = weights if cout is None else np.take(weights, cout, axis=-1)
+        biases = biases if cout is None else biases[cout]
+        net.layers[scope] = (kind, stride, weights, biases)
+        net.channels[scope] = cout
+        removed += before - weights.size
+    return removed
+
+
 def export_net(model, spec, quantization: str) -> ExportNet:
     """The :class:`ExportNet` of a restored float or quantized model."""
     from adj_quant.network import fold_batch_norm
@@ -298,14 +444,16 @@ _LINEAR_OPS = {3: "conv", 4: "dws", 9: "fc"}  # BuiltinOperator CONV_2D, DEPTHWI
 _INT8, _INT32, _INT4 = 9, 2, 17               # TensorType
 
 
-def learned_grid(quant, values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def learned_grid(quant, values: np.ndarray, axis: int,
+                 channels=slice(None)) -> tuple[np.ndarray, np.ndarray]:
     """``(q, s)``: the integer level of every fake-quantized value and each channel's scale.
 
-    ``values`` are the quantizer's outputs (``q / s_c``) with channels on ``axis``.
+    ``values`` are the quantizer's outputs (``q / s_c``) with channels on ``axis``: the
+    quantizer's ``channels`` (all, or those a layer kept, ``ExportNet.model_channels``).
     """
     from adj_quant.packed import quantizer_grid
 
-    scale = quantizer_grid(quant)[0].astype(np.float64)  # s_c exactly as the quantizer has it
+    scale = quantizer_grid(quant)[0].astype(np.float64)[channels]  # s_c as the quantizer has it
     shape = [1] * values.ndim
     shape[axis] = -1
     q = np.round(values.astype(np.float64) * scale.reshape(shape))
@@ -336,7 +484,8 @@ def int4_steps(model, net: ExportNet, split: bool = True,
         if kind == "fc":
             continue
         axis = 2 if kind == "dws" else weights.ndim - 1
-        q, s = learned_grid(model.layers[scope].weight_quant, weights, axis)
+        q, s = learned_grid(model.layers[scope].weight_quant, weights, axis,
+                            net.model_channels(scope))
         shape = [1] * weights.ndim
         shape[axis] = -1
         on_grid = np.abs(q / s.reshape(shape) - weights) <= 1e-5 * (np.abs(weights) + 1e-3)
@@ -450,7 +599,8 @@ def snap_to_learned_levels(tflite: bytes, model, net: ExportNet) -> tuple[bytes,
         old_scale = np.asarray(w_t.quantization.scale, np.float64)
         axis = w_t.quantization.quantizedDimension
         full = _to_tflite_layout(kind, weights)
-        q, s = learned_grid(model.layers[scope].weight_quant, full, axis)
+        q, s = learned_grid(model.layers[scope].weight_quant, full, axis,
+                            net.model_channels(scope))
         target = full
         if part is not None:
             target, q, s = np.take(full, part, axis), np.take(q, part, axis), s[part]

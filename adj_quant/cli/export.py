@@ -59,6 +59,12 @@ EXTRA = {
                               "becomes an INT4 op and an INT8 op, concatenated and gathered "
                               "back into order (--no-int4_split: such a conv stays one INT8 "
                               "op; fewer ops, a larger file)"),
+    "--remove_channels": dict(action=argparse.BooleanOptionalAction, default=True,
+                              help="(a pruned quantized checkpoint) leave out of the exported "
+                                   "graph the channels pruning removed, with the channels "
+                                   "that only they fed or read (a depthwise channel, an SE "
+                                   "gate channel, a consumer's input channel); the logits "
+                                   "do not change (--no-remove_channels: keep them as zeros)"),
     "--output": dict(metavar="PATH",
                      help="output file (tflite) or directory (saved_model) (default: "
                           "<ckpt dir>/model_<quantization>.tflite or "
@@ -117,6 +123,9 @@ def main(argv=None) -> dict:
         f"{result['model_kind']} checkpoint")
     print(f"wrote {result['output']} ({result['size_bytes']:,} bytes, {what} of the {source} "
           f"{result['checkpoint']})")
+    if result.get("removed_weights"):
+        print(f"removed channels: {result['removed_weights']:,} weights left out of the graph "
+              "(the channels pruning removed, and those only they fed or read)")
     if result.get("activation_ranges"):
         print(f"activation ranges: {result['activation_ranges']}")
     if result.get("packed"):

@@ -19,6 +19,7 @@ from adj_quant.tflite_export import (
     inference_module,
     int4_steps,
     output_ranges,
+    remove_channels,
     snap_to_learned_levels,
 )
 
@@ -162,6 +163,9 @@ def export(cli: dict) -> dict:
     else:
         model, spec, ckpt = load_checkpoint(ckpt, o, quantization)
     net = export_net(model, spec, quantization)
+    removed = 0
+    if spec.kind != "float" and model.qcfg.pruned and cli.get("remove_channels", True):
+        removed = remove_channels(net)
     module = inference_module(net, o.img_size)
     started = time.time()
     levels = None
@@ -203,7 +207,7 @@ def export(cli: dict) -> dict:
     return {"output": output, "size_bytes": tree_size(output), "checkpoint": ckpt,
             "model_kind": spec.kind, "format": fmt, "quantization": quantization,
             "seconds": time.time() - started, "options": o, "levels": levels,
-            "activation_ranges": activation_ranges}
+            "activation_ranges": activation_ranges, "removed_weights": removed}
 
 
 def weight_table(model, levels: dict) -> dict:
