@@ -228,7 +228,7 @@ _CHANNELWISE = ("act", "gap", "maxpool", "avgpool", "pad", "crop", "dropout")
 _ZERO_PRESERVING = ("swish", "relu", "relu6", "hard_swish")
 
 
-def carried_channels(arch, layers: dict) -> dict[str, tuple]:
+def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple]:
     """``scope -> (input channels, output channels)`` (index arrays, ``None``: all) that the
     exported graph needs to compute, from the exported weights themselves.
 
@@ -240,11 +240,12 @@ def carried_channels(arch, layers: dict) -> dict[str, tuple]:
     depthwise, the factors of a product, the terms of a sum) carry the same channels, so
     nothing has to be scattered back: a sum keeps a channel when either term is live. The
     image, the logits and the inputs and outputs of concatenations, slices, flatten, layer
-    norm and grouped convolutions keep every channel."""
+    norm and grouped convolutions keep every channel. ``img_size``: the exported input
+    size (a flatten's channels depend on it)."""
     from adj_quant import network as nw
 
     nodes = arch.nodes
-    channels = {name: shape.channels for name, shape in arch.shapes(224).items()}
+    channels = {name: shape.channels for name, shape in arch.shapes(img_size).items()}
     channels[nw.IMAGE] = len(arch.input_mean)
     live = {nw.IMAGE: np.ones(channels[nw.IMAGE], bool)}
 
@@ -335,12 +336,12 @@ def carried_channels(arch, layers: dict) -> dict[str, tuple]:
     return {scope: (index(arch.inputs_of(arch.node(scope))[0]), index(scope)) for scope in layers}
 
 
-def remove_channels(net: ExportNet) -> int:
+def remove_channels(net: ExportNet, img_size: int = 224) -> int:
     """Drop from ``net`` the channels :func:`carried_channels` finds no use for: the
     layers' weights and biases lose those input and output channels, and ``net.channels``
     records which of the model's channels each layer kept. Returns the weights removed."""
     removed = 0
-    for scope, (cin, cout) in carried_channels(net.arch, net.layers).items():
+    for scope, (cin, cout) in carried_channels(net.arch, net.layers, img_size).items():
         if cin is None and cout is None:
             continue
         kind, stride, weights, biases = net.layers[scope]

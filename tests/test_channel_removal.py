@@ -60,14 +60,14 @@ def pruned():
 
 def _net(model, remove=True, quantization="adjustable"):
     net = TE.export_net(model, ModelSpec("quant", NET, model.qcfg), quantization)
-    removed = TE.remove_channels(net) if remove else 0
+    removed = TE.remove_channels(net, 16) if remove else 0
     return net, removed
 
 
 def test_the_channels_left_are_those_worked_out_by_hand(pruned):
     model, _ = pruned
     net, _ = _net(model, remove=False)
-    got = TE.carried_channels(NET, net.layers)
+    got = TE.carried_channels(NET, net.layers, 16)
     assert got["Conv"] == (None, None)  # feeds the residual sum
     assert got["block/expand"][0] is None and list(got["block/expand"][1]) == LEFT_16
     assert list(got["block/dws"][1]) == LEFT_16

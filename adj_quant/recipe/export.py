@@ -165,7 +165,7 @@ def export(cli: dict) -> dict:
     net = export_net(model, spec, quantization)
     removed = 0
     if spec.kind != "float" and model.qcfg.pruned and cli.get("remove_channels", True):
-        removed = remove_channels(net)
+        removed = remove_channels(net, o.img_size)
     module = inference_module(net, o.img_size)
     started = time.time()
     levels = None
