@@ -214,3 +214,34 @@ def test_traced_checkpoint_writes_equal_eager_ones_and_resume_from_them(tmp_path
         assert any("/m/" in k or "adam" in k for k in keys)
         for key in keys:
             np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
+
+
+def test_the_evaluation_step_is_traced_once_for_every_batch_size():
+    """The validation's last batch is smaller than the others; the evaluation step must
+    not be traced again for it (each trace of a quantized network costs seconds). Oracle:
+    the hits counted in plain NumPy from the model's logits."""
+    from conftest import TOY_NET
+
+    from adj_quant.network import FloatNetwork
+    from adj_quant.recipe import validation
+
+    model = FloatNetwork(TOY_NET, seed=0)
+    traces = []
+    call = model.__call__
+
+    class Counted:
+        def __call__(self, images, training=False):
+            traces.append(images.shape.as_list())
+            return call(images, training=training)
+
+    step = validation.make_eval_step(Counted())
+    rng = np.random.default_rng(0)
+    for n in (8, 3, 8):
+        images = rng.uniform(0, 1, (n, 16, 16, 3)).astype(np.float32)
+        labels = rng.integers(0, 10, n)
+        top1, top5 = step(tf.constant(images), tf.constant(labels))
+        logits = model(tf.constant(images)).numpy()
+        assert int(top1) == int((logits.argmax(axis=1) == labels).sum())
+        ranks = (logits > logits[np.arange(n), labels][:, None]).sum(axis=1)
+        assert int(top5) == int((ranks < 5).sum())
+    assert traces == [[None, 16, 16, 3]]

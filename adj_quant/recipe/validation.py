@@ -29,8 +29,25 @@ def make_eval_step(model, strategy: tf.distribute.Strategy | None = None):
         return reduce_sum(strategy, top1), reduce_sum(strategy, top5)
 
     if not is_distributed(strategy):
-        return tf.function(hits, reduce_retracing=True, autograph=False)
+        return _traced_once(hits)
     return lambda images, labels: replicated(*split_batch(strategy, images, labels))
+
+
+def _traced_once(fn):
+    """``fn(images, labels)`` as a ``tf.function`` traced once for every batch size: the
+    first call traces it with the batch dimension unknown. (Traced for the first batch's
+    size, the smaller last batch of the validation data traced it a second time, a few
+    seconds of every stage.)"""
+    function = tf.function(fn, reduce_retracing=True, autograph=False)
+
+    def call(images, labels):
+        if not function.experimental_get_tracing_count():
+            images, labels = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
+            function.get_concrete_function(*(tf.TensorSpec([None, *t.shape[1:]], t.dtype)
+                                             for t in (images, labels)))
+        return function(images, labels)
+
+    return call
 
 
 def accuracy(model, dataset, *, what: str = "validation data", progress: bool = True,
