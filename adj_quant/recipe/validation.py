@@ -34,17 +34,22 @@ def make_eval_step(model, strategy: tf.distribute.Strategy | None = None):
 
 
 def _traced_once(fn):
-    """``fn(images, labels)`` as a ``tf.function`` traced once for every batch size: the
-    first call traces it with the batch dimension unknown. (Traced for the first batch's
-    size, the smaller last batch of the validation data traced it a second time, a few
-    seconds of every stage.)"""
-    function = tf.function(fn, reduce_retracing=True, autograph=False)
+    """``fn(images, labels)`` as a ``tf.function`` traced once: a batch smaller than the
+    first one (the last batch of the validation data) is padded to the first one's size
+    with black images labelled -1, which no top-k counts (``tf.math.in_top_k`` is false for
+    a label out of range). Without it, that batch traced the step a second time, a few
+    seconds of every stage; tracing with the batch size unknown instead made every later
+    validation a quarter slower."""
+    function = tf.function(fn, autograph=False)
+    size = None
 
     def call(images, labels):
-        if not function.experimental_get_tracing_count():
-            images, labels = tf.convert_to_tensor(images), tf.convert_to_tensor(labels)
-            function.get_concrete_function(*(tf.TensorSpec([None, *t.shape[1:]], t.dtype)
-                                             for t in (images, labels)))
+        nonlocal size
+        n = int(images.shape[0])
+        size = size or n
+        if n < size:
+            images = tf.concat([images, tf.zeros([size - n, *images.shape[1:]], images.dtype)], 0)
+            labels = tf.concat([labels, tf.fill([size - n], tf.constant(-1, labels.dtype))], 0)
         return function(images, labels)
 
     return call
