@@ -249,6 +249,9 @@ def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple
     channels[nw.IMAGE] = len(arch.input_mean)
     live = {nw.IMAGE: np.ones(channels[nw.IMAGE], bool)}
 
+    def depthwise(name):  # a depthwise layer with one output channel per input channel
+        return name in layers and layers[name][0] == "dws" and layers[name][2].shape[3] == 1
+
     def reads(weights, alive_in):  # conv / FC: [..., cin, cout] -> [cout] any nonzero live tap
         nonzero = (weights != 0).reshape(-1, weights.shape[-2], weights.shape[-1]).any(axis=0)
         return (nonzero & alive_in[:, None]).any(axis=0)
@@ -260,7 +263,8 @@ def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple
             kind, _, weights, biases = layers[node.name]
             if kind == "dws":
                 taps = (weights != 0).any(axis=(0, 1, 3))
-                y = (taps & x) | (biases != 0) if weights.shape[3] == 1 else np.ones_like(x)
+                y = ((taps & x) | (biases != 0) if weights.shape[3] == 1
+                     else np.ones(channels[node.name], bool))
             elif node.groups != 1:
                 y = np.ones(channels[node.name], bool)
             else:
@@ -282,14 +286,12 @@ def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple
     for node in reversed(nodes):
         names = arch.inputs_of(node)
         out = used[node.name]
-        if node.name in layers and node.groups == 1 and (
-                layers[node.name][0] != "dws" or layers[node.name][2].shape[3] == 1):
-            kind, _, weights, _ = layers[node.name]
-            if kind == "dws":
-                used[names[0]] |= out
-            else:
-                nonzero = (weights != 0).reshape(-1, weights.shape[-2], weights.shape[-1])
-                used[names[0]] |= nonzero.any(axis=0)[:, out].any(axis=1)
+        if depthwise(node.name):
+            used[names[0]] |= out
+        elif node.name in layers and node.groups == 1 and layers[node.name][0] != "dws":
+            weights = layers[node.name][2]
+            nonzero = (weights != 0).reshape(-1, weights.shape[-2], weights.shape[-1])
+            used[names[0]] |= nonzero.any(axis=0)[:, out].any(axis=1)
         elif node.op == "mul":
             used[names[0]] |= out & live[names[1]]
             used[names[1]] |= out & live[names[0]]
@@ -311,12 +313,10 @@ def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple
     full = {nw.IMAGE, nodes[-1].name}
     for node in nodes:
         names = arch.inputs_of(node)
-        joined = node.op in ("mul", "add") or node.op in _CHANNELWISE or (
-            node.name in layers and layers[node.name][0] == "dws")
-        if joined:
+        if node.op in ("mul", "add") or node.op in _CHANNELWISE or depthwise(node.name):
             for name in names:
                 group[root(name)] = root(node.name)
-        elif node.name not in layers or node.groups != 1:
+        elif node.name not in layers or node.groups != 1 or layers[node.name][0] == "dws":
             full.update(names)
             full.add(node.name)
     keep = {}
