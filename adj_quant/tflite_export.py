@@ -224,8 +224,6 @@ class ExportNet:
 
 #: Operations that act on each channel alone: their input and output carry the same channels.
 _CHANNELWISE = ("act", "gap", "maxpool", "avgpool", "pad", "crop", "dropout")
-#: Activations with f(0) = 0 (a channel of zeros stays zeros).
-_ZERO_PRESERVING = ("swish", "relu", "relu6", "hard_swish")
 
 
 def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple]:
@@ -243,6 +241,7 @@ def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple
     norm and grouped convolutions keep every channel. ``img_size``: the exported input
     size (a flatten's channels depend on it)."""
     from adj_quant import network as nw
+    from adj_quant.cost import ZERO_PRESERVING
 
     nodes = arch.nodes
     channels = {name: shape.channels for name, shape in arch.shapes(img_size).items()}
@@ -270,7 +269,7 @@ def carried_channels(arch, layers: dict, img_size: int = 224) -> dict[str, tuple
             else:
                 y = reads(weights, x) | (biases != 0)
         elif node.op == "act":
-            y = x.copy() if node.fn in _ZERO_PRESERVING else np.ones_like(x)
+            y = x.copy() if node.fn in ZERO_PRESERVING else np.ones_like(x)
         elif node.op == "mul":
             y = x & live[names[1]]
         elif node.op == "add":
