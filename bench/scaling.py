@@ -71,11 +71,12 @@ def make_step(strategy, kind: str, args, workdir: str):
             model = QuantizedNetwork.from_float(float_model, QuantConfig(bits_trainable=True))
             trainer = Trainer(model, options, os.path.join(workdir, "quant"),
                               teacher=float_model)
-        step = trainer.train_step(kind == "quant")
+        step = trainer.train_step()
     lr = tf.constant(1e-6)
+    train_bits = tf.constant(kind == "quant")
 
     def run(images, labels):
-        parts = step(*distribution.split_batch(strategy, images, labels), lr, lr)
+        parts = step(*distribution.split_batch(strategy, images, labels), lr, lr, train_bits)
         return float(parts["loss"].numpy())
 
     return run

@@ -246,3 +246,58 @@ def test_the_evaluation_step_is_traced_once_for_every_batch_size():
         ranks = (logits > logits[np.arange(n), labels][:, None]).sum(axis=1)
         assert int(top5) == int((ranks < 5).sum())
     assert traces == [[8, 16, 16, 3]]
+
+
+def _adam_first_step(var, grad, lr, epsilon=training_rules.ADAM_EPSILON):
+    """TF1 Adam's first update from zero slots, by hand: m = 0.1 g, v = 0.001 g^2 and
+    ``var - lr sqrt(1 - 0.999) / (1 - 0.9) m / (sqrt(v) + epsilon)``."""
+    m, v = 0.1 * grad, 0.001 * grad * grad
+    return var - lr * np.sqrt(1 - 0.999) / (1 - 0.9) * m / (np.sqrt(v) + epsilon)
+
+
+def test_one_step_function_trains_the_weights_alone_or_the_bits_too(tmp_path):
+    """A stage that alternates (``--iter_train``) runs one traced step function for both
+    kinds of mini-epoch. With ``train_bits`` false the bits and their optimizer are left
+    exactly as they were; either way every trained variable takes the Adam step of its
+    gradient. Oracle: the gradients of the same loss by a plain ``tf.GradientTape``, and
+    the first Adam update worked out in NumPy."""
+    from conftest import TOY_NET
+
+    from adj_quant.network import FloatNetwork
+    from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+    from adj_quant.recipe.config import resolve
+    from adj_quant.recipe.trainer import Trainer
+
+    options = resolve({"img_size": 16, "batch_size": 8, "bits_trainable": True,
+                       "iter_train": True, "progress": False}, "adjustable")
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(0, 1, (8, 16, 16, 3)).astype(np.float32))
+    labels = tf.constant(rng.integers(0, 10, 8))
+    lr, lr_bits = 1e-3, 1e-2
+    for train_bits in (False, True):
+        teacher = FloatNetwork(TOY_NET, seed=0)
+        model = QuantizedNetwork.from_float(FloatNetwork(TOY_NET, seed=1),
+                                            QuantConfig(bits_trainable=True))
+        trainer = Trainer(model, options, str(tmp_path / str(train_bits)), teacher=teacher)
+        with tf.GradientTape() as tape:
+            loss = trainer._loss(images, labels, training=True)["loss"]
+        variables = trainer.weight_vars + trainer.bits_vars
+        grads = [g.numpy() for g in tape.gradient(loss, variables)]
+        before = [v.numpy() for v in variables]
+        step = trainer.train_step()
+        for bits_step in (train_bits, not train_bits):  # one trace serves both kinds
+            step.get_concrete_function(images, labels, tf.constant(lr), tf.constant(lr_bits),
+                                       tf.constant(bits_step))
+        assert step.experimental_get_tracing_count() == 1
+        step(images, labels, tf.constant(lr), tf.constant(lr_bits), tf.constant(train_bits))
+        n = len(trainer.weight_vars)
+        for i, (var, value, grad) in enumerate(zip(variables, before, grads)):
+            if i >= n and not train_bits:
+                np.testing.assert_array_equal(var.numpy(), value, err_msg=var.name)
+            else:
+                expected = _adam_first_step(value, grad, lr if i < n else lr_bits)
+                np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-7,
+                                           err_msg=var.name)
+        assert int(trainer.bits_opt.iterations.numpy()) == int(train_bits)
+        assert int(trainer.opt.iterations.numpy()) == 1
+        assert any(np.any(g != 0) for g in grads[n:])  # the bits had a gradient to take

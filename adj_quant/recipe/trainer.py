@@ -177,11 +177,11 @@ class Trainer:
             bits_trainable=bool(bits_vars), finetune=options.finetune,
             warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
             iter_train_freq=options.iter_train_freq)
-        self._train_step = {}
+        self._train_step = None
         self._cost = None       # (fingerprint of the bits, their CostReport)
         self._traced_write = None
         self._bits_png = None   # (the per-layer averages plotted, the PNG)
-        self._called: set[bool] = set()
+        self._called = False    # the step function has run once
         self.top1_history: list[float] = []
         self._eval_step = validation.make_eval_step(model, self.strategy)
         self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
@@ -230,11 +230,19 @@ class Trainer:
         return rules.adjustable_loss(logits, labels, f_logits, metric, ce_weight=self.o.alpha,
                                      metric_weight=self.o.beta, target=self.o.metric)
 
-    def train_step(self, train_bits: bool):
-        """The step function: ``step(images, labels, lr, lr_bits) -> loss parts``, with
-        ``images`` and ``labels`` split over the replicas (:meth:`split`)."""
-        if train_bits not in self._train_step:
-            variables = self.weight_vars + (self.bits_vars if train_bits else [])
+    def train_step(self):
+        """The step function: ``step(images, labels, lr, lr_bits, train_bits) -> loss parts``,
+        with ``images`` and ``labels`` split over the replicas (:meth:`split`) and
+        ``train_bits`` a bool tensor: whether the bits optimizer takes a step too.
+
+        One function serves the mini-epochs that train the bits and those that do not (the
+        bits' update sits in a ``tf.cond``), so a stage traces and first-calls one graph,
+        not two. In a stage whose bits can train, the gradients of the bits are computed at
+        every step and used where ``train_bits`` is true; the weights' gradients and
+        updates are the same ops either way."""
+        if self._train_step is None:
+            bits_train = self.flags.bits_trainable and not self.flags.finetune
+            variables = self.weight_vars + (self.bits_vars if bits_train else [])
             strategy = self.strategy
             replicas = strategy.num_replicas_in_sync
             metric_weight = self.o.beta if self.teacher is not None else 0.0
@@ -250,22 +258,26 @@ class Trainer:
                     grads = distribution.all_reduce_sum(grads)
                 return parts, grads
 
-            def step(images, labels, lr, lr_bits):
+            def step(images, labels, lr, lr_bits, train_bits):
                 parts, grads = strategy.run(replica_step, (images, labels))
                 n = len(self.weight_vars)
                 with strategy.scope():  # the optimizers update every replica's copy
                     self.opt.apply(grads[:n], self.weight_vars, lr)
-                    if train_bits:
-                        self.bits_opt.apply(grads[n:], self.bits_vars, lr_bits)
+                    if bits_train:
+                        def bits_update():
+                            self.bits_opt.apply(grads[n:], self.bits_vars, lr_bits)
+                            return tf.constant(True)
+
+                        tf.cond(train_bits, bits_update, lambda: tf.constant(False))
                 if replicas == 1:
                     return parts
                 return {k: distribution.reduce_sum(strategy, v) for k, v in parts.items()}
 
             # No AutoGraph: the step and the model have no tensor-dependent Python control
             # flow, and converting the network's code costs seconds of tracing per stage.
-            self._train_step[train_bits] = tf.function(step, jit_compile=self.o.jit_compile,
-                                                       autograph=False)
-        return self._train_step[train_bits]
+            self._train_step = tf.function(step, jit_compile=self.o.jit_compile,
+                                           autograph=False)
+        return self._train_step
 
     # ------------------------------------------------------------------ data
 
@@ -457,7 +469,7 @@ class Trainer:
     def _train_mini_epoch(self, index, total, batches, steps, train_bits) -> float | None:
         """Train one mini-epoch; returns its mean loss (None if it had no steps)."""
         o = self.o
-        step_fn = self.train_step(train_bits)
+        step_fn = self.train_step()
         bound = self.loss_bound()
         losses = []
         bar = tqdm(total=steps, desc=f"{self.stage} {index + 1}/{total}", unit="step",
@@ -480,15 +492,15 @@ class Trainer:
             images, labels = distribution.split_batch(self.strategy, images, labels,
                                                       per_worker=self.file_shard is not None)
             args = (images, labels, tf.constant(lr, tf.float32),
-                    tf.constant(lr_bits, tf.float32))
-            first = train_bits not in self._called
+                    tf.constant(lr_bits, tf.float32), tf.constant(train_bits))
+            first = not self._called
             if first and not distribution.is_distributed(self.strategy):
                 with self.clock.part("tracing"):  # the call below reuses this trace
                     step_fn.get_concrete_function(*args)
             with self.clock.part("first calls" if first else "steps"):
                 parts = step_fn(*args)
                 loss = float(parts["loss"].numpy())
-            self._called.add(train_bits)
+            self._called = True
             if not rules.is_finite(loss):
                 raise self._diverged(f"the loss became {loss} at step {step}")
             if bound is not None and loss > bound:
