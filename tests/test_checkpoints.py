@@ -161,3 +161,63 @@ def test_damage_in_a_tensor_the_model_does_not_restore_is_refused_too(tmp_path):
     _flip_middle_byte(prefix + DATA)
     with pytest.raises(CorruptCheckpoint, match="Checksum does not match"):
         restore_model(Tiny(), prefix)
+
+
+def test_later_saves_write_what_checkpoint_write_writes_and_restore(tmp_path):
+    """The second and later saves of one checkpoint object skip ``tf.train.Checkpoint.write``
+    (``CheckpointWriter``); oracle: ``write`` itself, on the same values, for every key
+    (the object graph included), and a restore into fresh objects."""
+    from conftest import TOY_NET
+
+    from adj_quant.network import FloatNetwork
+    from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+    from adj_quant.training_rules import Adam
+
+    def objects(seed):
+        model = QuantizedNetwork.from_float(FloatNetwork(TOY_NET, seed=seed),
+                                            QuantConfig(bits_trainable=True))
+        adam = Adam(model.trainable_variables, "adam")
+        step = tf.Variable(0, dtype=tf.int64)
+        return model, adam, step, tf.train.Checkpoint(model=model, adam=adam, step=step)
+
+    model, adam, step, checkpoint = objects(0)
+    ckpts = RunCheckpoints(str(tmp_path / "stage"))
+    calls = []
+    write = checkpoint.write
+    checkpoint.write = lambda prefix: calls.append(prefix) or write(prefix)
+    for i in range(3):
+        for var in [*model.trainable_variables, *adam.m]:
+            var.assign_add(tf.fill(var.shape, 0.25 * (i + 1)))
+        step.assign_add(7)
+        fast = ckpts.save(checkpoint, f"me{i + 1:04d}", {"top1": 0.1 * i})
+        reference = write(str(tmp_path / "reference" / f"me{i + 1:04d}"))
+        a, b = tf.train.load_checkpoint(fast), tf.train.load_checkpoint(reference)
+        keys = sorted(b.get_variable_to_shape_map())
+        assert sorted(a.get_variable_to_shape_map()) == keys and len(keys) > 100
+        for key in keys:
+            np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
+    assert len(calls) == 1  # only the first save walked the objects
+    other, other_adam, other_step, restored = objects(1)
+    restored.read(fast).assert_consumed()
+    for x, y in zip([*other.variables, *other_adam.variables], [*model.variables, *adam.variables]):
+        np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=y.name)
+    assert int(other_step.numpy()) == 21
+
+
+def test_a_checkpoint_with_more_than_variables_is_written_by_write_every_time(tmp_path):
+    """An iterator's state is not a variable: every save goes through ``write``, and the
+    file restores the iterator's position."""
+    dataset = tf.data.Dataset.range(10)
+    iterator = iter(dataset)
+    checkpoint = tf.train.Checkpoint(model=Tiny(1.0), iterator=iterator)
+    calls = []
+    write = checkpoint.write
+    checkpoint.write = lambda prefix: calls.append(prefix) or write(prefix)
+    ckpts = RunCheckpoints(str(tmp_path / "stage"))
+    for i in range(3):
+        next(iterator)
+        last = ckpts.save(checkpoint, f"me{i + 1:04d}", {"top1": 0.1 * i})
+    assert len(calls) == 3
+    again = iter(dataset)
+    tf.train.Checkpoint(model=Tiny(0.0), iterator=again).read(last).assert_consumed()
+    assert int(next(again)) == 3

@@ -37,13 +37,6 @@ from adj_quant.recipe.plots import layer_average_bits, layer_sparsity, per_layer
 from adj_quant.sparsity import GradualPruner
 
 LOG_EVERY = 10
-#: A stage with at least this many checkpoints still to write saves them from a traced
-#: function (:meth:`Trainer._traced_writer`). Its first call costs 8-12 ordinary saves
-#: (tracing the reads of every variable, ~4,400 for a quantized EfficientNet-B0 with its
-#: optimizer slots, and optimizing that graph: 11-17 s against 1.4-1.7 s a save, measured
-#: on a 2-core Xeon); each later call about 1/15 of one (0.08-0.10 s), the Python work of an
-#: eager save gone. The files hold the same values.
-TRACED_SAVE_MIN_REMAINING = 12
 #: Without ``--max_loss``, a loss above this multiple of the stage's first mini-epoch mean
 #: loss counts as divergence.
 DIVERGENCE_FACTOR = 1e6
@@ -179,7 +172,6 @@ class Trainer:
             iter_train_freq=options.iter_train_freq)
         self._train_step = None
         self._cost = None       # (fingerprint of the bits, their CostReport)
-        self._traced_write = None
         self._bits_png = None   # (the per-layer averages plotted, the PNG)
         self._called = False    # the step function has run once
         self.top1_history: list[float] = []
@@ -352,29 +344,15 @@ class Trainer:
             f"[{self.stage}] {what}; training stopped. The last good checkpoint is "
             f"{self._last_good()}; lower --lr / --lr_bits and rerun")
 
-    def _traced_writer(self):
-        """``write(prefix)``: ``self.checkpoint.write`` traced once (see
-        :data:`TRACED_SAVE_MIN_REMAINING`)."""
-        if self._traced_write is None:
-            checkpoint = self.checkpoint
-            write = tf.function(lambda prefix: checkpoint.write(prefix), autograph=False)
-            self._traced_write = lambda prefix: write(tf.constant(prefix, tf.string))
-        return self._traced_write
-
-    def _save(self, name: str, info: dict, checked: bool = False, remaining: int = 0) -> None:
+    def _save(self, name: str, info: dict, checked: bool = False) -> None:
         """Write a checkpoint, but only of a finite model (``checked``: the caller has just
-        checked); a full disk ends in one line. ``remaining``: checkpoints still to come in
-        this stage."""
+        checked); a full disk ends in one line."""
         if not checked and not all_finite(self.model.variables):
             raise self._diverged("the weights became NaN or Inf")
         if self.learned:  # the checkpoint's masks are the ones the thresholds give
             self.model.freeze_masks()
-        traced = (self._traced_write is not None or remaining >= TRACED_SAVE_MIN_REMAINING) \
-            and isinstance(self.ckpts, RunCheckpoints) \
-            and not distribution.is_distributed(self.strategy)
-        extra = {"write": self._traced_writer()} if traced else {}
         try:
-            self.ckpts.save(self.checkpoint, name, info, best_key=self.best_key, **extra)
+            self.ckpts.save(self.checkpoint, name, info, best_key=self.best_key)
         except (OSError, tf.errors.OpError) as err:
             if not is_disk_full(err):
                 raise
@@ -425,7 +403,7 @@ class Trainer:
             if self.ckpts.state.get("reference_loss") is None and mean_loss is not None:
                 self.ckpts.state["reference_loss"] = mean_loss
             with self.clock.part("checkpoints"):
-                self._save(name, info, checked=True, remaining=total - i - 1)
+                self._save(name, info, checked=True)
             self._check_collapse(last["top1"])
             with self.clock.part("summaries"):
                 self._summaries(last, i + 1)
