@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib import image as mpimg
 
 from adj_quant.cost import BitAssignment
-from adj_quant.recipe.plots import layer_sparsity, per_layer_bits_png
+from adj_quant.recipe.plots import BitsPlot, layer_sparsity, per_layer_bits_png
 
 SCOPES = ["Conv", "block/project", "Logits"]
 
@@ -30,3 +30,18 @@ def test_a_pruned_model_gets_a_third_panel():
         _bits({"block/project": np.array([[1.0, 0.5], [0.0, 0.5]])}), SCOPES)))
     # 3.0 inches a panel at 110 dpi: 2 panels 660 px high, 3 panels 990 px.
     assert dense.shape[0] == 660 and sparse.shape[0] == 990
+
+
+def test_a_chart_drawn_again_with_new_bits_equals_a_new_chart_of_them():
+    """Training keeps one chart and changes its bars; oracle: a chart made afresh for the
+    same bits, pixel for pixel (a new chart differs, so the comparison can fail)."""
+    density = {"block/project": np.array([[1.0, 0.5], [0.0, 0.5]])}
+    first, second = _bits(density), _bits(density)
+    second.weight["Logits"] = np.full(10, 7.0)
+    second.act["block/project"] = np.full(8, 2.0)
+    plot = BitsPlot(SCOPES, sparse=True, title="t")
+    before = mpimg.imread(io.BytesIO(plot.png(first)))
+    after = mpimg.imread(io.BytesIO(plot.png(second)))
+    fresh = mpimg.imread(io.BytesIO(per_layer_bits_png(second, SCOPES, "t")))
+    assert not np.array_equal(before, fresh)
+    np.testing.assert_array_equal(after, fresh)

@@ -33,7 +33,7 @@ from adj_quant.qnetwork import is_quantized
 from adj_quant.recipe import data as data_lib
 from adj_quant.recipe import validation
 from adj_quant.recipe.config import Options
-from adj_quant.recipe.plots import layer_average_bits, layer_sparsity, per_layer_bits_png
+from adj_quant.recipe.plots import BitsPlot, layer_average_bits, layer_sparsity
 from adj_quant.sparsity import GradualPruner
 
 LOG_EVERY = 10
@@ -173,6 +173,7 @@ class Trainer:
         self._train_step = None
         self._cost = None       # (fingerprint of the bits, their CostReport)
         self._bits_png = None   # (the per-layer averages plotted, the PNG)
+        self._plot = None       # the BitsPlot, made at its first drawing
         self._called = False    # the step function has run once
         self.top1_history: list[float] = []
         self._eval_step = validation.make_eval_step(model, self.strategy)
@@ -553,8 +554,10 @@ class Trainer:
         shown = (layer_average_bits(bits, scopes), layer_sparsity(bits, scopes)
                  if bits.density else None)
         if self._bits_png is None or self._bits_png[0] != shown:
-            self._bits_png = (shown, per_layer_bits_png(bits, scopes,
-                                                        f"{self.stage}: average bits per layer"))
+            if self._plot is None:
+                self._plot = BitsPlot(scopes, bool(bits.density),
+                                      f"{self.stage}: average bits per layer")
+            self._bits_png = (shown, self._plot.png(bits))
         return self._bits_png[1]
 
     def _write_hparams(self) -> None:
