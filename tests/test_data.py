@@ -619,3 +619,23 @@ def test_error_bad_augment_and_eval_crop(kw, pattern):
         with pytest.raises(UserError, match=pattern) as err:
             data.representative_images("digits", img_size=8, count=2, **kw)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["digits", "synthetic"])
+def test_in_memory_pipelines_run_untuned_and_give_the_tuned_elements(name):
+    """Digits and synthetic data run without tf.data's autotuning (dropping a half-read
+    iterator waited for the tuner for seconds); oracle: the same pipeline with autotuning
+    back on yields the same batches in the same order."""
+    def pipeline():
+        return data.make_dataset(name, "train", batch_size=16, img_size=24, training=True,
+                                 seed=3, drop_remainder=True)
+
+    ds = pipeline()
+    assert ds.options().autotune.enabled is False
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    tuned = pipeline().with_options(options)  # a new pipeline: its first shuffle order
+    assert tuned.options().autotune.enabled is True
+    for (a, la), (b, lb) in zip(ds.take(6), tuned.take(6)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())

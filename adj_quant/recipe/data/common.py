@@ -53,6 +53,18 @@ _SHARD_HINT = "pass --dataset DIR containing train-*-of-* shards"
 _BUILD_HINT = ("create them with: python tools/build_tfrecords.py --input_dir CLASS_FOLDERS "
                "--output_dir DIR")
 
+
+def in_memory_pipeline(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds`` (a pipeline over data held in memory: digits, synthetic) without tf.data's
+    autotuning, which adapts buffer sizes and parallelism to slow sources while it runs.
+    With it, dropping an iterator that was not read to the end (each epoch's training
+    iterator) waited up to tens of seconds for the tuner (measured: 18.9 s for an iterator
+    read for 22 s); without it, 1 ms. The elements and their order are the same."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
 # Markers that tie in-graph assertions to the messages made by :func:`iterate`.
 _LABEL_MARK = "ADJQ_BAD_LABEL"
 _IMAGE_MARK = "ADJQ_BAD_IMAGE"

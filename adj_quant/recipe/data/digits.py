@@ -9,7 +9,11 @@ import numpy as np
 import tensorflow as tf
 
 from adj_quant.recipe.data.augment import _augment_float, _seed_stream
-from adj_quant.recipe.data.common import _DIGITS_CACHE_BYTES, DIGITS_VALIDATION_FRACTION
+from adj_quant.recipe.data.common import (
+    _DIGITS_CACHE_BYTES,
+    DIGITS_VALIDATION_FRACTION,
+    in_memory_pipeline,
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,5 +84,6 @@ def _digits_dataset(split, *, batch_size, img_size, training, seed, repeat, drop
             augmented, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(plain, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return in_memory_pipeline(
+        ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))
 

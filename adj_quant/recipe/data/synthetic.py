@@ -6,6 +6,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from adj_quant.recipe.data.augment import _augment_float, _seed_stream
+from adj_quant.recipe.data.common import in_memory_pipeline
 
 _SYNTHETIC_SPLIT_SEED = {"train": 11, "validation": 22}
 
@@ -41,5 +42,6 @@ def _synthetic_dataset(split, *, batch_size, img_size, training, seed, repeat, d
             augmented, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         ds = ds.map(make, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    return in_memory_pipeline(
+        ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE))
 
