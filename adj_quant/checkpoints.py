@@ -130,9 +130,10 @@ class CheckpointWriter:
                 self._plan = variables_by_key(self.checkpoint, prefix) or False
             return
         keys, variables, graph = self._plan
-        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys + [OBJECT_GRAPH_KEY],
-                          shape_and_slices=[""] * (len(keys) + 1),
-                          tensors=[v.read_value() for v in variables] + [graph])
+        values = [v.read_value() for v in variables]
+        with tf.device("CPU:0"):  # the op has a CPU kernel only; values on a GPU are copied
+            tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys + [OBJECT_GRAPH_KEY],
+                              shape_and_slices=[""] * (len(keys) + 1), tensors=values + [graph])
 
 
 def variables_by_key(checkpoint, prefix: str):
