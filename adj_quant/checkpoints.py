@@ -8,6 +8,7 @@ hold: float or quantized, architecture, quantization settings).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
@@ -121,13 +122,14 @@ class CheckpointWriter:
 
     def __init__(self, checkpoint: tf.train.Checkpoint):
         self.checkpoint = checkpoint
-        self._plan = None   # (sorted keys, their variables, the object graph) or False
+        self._plan = None        # (sorted keys, their variables, the object graph)
+        self._read_back = False  # the first file has been read back (self._plan set or not)
 
     def __call__(self, prefix: str) -> None:
-        if not self._plan:
+        if self._plan is None:
             self.checkpoint.write(prefix)
-            if self._plan is None:
-                self._plan = variables_by_key(self.checkpoint, prefix) or False
+            if not self._read_back:
+                self._plan, self._read_back = variables_by_key(self.checkpoint, prefix), True
             return
         keys, variables, graph = self._plan
         values = [v.read_value() for v in variables]
@@ -143,15 +145,15 @@ def variables_by_key(checkpoint, prefix: str):
     reader = tf.train.load_checkpoint(prefix)
     graph_bytes = reader.get_tensor(OBJECT_GRAPH_KEY)
     graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(graph_bytes)
-    objects, queue, found = {0: checkpoint}, [0], {}
+    objects, queue, found = {0: checkpoint}, collections.deque([0]), {}
     while queue:
-        node_id = queue.pop(0)
+        node_id = queue.popleft()
         node, obj = graph.nodes[node_id], objects[node_id]
         if node.slot_variables or node.registered_saver.name:
             return None
+        plain = isinstance(obj, tf.Variable) and not isinstance(
+            obj, tf.distribute.DistributedValues)
         for attribute in node.attributes:
-            plain = isinstance(obj, tf.Variable) and not isinstance(
-                obj, tf.distribute.DistributedValues)
             if attribute.name != "VARIABLE_VALUE" or not plain:
                 return None
             found[attribute.checkpoint_key] = obj
