@@ -9,6 +9,8 @@ hold: float or quantized, architecture, quantization settings).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import copy
 import dataclasses
 import glob
 import json
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Callable
 
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
@@ -126,16 +129,29 @@ class CheckpointWriter:
         self._read_back = False  # the first file has been read back (self._plan set or not)
 
     def __call__(self, prefix: str) -> None:
+        self.prepare(prefix)()
+
+    def prepare(self, prefix: str) -> Callable[[], None]:
+        """Take the checkpoint's values now; returns the function that writes them to
+        ``prefix``, which may run in another thread while training goes on (the values
+        read are tensors that later updates of the variables do not change). A checkpoint
+        written with ``write`` (the first, and any that is not only plain variables) is
+        written here, and the function does nothing."""
         if self._plan is None:
             self.checkpoint.write(prefix)
             if not self._read_back:
                 self._plan, self._read_back = variables_by_key(self.checkpoint, prefix), True
-            return
+            return lambda: None
         keys, variables, graph = self._plan
         values = [v.read_value() for v in variables]
-        with tf.device("CPU:0"):  # the op has a CPU kernel only; values on a GPU are copied
-            tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys + [OBJECT_GRAPH_KEY],
-                              shape_and_slices=[""] * (len(keys) + 1), tensors=values + [graph])
+
+        def write() -> None:
+            with tf.device("CPU:0"):  # a CPU kernel only; values on a GPU are copied
+                tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys + [OBJECT_GRAPH_KEY],
+                                  shape_and_slices=[""] * (len(keys) + 1),
+                                  tensors=values + [graph])
+
+        return write
 
 
 def variables_by_key(checkpoint, prefix: str):
@@ -179,6 +195,8 @@ class RunCheckpoints:
         self.directory = directory
         self.keep = keep
         self._writer = None   # the CheckpointWriter of the last checkpoint object saved
+        self._pending = None  # (future, state before it) of a save still being written
+        self._thread = None   # the one thread that writes in the background
         os.makedirs(directory, exist_ok=True)
         self.state_path = os.path.join(directory, STATE_FILE)
         self.state = {"checkpoints": [], "latest": None, "best": None, "finished": False}
@@ -208,52 +226,103 @@ class RunCheckpoints:
         return list(self.state["checkpoints"])
 
     def save(self, checkpoint: tf.train.Checkpoint, name: str, info: dict,
-             best_key=None) -> str:
+             best_key=None, background: bool = False) -> str:
         """Write ``checkpoint`` as ``name`` atomically and update the pointers.
 
         ``best_key(entry)`` ranks entries; the highest is the best (default: top-1).
         Saving the same checkpoint object again is fast (:class:`CheckpointWriter`).
+
+        ``background``: the values are taken now, and the files, the pruning of old
+        checkpoints and ``checkpoints.json`` are written by a thread while the caller goes
+        on. The pointers here move at once; those on disk only once the files are complete,
+        so a crash in between leaves the previous checkpoint as the latest. The next call
+        of any method that writes (and :meth:`wait`) waits for it first; if the write
+        failed, it raises that error and the pointers return to where they were.
         """
-        final = self._write_files(checkpoint, name)
+        self.wait()
+        write = self._prepare_files(checkpoint, name)
+        before = copy.deepcopy(self.state)
         entry = dict(info, name=name)
         self.state["checkpoints"] = [e for e in self.state["checkpoints"] if e["name"] != name]
         self.state["checkpoints"].append(entry)
         self.state["latest"] = name
         key = best_key or (lambda e: e.get("top1", 0.0))
         self.state["best"] = max(self.state["checkpoints"], key=key)["name"]
-        self._prune()
-        self._write_state()
-        return final
+        pruned = self._prune()
+        state = copy.deepcopy(self.state)
 
-    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str) -> str:
+        def finish() -> None:
+            write()
+            for old in pruned:
+                self._remove_files(old)
+            self._write_state(state)
+
+        if not background:
+            try:
+                finish()
+            except BaseException:
+                self.state = before
+                raise
+        else:
+            if self._thread is None:
+                self._thread = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="adjq-checkpoints")
+            self._pending = (self._thread.submit(finish), before)
+        return os.path.join(self.directory, name)
+
+    def wait(self) -> None:
+        """Wait for a save running in the background (see :meth:`save`); raise its error."""
+        if self._pending is None:
+            return
+        (future, before), self._pending = self._pending, None
+        try:
+            future.result()
+        except BaseException:
+            self.state = before
+            raise
+
+    def _prepare_files(self, checkpoint: tf.train.Checkpoint, name: str) -> Callable[[], None]:
+        """Take the checkpoint's values; returns the function that writes them under
+        ``name`` atomically (data first, index last: a prefix with an .index file is
+        always complete)."""
         tmp_prefix = os.path.join(self.directory, f".tmp-{name}")
+        final = os.path.join(self.directory, name)
         for stale in glob.glob(tmp_prefix + ".*"):
             os.remove(stale)
         if self._writer is None or self._writer.checkpoint is not checkpoint:
             self._writer = CheckpointWriter(checkpoint)
-        try:
-            self._writer(tmp_prefix)
-        except BaseException:
+
+        def remove_tmp():
             for path in glob.glob(tmp_prefix + "*"):
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-            raise
-        final = os.path.join(self.directory, name)
-        # Data first, index last: a prefix with an .index file is always complete.
-        files = sorted(glob.glob(tmp_prefix + ".*"), key=lambda p: p.endswith(".index"))
-        for path in files:
-            os.replace(path, final + path[len(tmp_prefix):])
-        return final
 
-    def _prune(self) -> None:
-        """Keep the best checkpoint and the ``keep`` most recent ones; delete the rest."""
+        try:
+            write = self._writer.prepare(tmp_prefix)
+        except BaseException:
+            remove_tmp()
+            raise
+
+        def write_and_move() -> None:
+            try:
+                write()
+            except BaseException:
+                remove_tmp()
+                raise
+            files = sorted(glob.glob(tmp_prefix + ".*"), key=lambda p: p.endswith(".index"))
+            for path in files:
+                os.replace(path, final + path[len(tmp_prefix):])
+
+        return write_and_move
+
+    def _prune(self) -> list[str]:
+        """Keep the best checkpoint and the ``keep`` most recent ones; returns the names of
+        the others, whose files are to be removed."""
         if self.keep <= 0:
-            return
+            return []
         entries = self.state["checkpoints"]
         kept = {e["name"] for e in entries[-self.keep:]} | {self.state["best"]}
-        for entry in entries:
-            if entry["name"] not in kept:
-                self._remove_files(entry["name"])
         self.state["checkpoints"] = [e for e in entries if e["name"] in kept]
+        return [e["name"] for e in entries if e["name"] not in kept]
 
     def _remove_files(self, name: str) -> None:
         for path in glob.glob(os.path.join(self.directory, name) + ".*"):
@@ -261,6 +330,7 @@ class RunCheckpoints:
 
     def discard(self, name: str, best_key=None) -> None:
         """Forget checkpoint ``name`` (found damaged); its files stay where they are."""
+        self.wait()
         self.state["checkpoints"] = [e for e in self.state["checkpoints"] if e["name"] != name]
         remaining = self.state["checkpoints"]
         self.state["latest"] = remaining[-1]["name"] if remaining else None
@@ -270,19 +340,22 @@ class RunCheckpoints:
         self._write_state()
 
     def set_best(self, name: str) -> None:
+        self.wait()
         self.state["best"] = name
         self._write_state()
 
     def mark_finished(self, **extra) -> None:
+        self.wait()
         self.state["finished"] = True
         self.state.update(extra)
         self._write_state()
 
-    def _write_state(self) -> None:
-        write_json_atomic(self.state_path, self.state)
-        latest = self.state["latest"]
+    def _write_state(self, state: dict | None = None) -> None:
+        state = self.state if state is None else state
+        write_json_atomic(self.state_path, state)
+        latest = state["latest"]
         lines = [f'model_checkpoint_path: "{latest}"'] * (latest is not None) + [
-            f'all_model_checkpoint_paths: "{e["name"]}"' for e in self.state["checkpoints"]]
+            f'all_model_checkpoint_paths: "{e["name"]}"' for e in state["checkpoints"]]
         write_atomic(os.path.join(self.directory, "checkpoint"), "\n".join(lines) + "\n")
 
 
@@ -298,23 +371,24 @@ class WorkerCheckpoints(RunCheckpoints):
 
     def __init__(self, directory: str, keep: int = 3, worker: str = "worker"):
         self.directory, self.keep, self.worker = directory, keep, worker
+        self._pending = self._thread = None
         self.state_path = os.path.join(directory, STATE_FILE)
         self.state = {"checkpoints": [], "latest": None, "best": None, "finished": False}
         if os.path.exists(self.state_path):
             self.state = read_json(self.state_path)
 
-    def _write_files(self, checkpoint: tf.train.Checkpoint, name: str) -> str:
+    def _prepare_files(self, checkpoint: tf.train.Checkpoint, name: str) -> Callable[[], None]:
         temp = tempfile.mkdtemp(prefix=f"adjq-{self.worker}-")
         try:
             checkpoint.write(os.path.join(temp, name))
         finally:
             shutil.rmtree(temp, ignore_errors=True)
-        return os.path.join(self.directory, name)
+        return lambda: None
 
     def _remove_files(self, name: str) -> None:
         pass
 
-    def _write_state(self) -> None:
+    def _write_state(self, state: dict | None = None) -> None:
         pass
 
 

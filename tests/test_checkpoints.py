@@ -221,3 +221,69 @@ def test_a_checkpoint_with_more_than_variables_is_written_by_write_every_time(tm
     again = iter(dataset)
     tf.train.Checkpoint(model=Tiny(0.0), iterator=again).read(last).assert_consumed()
     assert int(next(again)) == 3
+
+
+def test_a_background_save_writes_the_values_of_its_call_and_moves_the_pointers_when_done(
+        tmp_path):
+    """``save(background=True)`` takes the values when it is called: the variables change
+    right after it returns, yet each file holds what ``Checkpoint.write`` wrote for the
+    values at the call (oracle), and ``checkpoints.json`` names a checkpoint only once its
+    files are complete."""
+    model = Tiny(0.0)
+    checkpoint = tf.train.Checkpoint(model=model)
+    ckpts = RunCheckpoints(str(tmp_path / "stage"), keep=2)
+    names = []
+    for i in range(4):
+        model.w.assign(tf.fill(model.w.shape, float(i)))
+        twin = Tiny(0.0)
+        twin.w.assign(model.w)
+        reference = tf.train.Checkpoint(model=twin).write(str(tmp_path / "reference" / str(i)))
+        names.append(f"me{i + 1:04d}")
+        path = ckpts.save(checkpoint, names[-1], {"top1": 0.1 * i}, background=True)
+        model.w.assign(tf.fill(model.w.shape, -1.0))  # while the file may still be written
+        ckpts.wait()
+        on_disk = json.loads((tmp_path / "stage" / "checkpoints.json").read_text())
+        assert on_disk["latest"] == names[-1] == ckpts.state["latest"]
+        a, b = tf.train.load_checkpoint(path), tf.train.load_checkpoint(reference)
+        assert sorted(a.get_variable_to_shape_map()) == sorted(b.get_variable_to_shape_map())
+        for key in b.get_variable_to_shape_map():
+            np.testing.assert_array_equal(a.get_tensor(key), b.get_tensor(key), err_msg=key)
+    # keep=2 and the best (the last): the first two are pruned from the state and the disk
+    assert [e["name"] for e in ckpts.entries()] == names[2:]
+    assert sorted(n for n in os.listdir(tmp_path / "stage") if n.endswith(".index")) == [
+        f"{n}.index" for n in names[2:]]
+
+
+def test_a_background_save_that_fails_raises_at_the_next_call_and_keeps_the_pointers(
+        tmp_path, monkeypatch):
+    """A write that fails in the background (a full disk) raises its error at the next call
+    that waits for it; the pointers, in memory and on disk, stay at the previous checkpoint
+    and no temporary file is left."""
+    from adj_quant import checkpoints
+
+    ckpts = RunCheckpoints(str(tmp_path / "stage"))
+    checkpoint = tf.train.Checkpoint(model=Tiny(1.0))
+    ckpts.save(checkpoint, "me0001", {"top1": 0.1}, background=True)
+    ckpts.save(checkpoint, "me0002", {"top1": 0.2}, background=True)
+    prepare = checkpoints.CheckpointWriter.prepare
+
+    def full_disk(self, prefix):
+        write = prepare(self, prefix)
+
+        def fail():
+            write()  # part of the files is there, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fail
+
+    monkeypatch.setattr(checkpoints.CheckpointWriter, "prepare", full_disk)
+    ckpts.save(checkpoint, "me0003", {"top1": 0.3}, background=True)
+    assert ckpts.state["latest"] == "me0003"  # until the write is known to have failed
+    with pytest.raises(OSError, match="No space left"):
+        ckpts.wait()
+    assert ckpts.state["latest"] == ckpts.state["best"] == "me0002"
+    assert [e["name"] for e in ckpts.entries()] == ["me0001", "me0002"]
+    on_disk = json.loads((tmp_path / "stage" / "checkpoints.json").read_text())
+    assert on_disk["latest"] == "me0002"
+    assert not [n for n in os.listdir(tmp_path / "stage") if n.startswith(".tmp-")]
+    assert not [n for n in os.listdir(tmp_path / "stage") if n.startswith("me0003")]
+    ckpts.wait()  # the error was raised once

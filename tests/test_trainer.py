@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 from conftest import TINY
 
-from adj_quant import training_rules
+from adj_quant import checkpoints, training_rules
 from adj_quant.checkpoints import RunCheckpoints, read_json
 from adj_quant.cli import train as train_cli
 from adj_quant.directory_lock import LOCK_FILE
@@ -136,17 +136,34 @@ def test_resume_skips_a_damaged_latest_checkpoint_and_matches_an_uninterrupted_r
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("where", ["at the call", "in the background"])
 def test_a_full_disk_is_one_line_naming_the_last_intact_checkpoint(tmp_path, capsys,
-                                                                   monkeypatch):
+                                                                   monkeypatch, where):
+    """The second checkpoint finds the disk full: when ``save`` is called, or while its files
+    are written in the background (the error then comes at the next save)."""
     original = RunCheckpoints.save
+    prepare = checkpoints.CheckpointWriter.prepare
 
-    def save(self, checkpoint, name, info, best_key=None):
+    def save(self, checkpoint, name, info, best_key=None, background=False):
         if self.entries():  # the second save finds the disk full
             os.makedirs(os.path.join(self.directory, f".tmp-{name}_temp"))
             raise OSError(errno.ENOSPC, "No space left on device")
-        return original(self, checkpoint, name, info, best_key)
+        return original(self, checkpoint, name, info, best_key, background)
 
-    monkeypatch.setattr(RunCheckpoints, "save", save)
+    def prepare_on_a_full_disk(self, prefix):
+        first = self._plan is None  # the first checkpoint, written by prepare itself
+        write = prepare(self, prefix)
+        if first:
+            return write
+
+        def fail():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fail
+
+    if where == "at the call":
+        monkeypatch.setattr(RunCheckpoints, "save", save)
+    else:
+        monkeypatch.setattr(checkpoints.CheckpointWriter, "prepare", prepare_on_a_full_disk)
     run = tmp_path / "run"
     code, _, err = _train(capsys, "--stage", "pretrain", "--run_dir", str(run),
                           "--max_epoch", "0.3")
@@ -155,8 +172,10 @@ def test_a_full_disk_is_one_line_naming_the_last_intact_checkpoint(tmp_path, cap
     line = _one_error(err)
     assert line.startswith("error: [pretrain] no space left on device while writing")
     assert f"last intact checkpoint is {run / 'pretrain' / first}" in line
+    assert first.startswith("me0001")
     # The next start (disk freed) removes the orphaned folder and resumes.
     monkeypatch.setattr(RunCheckpoints, "save", original)
+    monkeypatch.setattr(checkpoints.CheckpointWriter, "prepare", prepare)
     code, out, _ = _train(capsys, "--stage", "pretrain", "--run_dir", str(run),
                           "--max_epoch", "0.3")
     assert code == 0 and "resuming from" in out

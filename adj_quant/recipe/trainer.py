@@ -352,8 +352,16 @@ class Trainer:
             raise self._diverged("the weights became NaN or Inf")
         if self.learned:  # the checkpoint's masks are the ones the thresholds give
             self.model.freeze_masks()
+        with self._disk_full_is_one_line():
+            self.ckpts.save(self.checkpoint, name, info, best_key=self.best_key,
+                            background=True)
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self):
+        """A full disk while writing checkpoints (:meth:`_save`, also one being written in
+        the background: ``RunCheckpoints.wait``) ends in one line."""
         try:
-            self.ckpts.save(self.checkpoint, name, info, best_key=self.best_key)
+            yield
         except (OSError, tf.errors.OpError) as err:
             if not is_disk_full(err):
                 raise
@@ -411,6 +419,8 @@ class Trainer:
             print(f"[{self.stage}] mini-epoch {i + 1}/{total}: top-1 {100 * last['top1']:.2f}%  "
                   f"metric {last['metric']:.4f}  bits w/a {last['avg_weight_bits']:.2f}/"
                   f"{last['avg_act_bits']:.2f}{'  (bits trained)' if train_bits else ''}")
+        with self._disk_full_is_one_line():
+            self.ckpts.wait()
         if not last and self.ckpts.latest():
             last = next(e for e in self.ckpts.entries() if e["name"] == self.ckpts.state["latest"])
         swa_due = o.swa_delay is not None and not self.ckpts.finished
