@@ -143,7 +143,8 @@ class CheckpointWriter:
                 self._plan, self._read_back = variables_by_key(self.checkpoint, prefix), True
             return lambda: None
         keys, variables, graph = self._plan
-        values = [v.read_value() for v in variables]
+        # One ReadVariableOp each (``read_value`` adds an Identity: twice the eager calls).
+        values = [tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype) for v in variables]
 
         def write() -> None:
             with tf.device("CPU:0"):  # a CPU kernel only; values on a GPU are copied
