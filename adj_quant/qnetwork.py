@@ -255,10 +255,12 @@ class QuantizedLayer(tf.Module):
             return tf.reduce_mean(mask, axis=[0, 1])
         return mask
 
-    def __call__(self, x: tf.Tensor, training: bool = False, alive_out=None) -> tf.Tensor:
+    def __call__(self, x: tf.Tensor, training: bool = False, alive_out=None,
+                 parameters: tuple[tf.Tensor, tf.Tensor] | None = None) -> tf.Tensor:
+        """``parameters``: this layer's :meth:`quantized_weights`, computed beforehand."""
         if self.act_quant is not None:
             x = self.act_quant(x)
-        weights, biases = self.quantized_weights(alive_out)
+        weights, biases = parameters or self.quantized_weights(alive_out)
         return nw.apply_linear(self.kind, x, weights, self.stride, self.padding,
                                **self.options) + biases
 
@@ -350,10 +352,27 @@ class QuantizedNetwork(tf.Module):
                    if layer.mask is not None}
         return channel_liveness(self.net, density, img_size)[1]
 
-    def __call__(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        alive = self.output_liveness(int(images.shape[1] or 224)) or {}
+    def quantized_parameters(self, img_size: int = 224) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
+        """Every layer's weights and biases as :meth:`__call__` computes with them at
+        ``img_size`` (quantized, and masked where pruned), by layer scope."""
+        alive = self.output_liveness(img_size) or {}
+        return {scope: layer.quantized_weights(alive.get(scope))
+                for scope, layer in self.layers.items()}
+
+    def __call__(self, images: tf.Tensor, training: bool = False,
+                 parameters: dict[str, tuple[tf.Tensor, tf.Tensor]] | None = None) -> tf.Tensor:
+        """The logits. ``parameters``: :meth:`quantized_parameters` at the images' size,
+        computed once for many batches (evaluation; the result is the same)."""
+        if parameters is not None:
+            def layer(name, x, t):
+                return self.layers[name](x, t, parameters=parameters[name])
+        else:
+            alive = self.output_liveness(int(images.shape[1] or 224)) or {}
+
+            def layer(name, x, t):
+                return self.layers[name](x, t, alive.get(name))
         return self.net.forward(
-            images, lambda name, x, t: self.layers[name](x, t, alive.get(name)),
+            images, layer,
             training=training,
             activation=self._activation, dropout=nw.stateless_dropout(self.rng),
             dropout_rate=self.dropout_rate, drop_connect_rate=self.drop_connect_rate)

@@ -320,3 +320,60 @@ def test_one_step_function_trains_the_weights_alone_or_the_bits_too(tmp_path):
         assert int(trainer.bits_opt.iterations.numpy()) == int(train_bits)
         assert int(trainer.opt.iterations.numpy()) == 1
         assert any(np.any(g != 0) for g in grads[n:])  # the bits had a gradient to take
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+def test_a_quantized_evaluation_quantizes_the_weights_once_per_pass_with_the_same_hits(pruned):
+    """Validation of a quantized network quantizes its weights at the first batch of a pass
+    and reuses them (``QuantizedEvalStep``). Oracles: the logits equal the ordinary forward,
+    which quantizes the weights itself, bit for bit; the hits equal those counted in NumPy
+    from those logits; a pass after the weights changed uses the new weights."""
+    from conftest import TOY_NET
+
+    from adj_quant.network import FloatNetwork
+    from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+    from adj_quant.recipe import validation
+
+    model = QuantizedNetwork.from_float(FloatNetwork(TOY_NET, seed=0),
+                                        QuantConfig(bits_trainable=True, pruned=pruned))
+    rng = np.random.default_rng(0)
+    batches = [(tf.constant(rng.uniform(0, 1, (n, 16, 16, 3)), tf.float32),
+                tf.constant(rng.integers(0, 10, n))) for n in (8, 8, 3)]
+    model.calibrate_activations([b[0] for b in batches], progress=False)
+    if pruned:  # half of each prunable layer's weights, and a whole output channel
+        for layer in model.layers.values():
+            if layer.mask is not None and layer.prunable:
+                mask = (rng.uniform(size=layer.mask.shape) < 0.5).astype(np.float32)
+                mask[..., 0] = 0.0
+                layer.mask.assign(mask)
+    step = validation.make_eval_step(model)
+    assert isinstance(step, validation.QuantizedEvalStep)
+    computed = []
+    quantized_parameters = step._parameters
+    step._parameters = lambda size: computed.append(size) or quantized_parameters(size)
+    forward = tf.function(lambda images: model(images), autograph=False)
+
+    def expected_hits():
+        top1 = top5 = 0
+        for images, labels in batches:
+            logits, labels = forward(images).numpy(), labels.numpy()
+            top1 += int((logits.argmax(axis=1) == labels).sum())
+            ranks = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(axis=1)
+            top5 += int((ranks < 5).sum())
+        return top1, top5
+
+    for change in range(2):
+        with step.one_pass():
+            hits = [step(images, labels) for images, labels in batches]
+            parameters = step._fixed[1]
+        assert computed == [16] * (change + 1)  # once per pass
+        assert tuple(sum(int(h[i]) for h in hits) for i in (0, 1)) == expected_hits()
+        for images, _ in batches:
+            np.testing.assert_array_equal(
+                model(images, parameters=parameters).numpy(), forward(images).numpy())
+        for layer in model.layers.values():  # new weights for the second pass
+            layer.weights.assign(layer.weights * 0.5 + 0.01)
+    top1 = validation.accuracy(model, tf.data.Dataset.from_tensor_slices(
+        (tf.concat([b[0] for b in batches], 0), tf.concat([b[1] for b in batches], 0))).batch(8),
+        progress=False, step=step)["top1"]
+    assert top1 == expected_hits()[0] / 19 and computed == [16] * 3

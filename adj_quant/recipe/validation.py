@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
@@ -29,8 +31,47 @@ def make_eval_step(model, strategy: tf.distribute.Strategy | None = None):
         return reduce_sum(strategy, top1), reduce_sum(strategy, top5)
 
     if not is_distributed(strategy):
+        if is_quantized(model):
+            return QuantizedEvalStep(model)
         return _traced_once(hits)
     return lambda images, labels: replicated(*split_batch(strategy, images, labels))
+
+
+class QuantizedEvalStep:
+    """:func:`make_eval_step` of a quantized model on one device. Within :meth:`one_pass`
+    (what :func:`accuracy` runs in) the weights are quantized once, at the first batch, and
+    every batch computes with them: the weight quantizers then run once per pass over the
+    data instead of once per batch (a third of a batch's time for EfficientNet-B0 at 32
+    pixels), with the same results. Outside a pass each call quantizes them itself."""
+
+    def __init__(self, model):
+        self.model = model
+        self._parameters = tf.function(model.quantized_parameters, autograph=False)
+        self._hits = _traced_once(self._batch_hits)
+        self._fixed = None  # (img_size, parameters) of the current pass
+        self._in_pass = False
+
+    def _batch_hits(self, images, labels, parameters):
+        logits = self.model(images, training=False, parameters=parameters)
+        return topk_correct(logits, labels, 1), topk_correct(logits, labels, 5)
+
+    @contextlib.contextmanager
+    def one_pass(self):
+        """The weights do not change until the end of the block."""
+        self._in_pass, self._fixed = True, None
+        try:
+            yield
+        finally:
+            self._in_pass, self._fixed = False, None
+
+    def __call__(self, images, labels):
+        size = int(images.shape[1] or 224)
+        if self._fixed is None or self._fixed[0] != size:
+            fixed = (size, self._parameters(size))
+            self._fixed = fixed if self._in_pass else None
+        else:
+            fixed = self._fixed
+        return self._hits(images, labels, fixed[1])
 
 
 def _traced_once(fn):
@@ -43,14 +84,14 @@ def _traced_once(fn):
     function = tf.function(fn, autograph=False)
     size = None
 
-    def call(images, labels):
+    def call(images, labels, *more):
         nonlocal size
         n = int(images.shape[0])
         size = size or n
         if n < size:
             images = tf.concat([images, tf.zeros([size - n, *images.shape[1:]], images.dtype)], 0)
             labels = tf.concat([labels, tf.fill([size - n], tf.constant(-1, labels.dtype))], 0)
-        return function(images, labels)
+        return function(images, labels, *more)
 
     return call
 
@@ -65,7 +106,8 @@ def accuracy(model, dataset, *, what: str = "validation data", progress: bool = 
     step = step or make_eval_step(model)
     top1 = top5 = seen = 0
     bar = tqdm(desc=desc, unit="img", disable=not progress, leave=False, total=max_images)
-    with graph_options.lean_grappler():
+    one_pass = getattr(step, "one_pass", contextlib.nullcontext)
+    with graph_options.lean_grappler(), one_pass():
         for images, labels in data_lib.iterate(dataset, what):
             if max_images is not None:
                 images, labels = images[: max_images - seen], labels[: max_images - seen]
