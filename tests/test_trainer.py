@@ -377,3 +377,31 @@ def test_a_quantized_evaluation_quantizes_the_weights_once_per_pass_with_the_sam
         (tf.concat([b[0] for b in batches], 0), tf.concat([b[1] for b in batches], 0))).batch(8),
         progress=False, step=step)["top1"]
     assert top1 == expected_hits()[0] / 19 and computed == [16] * 3
+
+
+def test_the_bits_read_in_one_call_give_the_bit_assignment_and_histograms_of_the_model():
+    """The reports read a quantized model's bits in one traced call (``bits_reader``).
+    Oracle: ``bit_assignment()`` and the histograms read quantizer by quantizer, eagerly."""
+    from conftest import TOY_NET
+
+    from adj_quant.network import FloatNetwork
+    from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+    from adj_quant.recipe import validation
+
+    model = QuantizedNetwork.from_float(FloatNetwork(TOY_NET, seed=0),
+                                        QuantConfig(bits_trainable=True, pruned=True))
+    rng = np.random.default_rng(1)
+    for quant in model.quantizers().values():
+        for var in quant.bits_variables():
+            var.assign(rng.uniform(0.2, 1.1, var.shape))
+    read = model.bits_reader()
+    for _ in range(2):
+        values = read()
+        assert model.assignment_of(values).fingerprint() == model.bit_assignment().fingerprint()
+        ours, eager = validation.bits_histograms(model, values), validation.bits_histograms(model)
+        assert ours.keys() == eager.keys() == {"bits/weights", "bits/activations"}
+        for key in eager:
+            np.testing.assert_array_equal(ours[key], eager[key])
+        assert len(np.unique(eager["bits/weights"])) > 2
+        for var in model.bits_variables():  # the next read sees new bits
+            var.assign(var * 0.7)

@@ -177,6 +177,7 @@ class Trainer:
         self._called = False    # the step function has run once
         self.top1_history: list[float] = []
         self._eval_step = validation.make_eval_step(model, self.strategy)
+        self._read_bits = None  # model.bits_reader(), made at the first report
         self.writer = (tf.summary.create_file_writer(stage_dir) if self.chief
                        else tf.summary.create_noop_writer())
         self.val_data = data_lib.validation_data(options, self.info.num_classes)
@@ -524,12 +525,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
 
+    def _reported_bits(self):
+        """``(BitAssignment, {quantizer: bits} or None)``: the model's current bits for the
+        reports (validation, summaries), a quantized model's read in one traced call."""
+        if not is_quantized(self.model):
+            return cost_lib.bits_of(self.model), None
+        if self._read_bits is None:
+            self._read_bits = self.model.bits_reader()
+        values = self._read_bits()
+        return self.model.assignment_of(values), values
+
     def validate(self) -> dict:
         acc = validation.accuracy(self.model, self.val_data, progress=self.o.progress,
                                   max_images=self.o.max_val_images, step=self._eval_step)
         # The counts depend on the bits and densities alone, which most mini-epochs leave
         # as they were (fixed bits, bits trained every other mini-epoch): count them once.
-        bits = cost_lib.bits_of(self.model)
+        bits = self._reported_bits()[0]
         key = bits.fingerprint()
         if self._cost is None or self._cost[0] != key:
             self._cost = (key, cost_lib.cost_report(bits, self.metric_img_size,
@@ -547,10 +558,10 @@ class Trainer:
             for key in ("top1", "top5", "score_adjq", "score_micronet", "params", "ops",
                         "avg_weight_bits", "avg_act_bits", "metric"):
                 tf.summary.scalar(f"val/{key}", result[key])
-            for name, values in validation.bits_histograms(self.model).items():
-                tf.summary.histogram(name, values)
+            bits, values = self._reported_bits()
+            for name, hist in validation.bits_histograms(self.model, values).items():
+                tf.summary.histogram(name, hist)
             if is_quantized(self.model):
-                bits = self.model.bit_assignment()
                 for scope, density in bits.density.items():
                     tf.summary.scalar(f"sparsity/{scope}", 1.0 - tf.reduce_mean(density))
                 tf.summary.image("bits/per_layer", tf.image.decode_png(self._bits_plot(bits))[None],

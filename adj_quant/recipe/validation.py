@@ -134,14 +134,16 @@ def scores(bits, arch, img_size: int) -> dict[str, float]:
     return cost_lib.cost_report(bits, img_size, arch=arch).as_dict()
 
 
-def bits_histograms(model) -> dict[str, np.ndarray]:
-    """Per-channel bits of all weight and all activation quantizers (for TensorBoard)."""
+def bits_histograms(model, bits: dict[str, tf.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """Per-channel bits of all weight and all activation quantizers (for TensorBoard).
+    ``bits``: every quantizer's bits by name, read beforehand (``model.bits_reader()``)."""
     if not is_quantized(model):
         return {}
+    bits = bits or {name: quant.bits() for name, quant in model.quantizers().items()}
     weights, acts = [], []
-    for name, quant in model.quantizers().items():
+    for name in model.quantizers():
         if name.endswith("/weights"):
-            weights.append(quant.bits().numpy())
+            weights.append(bits[name].numpy())
         elif name.endswith(ACTIVATION_SITES):
-            acts.append(quant.bits().numpy())
+            acts.append(bits[name].numpy())
     return {"bits/weights": np.concatenate(weights), "bits/activations": np.concatenate(acts)}
