@@ -261,7 +261,9 @@ class QuantizedLayer(tf.Module):
         """``parameters``: this layer's :meth:`quantized_weights`, computed beforehand."""
         if self.act_quant is not None:
             x = self.act_quant(x)
-        weights, biases = parameters or self.quantized_weights(alive_out)
+        if parameters is None:
+            parameters = self.quantized_weights(alive_out)
+        weights, biases = parameters
         return nw.apply_linear(self.kind, x, weights, self.stride, self.padding,
                                **self.options) + biases
 
@@ -440,8 +442,8 @@ class QuantizedNetwork(tf.Module):
     def bits_reader(self) -> Callable[[], dict[str, tf.Tensor]]:
         """A function that reads every quantizer's current bits (by the names of
         :meth:`quantizers`) in one traced call: eagerly, reading the bits of EfficientNet-B0's
-        ~300 quantizers takes ~1,500 small ops. For reports made at every mini-epoch:
-        (:meth:`assignment_of` makes the assignment of what it read)."""
+        ~300 quantizers takes ~1,500 small ops. For reports made at every mini-epoch;
+        :meth:`assignment_of` turns what it read into the assignment."""
         quantizers = self.quantizers()
         return tf.function(lambda: {name: q.bits() for name, q in quantizers.items()},
                            autograph=False)

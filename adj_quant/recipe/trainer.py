@@ -339,6 +339,10 @@ class Trainer:
         return False
 
     def _last_good(self) -> str:
+        try:  # a checkpoint still being written is good once its files are complete
+            self.ckpts.wait()
+        except (OSError, tf.errors.OpError):
+            pass  # not the error being reported; the pointers went back to the one before
         return self.ckpts.latest() or "none (nothing was saved yet)"
 
     def _diverged(self, what: str) -> TrainingDiverged:
