@@ -189,7 +189,7 @@ def test_replicas_that_drift_apart_stop_the_run(tmp_path):
     trainer = Trainer.__new__(Trainer)
     bits = tf.Variable([1.0, 1.0])
     trainer.bits_vars, trainer.strategy, trainer.stage = [bits], Fake(bits), "adjustable"
-    trainer.ckpts = type("C", (), {"latest": lambda self: None})()
+    trainer.ckpts = type("C", (), {"latest": lambda self: None, "wait": lambda self: None})()
     trainer.o = resolve({}, "adjustable")
     with pytest.raises(TrainingDiverged, match="copies of .* differ after step 3"):
         trainer._check_replicas_agree(3)
