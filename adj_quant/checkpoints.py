@@ -108,7 +108,7 @@ OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 class CheckpointWriter:
-    """``checkpoint.write(prefix)``, with the walk over the checkpoint's objects done once.
+    """What ``checkpoint.write(prefix)`` writes (:meth:`prepare`), walking the objects once.
 
     An eager ``tf.train.Checkpoint.write`` walks every object reachable from the checkpoint
     at every call: about a second of Python per checkpoint for a quantized EfficientNet-B0
@@ -127,9 +127,6 @@ class CheckpointWriter:
         self.checkpoint = checkpoint
         self._plan = None        # (sorted keys, their variables, the object graph)
         self._read_back = False  # the first file has been read back (self._plan set or not)
-
-    def __call__(self, prefix: str) -> None:
-        self.prepare(prefix)()
 
     def prepare(self, prefix: str) -> Callable[[], None]:
         """Take the checkpoint's values now; returns the function that writes them to

@@ -139,9 +139,10 @@ def bits_histograms(model, bits: dict[str, tf.Tensor] | None = None) -> dict[str
     ``bits``: every quantizer's bits by name, read beforehand (``model.bits_reader()``)."""
     if not is_quantized(model):
         return {}
-    bits = bits or {name: quant.bits() for name, quant in model.quantizers().items()}
+    quantizers = model.quantizers()
+    bits = bits or {name: quant.bits() for name, quant in quantizers.items()}
     weights, acts = [], []
-    for name in model.quantizers():
+    for name in quantizers:
         if name.endswith("/weights"):
             weights.append(bits[name].numpy())
         elif name.endswith(ACTIVATION_SITES):
