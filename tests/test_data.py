@@ -639,3 +639,33 @@ def test_in_memory_pipelines_run_untuned_and_give_the_tuned_elements(name):
     for (a, la), (b, lb) in zip(ds.take(6), tuned.take(6)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
         np.testing.assert_array_equal(la.numpy(), lb.numpy())
+
+
+@pytest.mark.parametrize("batch, img, max_images, expected", [
+    (32, 32, 360, 360),     # the digits recipe: every validation image in one batch
+    (32, 32, None, 1024),   # 64 * 224^2 / 32^2 = 3136 pixels' worth, capped at 1024
+    (32, 224, None, 64),    # ImageNet at 224: 64 images, as before
+    (128, 224, None, 128),  # never fewer than the training batch
+    (32, 299, None, 64),    # nor fewer than 64 (299 px: 35 images' worth of pixels)
+    (64, 32, 64, 64),       # no more than the images read
+    (32, 64, 10_000, 784),  # 64 * (224 / 64)^2
+])
+def test_eval_batch_size_by_hand(batch, img, max_images, expected):
+    assert data.eval_batch_size(batch, img, max_images) == expected
+
+
+def test_validation_data_is_the_same_images_in_one_batch():
+    """The recipe's validation pass reads the 360 digits in one batch: the same images and
+    labels, in the same order, as batches of 64."""
+    from types import SimpleNamespace
+
+    o = SimpleNamespace(dataset="digits", num_classes=None, labels_offset=0, batch_size=32,
+                        img_size=32, max_val_images=360, eval_crop=1.0)
+    batches = list(data.validation_data(o, 10))
+    assert [int(b[0].shape[0]) for b in batches] == [360]
+    small = list(data.make_dataset("digits", "validation", batch_size=64, img_size=32,
+                                   training=False))
+    np.testing.assert_array_equal(batches[0][0].numpy(),
+                                  np.concatenate([b[0].numpy() for b in small]))
+    np.testing.assert_array_equal(batches[0][1].numpy(),
+                                  np.concatenate([b[1].numpy() for b in small]))
