@@ -322,6 +322,56 @@ def test_one_step_function_trains_the_weights_alone_or_the_bits_too(tmp_path):
         assert any(np.any(g != 0) for g in grads[n:])  # the bits had a gradient to take
 
 
+@pytest.mark.parametrize("stage", ["qat8", "finetune", "adjustable"])
+def test_a_metric_no_step_changes_is_counted_once_with_the_same_step(tmp_path, stage):
+    """Where no step changes the bits (qat8's fixed bits, finetune's frozen ones) the metric
+    term is counted once and enters the traced step as a value; where the bits train it
+    stays in the step. Oracles: the same step of a twin trainer that counts the metric in
+    the step (the loss parts and every variable after it equal bit for bit), and the
+    MicroNet score counted eagerly (``micronet_cost``); the step's graph then holds none of
+    the count's float64 ops."""
+    from conftest import TOY_NET
+
+    from adj_quant import cost as cost_lib
+    from adj_quant.network import FloatNetwork
+    from adj_quant.qnetwork import QuantConfig, QuantizedNetwork
+    from adj_quant.recipe.config import resolve
+    from adj_quant.recipe.trainer import Trainer
+
+    options = resolve({"img_size": 16, "batch_size": 8, "progress": False,
+                       "finetune": stage == "finetune"}, stage)
+    rng = np.random.default_rng(0)
+    args = (tf.constant(rng.uniform(0, 1, (8, 16, 16, 3)).astype(np.float32)),
+            tf.constant(rng.integers(0, 10, 8)), tf.constant(1e-3), tf.constant(1e-2),
+            tf.constant(False))
+    results = []
+    for fixed in (True, False):
+        model = QuantizedNetwork.from_float(FloatNetwork(TOY_NET, seed=1),
+                                            QuantConfig(bits_trainable=stage != "qat8"))
+        trainer = Trainer(model, options, str(tmp_path / str(fixed)),
+                          teacher=FloatNetwork(TOY_NET, seed=0))
+        assert trainer._metric_is_fixed() == (stage != "adjustable")
+        if not fixed:
+            trainer._metric_is_fixed = lambda: False
+        step = trainer.train_step()
+        graph = step.get_concrete_function(*args).graph
+        float64_ops = [op for op in graph.get_operations()
+                       if any(t.dtype == tf.float64 for t in op.outputs)]
+        parts = {k: v.numpy() for k, v in step(*args).items()}
+        results.append((parts, [v.numpy() for v in model.variables], len(float64_ops)))
+        score = cost_lib.micronet_cost(model, trainer.metric_img_size,
+                                       style=options.metric_style).score
+        assert parts["metric"] == np.float32(score.numpy())
+    (parts, values, f64), (parts_in_step, values_in_step, f64_in_step) = results
+    assert parts.keys() == parts_in_step.keys()
+    for key in parts:
+        np.testing.assert_array_equal(parts[key], parts_in_step[key], err_msg=key)
+    for a, b in zip(values, values_in_step):
+        np.testing.assert_array_equal(a, b)
+    assert f64_in_step > 100
+    assert f64 == (f64_in_step if stage == "adjustable" else 0)
+
+
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
 def test_a_quantized_evaluation_quantizes_the_weights_once_per_pass_with_the_same_hits(pruned):
     """Validation of a quantized network quantizes its weights at the first batch of a pass

@@ -171,6 +171,7 @@ class Trainer:
             warm_up_epoch=options.warm_up_epoch or 0.0, iter_train=options.iter_train,
             iter_train_freq=options.iter_train_freq)
         self._train_step = None
+        self._fixed_metric = None  # the metric term, where no step changes it (train_step)
         self._cost = None       # (fingerprint of the bits, their CostReport)
         self._bits_png = None   # (the per-layer averages plotted, the PNG)
         self._plot = None       # the BitsPlot, made at its first drawing
@@ -217,12 +218,26 @@ class Trainer:
             ce = rules.cross_entropy(logits, labels)
             return {"loss": ce, "cross_entropy": ce}
         f_logits = self.teacher(images, training=False)
-        counts = cost_lib.micronet_cost(self.model, self.metric_img_size,
-                                        style=self.o.metric_style, gamma=self.o.gamma)
-        metric = tf.cast(counts.score, tf.float32)
+        metric = self._fixed_metric
+        if metric is None:
+            metric = self._metric()
         # --alpha and --beta are the loss weights of the cross-entropy and the metric term
         return rules.adjustable_loss(logits, labels, f_logits, metric, ce_weight=self.o.alpha,
                                      metric_weight=self.o.beta, target=self.o.metric)
+
+    def _metric(self) -> tf.Tensor:
+        """The loss's metric term: the model's MicroNet score at its current bits and
+        densities, float32 (differentiable with respect to them)."""
+        counts = cost_lib.micronet_cost(self.model, self.metric_img_size,
+                                        style=self.o.metric_style, gamma=self.o.gamma)
+        return tf.cast(counts.score, tf.float32)
+
+    def _metric_is_fixed(self) -> bool:
+        """Nothing in this stage changes the bits or the densities: fixed bits (qat8) or
+        bits not trained (finetune), no pruning schedule, no learned thresholds."""
+        bits_train = self.flags.bits_trainable and not self.flags.finetune
+        return (self.teacher is not None and not bits_train and self.pruner is None
+                and not self.learned)
 
     def train_step(self):
         """The step function: ``step(images, labels, lr, lr_bits, train_bits) -> loss parts``,
@@ -235,6 +250,12 @@ class Trainer:
         every step and used where ``train_bits`` is true; the weights' gradients and
         updates are the same ops either way."""
         if self._train_step is None:
+            # A metric that no step changes is counted once, here, and enters the traced
+            # step as a value: the count's graph (thousands of small ops, half of a
+            # quantized step's trace) is then traced only where bits or densities train.
+            # The same ops compute it, so the loss is the same to the last bit.
+            if self._metric_is_fixed():
+                self._fixed_metric = self._metric()
             bits_train = self.flags.bits_trainable and not self.flags.finetune
             variables = self.weight_vars + (self.bits_vars if bits_train else [])
             strategy = self.strategy
