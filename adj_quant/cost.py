@@ -354,6 +354,12 @@ def _check_spec(spec: LayerSpec) -> None:
         raise ValueError(f"{spec.scope}: a depthwise layer needs cin == cout")
 
 
+#: ``x * _PER_BIT`` is ``x / 32`` to the last bit (a power of two), and its gradient is one
+#: multiply: TensorFlow's gradient of a division also builds the one of the constant
+#: divisor, about ten ops that grappler then prunes, at each of a network's ~300 counts.
+_PER_BIT = 1.0 / FLOAT_BITS
+
+
 def _zero() -> tf.Tensor:
     return tf.constant(0.0, _DTYPE)
 
@@ -383,14 +389,14 @@ def micronet_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, act_qua
         pair = surrogate_max(tf.reshape(w, [1, -1]), tf.reshape(a, [-1, 1]), gamma)
         sum_max = _channel_sum(pair, spec.cin * spec.cout)
         adds_per_out = k2 * spec.cin - 1 + int(spec.has_bias)
-    multiplies = positions * k2 * sum_max / FLOAT_BITS
+    multiplies = positions * k2 * sum_max * _PER_BIT
     adds = tf.constant(float(positions * spec.cout * adds_per_out), _DTYPE)  # float32 accumulation
-    params = spec.weights_per_out_channel * _channel_sum(w, n_w) / FLOAT_BITS
+    params = spec.weights_per_out_channel * _channel_sum(w, n_w) * _PER_BIT
     params += 2.0 * _quantized_channels(w, n_w)
     if act_quantizer:
         params += 2.0 * _quantized_channels(a, spec.cin)
     if spec.has_bias:
-        params += spec.cout * bias / FLOAT_BITS + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
+        params += spec.cout * bias * _PER_BIT + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
     return {"params": params, "multiplies": multiplies, "adds": adds}
 
 
@@ -406,15 +412,15 @@ def _grouped_counts(spec: LayerSpec, w, a, bias, act_quantizer: bool,
     pair = pair * tf.ones([spec.cin, spec.cout], _DTYPE)
     sum_max = tf.reduce_sum(pair * tf.constant(same_group, _DTYPE))
     positions = spec.out_hw * spec.out_hw
-    multiplies = positions * spec.taps * sum_max / FLOAT_BITS
+    multiplies = positions * spec.taps * sum_max * _PER_BIT
     adds_per_out = spec.taps * gin - 1 + int(spec.has_bias)
     adds = tf.constant(float(positions * spec.cout * adds_per_out), _DTYPE)
-    params = spec.weights_per_out_channel * _channel_sum(w, spec.cout) / FLOAT_BITS
+    params = spec.weights_per_out_channel * _channel_sum(w, spec.cout) * _PER_BIT
     params += 2.0 * _quantized_channels(w, spec.cout)
     if act_quantizer:
         params += 2.0 * _quantized_channels(a, spec.cin)
     if spec.has_bias:
-        params += spec.cout * bias / FLOAT_BITS + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
+        params += spec.cout * bias * _PER_BIT + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
     return {"params": params, "multiplies": multiplies, "adds": adds}
 
 
@@ -426,7 +432,7 @@ def micronet_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
     const = lambda x: tf.constant(float(x), _DTYPE)  # noqa: E731
     if op.kind in ("swish", "sigmoid"):
         s = _bits(FLOAT_BITS if bits is None else bits, c, f"{op.scope} {op.kind}")
-        per_element = op.hw * op.hw * _channel_sum(s, c) / FLOAT_BITS
+        per_element = op.hw * op.hw * _channel_sum(s, c) * _PER_BIT
         multiplies = 3.0 if op.kind == "swish" else 2.0
         return {"params": 2.0 * _quantized_channels(s, c), "multiplies": multiplies * per_element,
                 "adds": per_element}
@@ -494,11 +500,11 @@ def adjq_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, stem=None,
         bits = tf.constant(float(IMAGE_BITS), _DTYPE)
     else:
         bits = tiled_max_mean(w, a, gamma)
-    ops = 2.0 * spec.macs * bits / FLOAT_BITS
+    ops = 2.0 * spec.macs * bits * _PER_BIT
     n_weights = spec.weights_per_out_channel * spec.cout
-    params = n_weights * mean_w / FLOAT_BITS
+    params = n_weights * mean_w * _PER_BIT
     if spec.has_bias:
-        params += spec.cout * bias / FLOAT_BITS
+        params += spec.cout * bias * _PER_BIT
     return {"params": params, "multiplies": ops / 2.0, "adds": ops / 2.0}
 
 
@@ -509,7 +515,7 @@ def adjq_element_counts(op: ElementOp, bits=None) -> dict[str, tf.Tensor]:
     if op.kind != "swish":
         return {"params": _zero(), "multiplies": _zero(), "adds": _zero()}
     s = _bits(FLOAT_BITS if bits is None else bits, op.channels, f"{op.scope} swish")
-    ops = 3.0 * op.hw * op.hw * op.channels * tf.reduce_mean(s) / FLOAT_BITS
+    ops = 3.0 * op.hw * op.hw * op.channels * tf.reduce_mean(s) * _PER_BIT
     return {"params": _zero(), "multiplies": ops / 2.0, "adds": ops / 2.0}
 
 
@@ -595,24 +601,24 @@ def sparse_layer_counts(spec: LayerSpec, w_bits, a_bits, bias_bits, *, density=1
     n_out = tf.reduce_sum(alive_out)
     region = k2 * n_out * (1.0 if spec.kind == "dws" else tf.reduce_sum(alive))
     masked = tf.stop_gradient(tf.cast(tf.reduce_sum(kept) < region, _DTYPE))
-    params = masked * region / FLOAT_BITS  # the 1-bit mask
+    params = masked * region * _PER_BIT  # the 1-bit mask
     if style == "micronet":
-        multiplies = positions * tf.reduce_sum(kept * pair) / FLOAT_BITS
+        multiplies = positions * tf.reduce_sum(kept * pair) * _PER_BIT
         adds = positions * tf.reduce_sum(alive_out * (taps - 1.0 + float(spec.has_bias)))
-        params += tf.reduce_sum(w * taps) / FLOAT_BITS
+        params += tf.reduce_sum(w * taps) * _PER_BIT
         params += 2.0 * tf.reduce_sum(alive_out * tf.cast(w < FLOAT_BITS, _DTYPE))
         if act_quantizer:
             params += 2.0 * tf.reduce_sum(alive * tf.cast(a < FLOAT_BITS, _DTYPE))
         if spec.has_bias:
-            params += n_out * bias / FLOAT_BITS + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
+            params += n_out * bias * _PER_BIT + 2.0 * tf.cast(bias < FLOAT_BITS, _DTYPE)
     elif style == "adjq":
         bits = (tf.constant(float(IMAGE_BITS), _DTYPE) if spec.stem
                 else tiled_max_mean(w, a, gamma))
-        ops = 2.0 * positions * tf.reduce_sum(kept) * bits / FLOAT_BITS
+        ops = 2.0 * positions * tf.reduce_sum(kept) * bits * _PER_BIT
         multiplies = adds = ops / 2.0
-        params += tf.reduce_sum(kept) * tf.reduce_mean(w) / FLOAT_BITS
+        params += tf.reduce_sum(kept) * tf.reduce_mean(w) * _PER_BIT
         if spec.has_bias:
-            params += n_out * bias / FLOAT_BITS
+            params += n_out * bias * _PER_BIT
     else:
         raise UserError(f"metric style {style!r}: use one of {', '.join(STYLES)}")
     return {"params": params, "multiplies": multiplies, "adds": adds, "alive_out": alive_out}
