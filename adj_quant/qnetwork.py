@@ -37,7 +37,8 @@ from adj_quant import quantizers
 from adj_quant.errors import UserError
 from adj_quant.files import write_json_atomic
 from adj_quant.quantizers import Quantizer
-from adj_quant.quantizers.formula import check_bits, check_bits_grad, range_preset
+from adj_quant.quantizers.adjustable import AdjustableQuantizer
+from adj_quant.quantizers.formula import _bits_math, check_bits, check_bits_grad, range_preset
 from adj_quant.sparsity import learned_mask
 
 BIAS_RANGES = ("live", "calibrated")
@@ -426,7 +427,7 @@ class QuantizedNetwork(tf.Module):
         of each quantizer; see :meth:`bits_reader`)."""
         from adj_quant.cost import BitAssignment, counted_bits
 
-        bits = bits or (lambda quant: quant.bits())
+        bits = bits or self._current_bits()
         weight = {s: bits(layer.weight_quant) for s, layer in self.layers.items()}
         act = {s: (8.0 if layer.act_quant is None else bits(layer.act_quant))
                for s, layer in self.layers.items()}
@@ -438,6 +439,22 @@ class QuantizedNetwork(tf.Module):
         return BitAssignment(weight=weight, act=act, swish=swish,
                              bias_bits=counted_bits(self.qcfg.quantized_bias_bits),
                              density=density)
+
+    def _current_bits(self) -> Callable[[Quantizer], tf.Tensor]:
+        """``bits(quantizer)``: each quantizer's :meth:`~AdjustableQuantizer.bits`, those of
+        the trainable adjustable quantizers computed together, as one
+        ``clip(round(bits_scale * b0), 2, 8)`` over all their channels. Channel by channel
+        the same ops on the same values, so the same bits and gradients; but a few dozen
+        graph ops, forward and backward, instead of a few dozen per quantizer, which the
+        metric term of every step that trains the bits would trace."""
+        trained = [q for q in self.quantizers().values()
+                   if isinstance(q, AdjustableQuantizer) and q.bits_scale is not None]
+        if len(trained) < 2:
+            return lambda quant: quant.bits()
+        b0 = np.concatenate([np.full([q.channels], q.init_bits, np.float32) for q in trained])
+        joint = _bits_math(tf.concat([q.bits_scale for q in trained], 0), b0)
+        parts = dict(zip(map(id, trained), tf.split(joint, [q.channels for q in trained])))
+        return lambda quant: parts[id(quant)] if id(quant) in parts else quant.bits()
 
     def bits_reader(self) -> Callable[[], dict[str, tf.Tensor]]:
         """A function that reads every quantizer's current bits (by the names of
