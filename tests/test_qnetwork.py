@@ -176,6 +176,58 @@ def test_bits_trainable_and_swish_modes(float_and_images):
     assert sum(float(tf.reduce_sum(tf.abs(g))) for g in grads if g is not None) > 0
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_the_bits_computed_together_equal_each_quantizers_own(float_and_images, traced):
+    """``bit_assignment`` computes the trainable bits of all quantizers as one vector.
+    Oracle: each quantizer's own ``bits()`` and, by a separate tape, its gradient, for bits
+    scales spread over several widths (b0 4 for weights and 6 for inputs, rounding ties
+    and the clip bounds included) and a loss that weighs every channel differently; the
+    bits and their gradients must be equal bit for bit."""
+    model, _ = float_and_images
+    qm = QuantizedNetwork.from_float(
+        model, QuantConfig(weight_bits=4, act_bits=6, swish_bits=0, bits_trainable=True))
+    rng = np.random.default_rng(0)
+    for var in qm.bits_variables():  # 0.2 .. 1.6 of b0: below 2 bits, ties, above 8
+        values = rng.choice([0.2, 0.5, 0.75, 1.0, 1.0 + 1 / 12, 1.25, 1.6], var.shape)
+        var.assign(values.astype(np.float32))
+    quants = list(qm.quantizers().values())
+    weights = [tf.constant(rng.uniform(0.5, 2.0, q.channels).astype(np.float32)) for q in quants]
+
+    def both():
+        got, want = {}, {}
+        for name, getter in (("joint", None), ("own", lambda q: q.bits())):
+            with tf.GradientTape() as tape:
+                bits = qm.bit_assignment(getter)
+                per_quant = _bits_by_quantizer(qm, bits)
+                loss = tf.add_n([tf.reduce_sum(tf.cast(per_quant[id(q)], tf.float32) * w)
+                                 for q, w in zip(quants, weights)])
+            result = got if name == "joint" else want
+            result["bits"] = [per_quant[id(q)] for q in quants]
+            result["grads"] = tape.gradient(loss, qm.bits_variables())
+        return got, want
+
+    got, want = tf.function(both)() if traced else both()
+    for a, b in zip(got["bits"], want["bits"]):
+        np.testing.assert_array_equal(np.broadcast_to(a.numpy(), b.shape), b.numpy())
+    for a, b in zip(got["grads"], want["grads"]):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert len({float(v) for b in want["bits"] for v in np.ravel(b.numpy())}) >= 5
+
+
+def _bits_by_quantizer(qm, bits):
+    """``{id(quantizer): its bits}`` from a BitAssignment (weights, inputs, swish inputs)."""
+    out = {}
+    for scope, layer in qm.layers.items():
+        out[id(layer.weight_quant)] = bits.weight[scope]
+        if layer.act_quant is not None:
+            out[id(layer.act_quant)] = bits.act[scope]
+        if layer.bias_quant is not None:
+            out[id(layer.bias_quant)] = tf.fill([1], float(bits.bias_bits))
+    for scope, quant in {**qm.swish_quant, **qm.gate_quant}.items():
+        out[id(quant)] = bits.swish[scope]
+    return out
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(weight_bits=9), "weight_bits 9"), (dict(act_bits=1), "act_bits 1"),
     (dict(swish_bits=4), "swish_bits 4"), (dict(range_preset=0), "range preset 0"),
