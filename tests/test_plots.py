@@ -45,3 +45,20 @@ def test_a_chart_drawn_again_with_new_bits_equals_a_new_chart_of_them():
     fresh = mpimg.imread(io.BytesIO(per_layer_bits_png(second, SCOPES, "t")))
     assert not np.array_equal(before, fresh)
     np.testing.assert_array_equal(after, fresh)
+
+
+def test_the_chart_training_writes_has_the_pixels_of_the_png():
+    """TensorBoard's chart (``rgba``: only the bars drawn again, onto the rest drawn once)
+    equals the PNG of a chart made afresh for the same bits, pixel for pixel, after the
+    bars changed twice (oracle: matplotlib's whole drawing, decoded from the PNG)."""
+    density = {"block/project": np.array([[1.0, 0.5], [0.0, 0.5]])}
+    first, second = _bits(density), _bits(density)
+    second.weight["Logits"] = np.full(10, 7.0)
+    second.act["block/project"] = np.full(8, 2.0)
+    plot = BitsPlot(SCOPES, sparse=True, title="t")
+    for bits in (first, second, first):
+        fresh = mpimg.imread(io.BytesIO(per_layer_bits_png(bits, SCOPES, "t")))
+        drawn = plot.rgba(bits)
+        assert drawn.dtype == np.uint8 and drawn.shape == fresh.shape
+        np.testing.assert_array_equal(drawn, np.round(fresh * 255).astype(np.uint8))
+    assert not np.array_equal(plot.rgba(second), plot.rgba(first))

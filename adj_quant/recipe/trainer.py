@@ -173,7 +173,7 @@ class Trainer:
         self._train_step = None
         self._fixed_metric = None  # the metric term, where no step changes it (train_step)
         self._cost = None       # (fingerprint of the bits, their CostReport)
-        self._bits_png = None   # (the per-layer averages plotted, the PNG)
+        self._bits_png = None   # (the per-layer averages plotted, their pixels)
         self._plot = None       # the BitsPlot, made at its first drawing
         self._called = False    # the step function has run once
         self.top1_history: list[float] = []
@@ -589,13 +589,12 @@ class Trainer:
             if is_quantized(self.model):
                 for scope, density in bits.density.items():
                     tf.summary.scalar(f"sparsity/{scope}", 1.0 - tf.reduce_mean(density))
-                tf.summary.image("bits/per_layer", tf.image.decode_png(self._bits_plot(bits))[None],
-                                 step=mini_epoch)
+                tf.summary.image("bits/per_layer", self._bits_plot(bits)[None], step=mini_epoch)
         self.writer.flush()
 
-    def _bits_plot(self, bits) -> bytes:
-        """The per-layer bits plot (PNG), drawn again only when what it shows changed (the
-        step is TensorBoard's, not in the title)."""
+    def _bits_plot(self, bits) -> np.ndarray:
+        """The per-layer bits plot (RGBA pixels), drawn again only when what it shows
+        changed (the step is TensorBoard's, not in the title)."""
         scopes = self.model.arch.layer_names
         shown = (layer_average_bits(bits, scopes), layer_sparsity(bits, scopes)
                  if bits.density else None)
@@ -603,7 +602,7 @@ class Trainer:
             if self._plot is None:
                 self._plot = BitsPlot(scopes, bool(bits.density),
                                       f"{self.stage}: average bits per layer")
-            self._bits_png = (shown, self._plot.png(bits))
+            self._bits_png = (shown, self._plot.rgba(bits))
         return self._bits_png[1]
 
     def _write_hparams(self) -> None:
