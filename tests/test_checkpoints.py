@@ -287,3 +287,24 @@ def test_a_background_save_that_fails_raises_at_the_next_call_and_keeps_the_poin
     assert not [n for n in os.listdir(tmp_path / "stage") if n.startswith(".tmp-")]
     assert not [n for n in os.listdir(tmp_path / "stage") if n.startswith("me0003")]
     ckpts.wait()  # the error was raised once
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float64])
+def test_all_finite_finds_one_bad_element_among_many_variables(bad, dtype):
+    """Oracle: NumPy's isfinite over every element of the floating variables (an integer
+    variable is not checked), for plain variables and a mirrored one."""
+    from adj_quant.checkpoints import all_finite
+
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=shape).astype(np.float32) for shape in ([3, 3, 4, 8], [8], [])]
+    if bad is not None:
+        values[0][2, 1, 3, 5] = bad
+    plain = [tf.Variable(tf.cast(v, dtype)) for v in values]
+    other = [tf.Variable([7, 8]), tf.Variable(np.ones([5], np.float32))]
+    expected = all(np.isfinite(v).all() for v in values)
+    assert all_finite(other + plain) == expected
+    assert all_finite(other) is True
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        mirrored = tf.Variable(tf.cast(values[0], dtype))
+    assert all_finite([other[1], mirrored]) == expected
