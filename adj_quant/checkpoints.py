@@ -141,8 +141,7 @@ class CheckpointWriter:
                 self._plan, self._read_back = variables_by_key(self.checkpoint, prefix), True
             return lambda: None
         keys, variables, graph = self._plan
-        # One ReadVariableOp each (``read_value`` adds an Identity: twice the eager calls).
-        values = [tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype) for v in variables]
+        values = [read_plain(v) for v in variables]
 
         def write() -> None:
             with tf.device("CPU:0"):  # a CPU kernel only; values on a GPU are copied
@@ -455,6 +454,12 @@ def verify_checksums(ckpt_path: str) -> None:
         reader.get_tensor(key)
 
 
+def read_plain(v: tf.Variable) -> tf.Tensor:
+    """A plain (not distributed) variable's value with one ``ReadVariableOp`` (``read_value``
+    adds an Identity: twice the eager calls)."""
+    return tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)
+
+
 def all_finite(variables) -> bool:
     """Whether every element of every floating variable is finite.
 
@@ -468,8 +473,7 @@ def all_finite(variables) -> bool:
         if isinstance(v, tf.distribute.DistributedValues) or not isinstance(v, tf.Variable):
             finite = bool(tf.reduce_all(tf.math.is_finite(v)))
         else:
-            finite = np.isfinite(tf.raw_ops.ReadVariableOp(resource=v.handle,
-                                                           dtype=v.dtype).numpy()).all()
+            finite = np.isfinite(read_plain(v).numpy()).all()
         if not finite:
             return False
     return True

@@ -235,9 +235,12 @@ class Trainer:
     def _metric_is_fixed(self) -> bool:
         """Nothing in this stage changes the bits or the densities: fixed bits (qat8) or
         bits not trained (finetune), no pruning schedule, no learned thresholds."""
-        bits_train = self.flags.bits_trainable and not self.flags.finetune
-        return (self.teacher is not None and not bits_train and self.pruner is None
+        return (self.teacher is not None and not self._bits_train() and self.pruner is None
                 and not self.learned)
+
+    def _bits_train(self) -> bool:
+        """The stage's steps train the bits (not in finetune, which freezes them)."""
+        return self.flags.bits_trainable and not self.flags.finetune
 
     def train_step(self):
         """The step function: ``step(images, labels, lr, lr_bits, train_bits) -> loss parts``,
@@ -258,7 +261,7 @@ class Trainer:
             # differently (qat8 on digits: mean losses within 2e-8 of the in-step ones).
             if self._metric_is_fixed():
                 self._fixed_metric = self._metric()
-            bits_train = self.flags.bits_trainable and not self.flags.finetune
+            bits_train = self._bits_train()
             variables = self.weight_vars + (self.bits_vars if bits_train else [])
             strategy = self.strategy
             replicas = strategy.num_replicas_in_sync
