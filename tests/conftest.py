@@ -81,6 +81,36 @@ def pytest_collection_modifyitems(items):
         item.add_marker(pytest.mark.xdist_group(group))
 
 
+def run_main(main, argv):
+    """A command's ``main(argv)`` in this process, returned as a finished process would be:
+    ``CompletedProcess`` with the exit code and what it printed to stdout and stderr. For
+    the tests of a command's output that need no process of its own (a TensorFlow start-up
+    each)."""
+    import contextlib
+    import io
+    import subprocess
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main([str(a) for a in argv]) or 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
+
+
+def load_stage_model(stage_dir, which="best"):
+    """The model of a stage directory's ``which`` checkpoint (``"best"`` or ``"latest"``),
+    rebuilt from its ``model_spec.json``, and the directory's ``checkpoints.json``."""
+    from adj_quant.checkpoints import ModelSpec, read_json, restore_model
+
+    state = read_json(os.path.join(stage_dir, "checkpoints.json"))
+    spec = ModelSpec.from_json(read_json(os.path.join(stage_dir, "model_spec.json")))
+    model = spec.build()
+    restore_model(model, os.path.join(stage_dir, state[which]))
+    return model, state
+
+
 def save_small_keras_model(path) -> str:
     """A saved Keras model that traces in seconds, for tests of machinery that any network
     exercises (EfficientNet-B0 takes half a minute per quantized stage): conv-BN-swish,

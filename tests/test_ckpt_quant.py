@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_main
 
 from adj_quant.errors import UserError
 from adj_quant.seed_quantizers.formulas import (
@@ -196,18 +197,9 @@ def _run_tool(*args):
 def _run_tool_in_process(*args):
     """The tool's ``main`` in this process (no TensorFlow start-up per call), with the exit
     code, stdout and stderr of a finished process."""
-    import contextlib
-    import io
-
     from adj_quant.cli.quantize_checkpoint import main
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(map(str, args))) or 0
-        except SystemExit as exit_info:
-            code = exit_info.code
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    return run_main(main, args)
 
 
 def _assert_one_line_error(proc, *needles):
@@ -509,7 +501,7 @@ def test_uint8_min_size_boundaries_library(tmp_path):
 def test_uint8_min_size_cli_report(tmp_path):
     values, _, _ = _min_size_values()
     prefix = _write_slim(tmp_path, values)
-    ok = _run_tool(prefix, "--algorithm", "uint8")
+    ok = _run_tool_in_process(prefix, "--algorithm", "uint8")
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.splitlines()
     assert lines[:4] == [
@@ -519,13 +511,14 @@ def test_uint8_min_size_cli_report(tmp_path):
         "Output: " + str(tmp_path / "uint8" / "model.ckpt-100"),
     ]
     assert [line.split(":")[0] for line in lines[4:]] == ["Min error", "Max error", "Avg error"]
-    ok = _run_tool(prefix, "--algorithm", "uint8", "--min-size", "6", "--output", tmp_path / "ms6")
+    ok = _run_tool_in_process(prefix, "--algorithm", "uint8", "--min-size", "6", "--output",
+                              tmp_path / "ms6")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines()[1:3] == [
         "Stored in 8 bits: 2 variables (float, at least --min_size 6 elements)",
         "Left float: 2 variables (1 below --min_size, 1 state)",
     ]
-    too_big = _run_tool(
+    too_big = _run_tool_in_process(
         prefix, "--algorithm", "uint8", "--min_size", "5000", "--output", tmp_path / "none"
     )
     _assert_one_line_error(too_big, "at least 5000 elements", "--min_size 1024 or less")

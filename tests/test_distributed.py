@@ -458,23 +458,36 @@ def test_the_nan_guard_stops_every_worker_with_one_line(small_net, four_shards, 
     assert all("Traceback" not in out for out in outputs)
 
 
-@pytest.mark.parametrize("strategy, tf_config, message", [
-    ("tpu", None, "--strategy tpu: no TPU found"),
-    ("multi_worker", "{not json", "TF_CONFIG is not valid JSON"),
-    ("multi_worker", '{"cluster": {"worker": ["127.0.0.1:1"]}, '
-                     '"task": {"type": "worker", "index": 2}}', "task index 2 names no worker"),
-    ("multi_worker", '{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker"}}',
-     "not a \"host:port\" address"),
-])
-def test_bad_strategy_setups_are_one_line(tmp_path, strategy, tf_config, message):
-    env = _env(**({"TF_CONFIG": tf_config} if tf_config else {}))
+def test_no_tpu_is_one_line_from_the_command(tmp_path):
+    """The command as a user runs it: its own process, which looks for a TPU and finds none."""
     done = subprocess.run([sys.executable, "train.py", "--stage", "pretrain", "--run_dir",
-                           str(tmp_path / "run"), *NET, "--strategy", strategy], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+                           str(tmp_path / "run"), *NET, "--strategy", "tpu"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.startswith("error")]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert len(lines) == 1 and "--strategy tpu: no TPU found" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 2}}',
+     "task index 2 names no worker"),
+    ('{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker"}}',
+     "not a \"host:port\" address"),
+])
+def test_a_bad_tf_config_is_one_line(tmp_path, monkeypatch, capsys, tf_config, message):
+    """The command's ``main`` in this process: TF_CONFIG is checked before any strategy,
+    model or directory is made, so nothing of the failed call stays behind."""
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--stage", "pretrain", "--run_dir", str(tmp_path / "run"), *NET,
+                        "--strategy", "multi_worker"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and message in lines[0], err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
 def test_a_missing_worker_fails_within_the_timeout(tmp_path):

@@ -4,12 +4,10 @@ sweep at a time."""
 
 import csv
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from conftest import save_small_keras_model
+from conftest import run_main, save_small_keras_model
 
 from adj_quant.cli import sweep as sweep_cli
 from adj_quant.directory_lock import DirectoryLock
@@ -168,9 +166,9 @@ dataset = "/nonexistent/imagenet"
 
 
 def _sweep(path, out, *extra):
-    return subprocess.run([sys.executable, "-m", "adj_quant.cli.sweep", path, "--sweep_dir",
-                           str(out), *extra], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    """``adjq-sweep`` in this process: its main process only schedules, and each point
+    still trains in a process of its own."""
+    return run_main(sweep_cli.main, [path, "--sweep_dir", out, *extra])
 
 
 @pytest.mark.slow
