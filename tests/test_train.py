@@ -4,17 +4,13 @@ import glob
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY
+from conftest import TINY, load_stage_model
 
-from adj_quant.checkpoints import ModelSpec, read_json, restore_model
+from adj_quant.checkpoints import ModelSpec, read_json
 from adj_quant.cli import evaluate as eval_cli
 from adj_quant.cli import train as train_cli
 
@@ -24,15 +20,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def run_dir(digits_run):
     return digits_run
-
-
-def _load(stage_dir, which="best"):
-    state = read_json(os.path.join(stage_dir, "checkpoints.json"))
-    path = os.path.join(stage_dir, state[which])
-    spec = ModelSpec.from_json(read_json(os.path.join(stage_dir, "model_spec.json")))
-    model = spec.build()
-    restore_model(model, path)
-    return model, state
 
 
 def test_every_stage_writes_its_outputs(run_dir):
@@ -54,11 +41,11 @@ def test_every_stage_writes_its_outputs(run_dir):
 
 
 def test_qat8_keeps_8_bits_and_finetune_freezes_learned_bits(run_dir):
-    qat8, _ = _load(run_dir / "qat8")
+    qat8, _ = load_stage_model(run_dir / "qat8")
     assert all(np.all(q.bits().numpy() == 8) for q in qat8.quantizers().values()
                if not q.scope.endswith("bias_quant"))
-    adj, adj_state = _load(run_dir / "adjustable")
-    fin, fin_state = _load(run_dir / "finetune")
+    adj, adj_state = load_stage_model(run_dir / "adjustable")
+    fin, fin_state = load_stage_model(run_dir / "finetune")
     adj_bits = {n: q.bits().numpy() for n, q in adj.quantizers().items()}
     fin_bits = {n: q.bits().numpy() for n, q in fin.quantizers().items()}
     assert adj_bits.keys() == fin_bits.keys()
@@ -94,7 +81,7 @@ def test_eval_prints_scores_and_writes_quant_info(run_dir, tmp_path, capsys):
     info = json.loads((tmp_path / "quant_info.json").read_text())
     assert set(info["summary"]) == {"avg_weight_bits", "avg_act_bits", "params", "ops",
                                     "score_adjq", "score_micronet", "top1", "top5"}
-    fin, _ = _load(run_dir / "finetune")
+    fin, _ = load_stage_model(run_dir / "finetune")
     np.testing.assert_array_equal(info["expanded_conv_1"]["dws"]["weight"],
                                   fin.layers["expanded_conv_1/dws"].weight_quant.bits().numpy())
     np.testing.assert_array_equal(info["Logits"]["act"],
@@ -113,11 +100,6 @@ def test_eval_float_checkpoint(run_dir, tmp_path, capsys):
     assert result["top1"] == pytest.approx(best_entry["top1"])
 
 
-def _run(args, **kwargs):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
 def _tree_digest(path):
     h = hashlib.sha256()
     for f in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
@@ -125,37 +107,6 @@ def _tree_digest(path):
             h.update(f.encode())
             h.update(open(f, "rb").read())
     return h.hexdigest()
-
-
-@pytest.mark.slow
-def test_kill_and_resume_continues_exactly(tmp_path):
-    args = ["train.py", "--stage", "pretrain", "--max_epoch", "0.5", *TINY]
-    # Reference: an uninterrupted run.
-    ref = _run([*args, "--run_dir", str(tmp_path / "ref")])
-    assert ref.returncode == 0, ref.stderr
-    # Killed (SIGKILL) after its second checkpoint, then the same command again.
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, *args, "--run_dir", str(run)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = run / "pretrain" / "checkpoints.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if state_file.exists() and len(read_json(state_file)["checkpoints"]) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = read_json(state_file)["checkpoints"][-1]["mini_epoch"]
-    assert killed_at < 5, "the run finished before it could be killed"
-    resumed = _run([*args, "--run_dir", str(run)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stdout and f"(mini-epoch {killed_at})" in resumed.stdout
-    final = read_json(state_file)
-    assert final["checkpoints"][-1]["mini_epoch"] == 5
-    a, _ = _load(tmp_path / "ref" / "pretrain", "latest")
-    b, _ = _load(run / "pretrain", "latest")
-    for va, vb in zip(a.trainable_variables, b.trainable_variables):
-        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=1e-4, atol=1e-6, err_msg=va.name)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -178,7 +129,7 @@ def test_bad_input_one_line_and_outputs_untouched(run_dir, extra, message, capsy
     assert _tree_digest(str(run_dir)) == before
 
 
-def test_bad_config_key_and_wrong_checkpoint(run_dir, tmp_path):
+def test_bad_config_key_and_wrong_checkpoint(run_dir, tmp_path, capsys):
     config = tmp_path / "bad.toml"
     config.write_text('img_size = 32\nlearning_rate = 0.1\n')
     with pytest.raises(SystemExit) as exit_info:
@@ -186,36 +137,22 @@ def test_bad_config_key_and_wrong_checkpoint(run_dir, tmp_path):
                         "--run_dir", str(tmp_path / "r")])
     assert exit_info.value.code == 2
     # A checkpoint with another class count is refused, naming the mismatch.
-    proc = _run(["train.py", "--stage", "qat8", "--run_dir", str(tmp_path / "r2"), *TINY,
-                 "--num_classes", "12", "--ckpt_path", str(run_dir / "pretrain"),
-                 "--teacher_ckpt", str(run_dir / "pretrain")])
-    assert proc.returncode == 2 and "10 classes" in proc.stderr and "12" in proc.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--stage", "qat8", "--run_dir", str(tmp_path / "r2"), *TINY,
+                        "--num_classes", "12", "--ckpt_path", str(run_dir / "pretrain"),
+                        "--teacher_ckpt", str(run_dir / "pretrain")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "10 classes" in err and "12" in err
     # A thresholds file of another model is refused.
     bad = tmp_path / "thr.json"
     data = read_json(run_dir / "calibrate" / "initial_thresholds.json")
     data["Logits/weights"]["min"] = data["Logits/weights"]["min"][:3]
     bad.write_text(json.dumps(data))
-    proc = _run(["eval.py", "--ckpt_path", str(run_dir / "pretrain"), "--thresholds", str(bad),
-                 *TINY])
-    assert proc.returncode == 2 and "Logits/weights min has 3 values" in proc.stderr
-
-
-@pytest.mark.slow
-def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
-    run = tmp_path / "nan"
-    proc = _run(["train.py", "--stage", "pretrain", "--run_dir", str(run), *TINY,
-                 "--max_epoch", "0.3", "--lr", "1e30", "--lr_fixed"])
-    assert proc.returncode == 2, proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "the loss became" in errors[0]
-    assert "last good checkpoint" in errors[0]
-    assert "Traceback" not in proc.stderr
-    state_file = run / "pretrain" / "checkpoints.json"
-    if state_file.exists():  # whatever was saved before the divergence is intact and finite
-        for entry in read_json(state_file)["checkpoints"]:
-            assert np.isfinite(entry["top1"])
-            assert os.path.exists(run / "pretrain" / f"{entry['name']}.index")
-        assert not read_json(state_file)["finished"]
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["--ckpt_path", str(run_dir / "pretrain"), "--thresholds", str(bad), *TINY])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Logits/weights min has 3 values" in err
 
 
 def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, tmp_path, capsys):
@@ -230,7 +167,7 @@ def test_checkpoint_from_before_the_se_gate_quantizer_still_evaluates(run_dir, t
     model = legacy.build()
     assert not model.gate_quant and all(
         not layer.bias_quant.live_range for layer in model.layers.values() if layer.bias_quant)
-    current, _ = _load(run_dir / "qat8")
+    current, _ = load_stage_model(run_dir / "qat8")
     from adj_quant.checkpoints import checkpoint_keys
 
     current_vars = checkpoint_keys(current)
