@@ -1,6 +1,7 @@
 """The quantized network (EfficientNet-B0): folding, calibration, thresholds files, bits."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -38,6 +39,19 @@ def float_and_images():
     return _float_model()
 
 
+@pytest.fixture(scope="module")
+def calibrated(float_and_images, tmp_path_factory):
+    """The default quantized model of :func:`float_and_images`, calibrated on its images, and
+    its thresholds file (calibrating B0 takes seconds; tests that change a thresholds file
+    change a copy, and none changes the model)."""
+    model, images = float_and_images
+    qmodel = QuantizedNetwork.from_float(model, QuantConfig())
+    qmodel.calibrate_activations([images], progress=False)
+    path = tmp_path_factory.mktemp("thresholds") / "initial_thresholds.json"
+    qmodel.save_thresholds(str(path))
+    return qmodel, path
+
+
 def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -48,10 +62,10 @@ def test_folded_float_forward_equals_float_model(float_and_images):
     assert _rel(qmodel.float_forward(images).numpy(), model(images).numpy()) < 1e-4
 
 
-def test_8bit_model_stays_within_5_percent_of_float(float_and_images):
+def test_8bit_model_stays_within_5_percent_of_float(float_and_images, calibrated):
     model, images = float_and_images
-    qmodel = QuantizedNetwork.from_float(model, QuantConfig(8, 8, 8, 8))
-    qmodel.calibrate_activations([images], progress=False)
+    qmodel, _ = calibrated
+    assert qmodel.qcfg == QuantConfig(8, 8, 8, 8)
     f = model(images).numpy()
     qlogits = qmodel(images).numpy()
     assert _rel(qlogits, f) <= 0.05
@@ -100,19 +114,17 @@ def test_calibration_records_per_channel_min_max(float_and_images):
     assert "Conv/input" not in qmodel.quantizers()  # the stem's input is the 8-bit image
 
 
-def _calibrated_thresholds(float_and_images, path):
-    """A calibrated quantized model and its thresholds file at ``path``."""
-    model, images = float_and_images
-    qmodel = QuantizedNetwork.from_float(model, QuantConfig())
-    qmodel.calibrate_activations([images], progress=False)
-    qmodel.save_thresholds(str(path))
+def _calibrated_thresholds(calibrated, path):
+    """The calibrated model of the fixture and a copy of its thresholds file at ``path``."""
+    qmodel, original = calibrated
+    shutil.copyfile(original, path)
     return qmodel
 
 
-def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
+def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images, calibrated):
     model, _ = float_and_images
     path = tmp_path / "initial_thresholds.json"
-    qmodel = _calibrated_thresholds(float_and_images, path)
+    qmodel = _calibrated_thresholds(calibrated, path)
     other = QuantizedNetwork(model.arch, QuantConfig())
     other.load_thresholds(str(path))
     for name, quant in other.quantizers().items():
@@ -136,9 +148,11 @@ def test_thresholds_round_trip_and_mismatch(tmp_path, float_and_images):
         other.load_thresholds(str(tmp_path))
 
 
-def test_thresholds_with_strings_or_min_above_max_are_refused(tmp_path, float_and_images):
+def test_thresholds_with_strings_or_min_above_max_are_refused(tmp_path, float_and_images,
+                                                              calibrated):
     path = tmp_path / "initial_thresholds.json"
-    qmodel = _calibrated_thresholds(float_and_images, path)
+    _calibrated_thresholds(calibrated, path)
+    qmodel = QuantizedNetwork(float_and_images[0].arch, QuantConfig())  # not the shared one
     good = json.loads(path.read_text())
     strings = json.loads(path.read_text())
     strings["Conv/weights"]["max"][3] = "big"
