@@ -517,7 +517,8 @@ class Trainer:
             if first and not distribution.is_distributed(self.strategy):
                 with self.clock.part("tracing"):  # the call below reuses this trace
                     step_fn.get_concrete_function(*args)
-            with self.clock.part("first calls" if first else "steps"):
+            with self.clock.part("first calls" if first else "steps"), \
+                    graph_options.training_grappler():
                 parts = step_fn(*args)
                 loss = float(parts["loss"].numpy())
             self._called = True
