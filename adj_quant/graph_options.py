@@ -22,12 +22,12 @@ The **training steps** go further (:func:`training_grappler`): of a round's pass
 constant folding and remapping only. The others (arithmetic simplification, pruning,
 dependency, layout, memory, loop and shape optimization, common subexpressions) change
 nothing in the numbers of adjq's training steps (the digits recipe's log is the same, line
-for line), and cost a second or more of each quantized step's first call; the steps
-themselves ran within a few percent of their time with them (``bench/README.md`` has the
-measurements). The two kept ones do change the numbers: without constant folding the
-variables differ after a few steps, and without remapping the float teacher's
-inference-mode layers (convolution, batch norm and activation, fused) compute other last
-bits. The evaluation steps keep the lean setting.
+for line), and cost seconds of the quantized steps' first calls (over the recipe 22 s
+instead of 17); the steps themselves ran within a few percent of their time with them
+(``bench/README.md`` has the measurements). The two kept ones do change the numbers:
+without constant folding the variables differ after a few steps, and without remapping
+the float teacher's inference-mode layers (convolution, batch norm and activation, fused)
+compute other last bits. The evaluation steps keep the lean setting.
 
 The setting travels with each function call (TensorFlow's per-thread *function call
 options*), so it applies only to functions called inside the ``with`` block, not to the
