@@ -88,10 +88,15 @@ def test_lean_grappler_keeps_the_rest_of_the_config_and_other_threads():
         ctx.function_call_options = previous
 
 
+#: EfficientNet-B0 at a quarter of its width and depth: every kind of layer, traced fast.
+SMALL_B0 = nets.build("efficientnet_b0", num_classes=10, width_multiplier=0.25,
+                      depth_multiplier=0.25)
+
+
 def _teacher():
     """A float B0 in inference mode whose batch norms are not the identity (trained-like
     moving statistics and betas): remapping fuses such layers into other kernels."""
-    teacher = FloatNetwork(nets.build("efficientnet_b0", num_classes=10), seed=1)
+    teacher = FloatNetwork(SMALL_B0, seed=1)
     rng = np.random.default_rng(1)
     for layer in teacher.layers.values():
         if layer.bn is not None:
@@ -107,8 +112,7 @@ def test_a_training_step_gives_the_same_bits_with_a_leaner_grappler(kind):
     as in the recipe's quantized stages), optimized with TensorFlow's default grappler (the
     oracle), the lean one and the training one: equal bit for bit."""
     # No dropout: the step must be deterministic (the float model trains batch norms).
-    model = FloatNetwork(nets.build("efficientnet_b0", num_classes=10), seed=0, dropout_rate=0.0,
-                         drop_connect_rate=0.0)
+    model = FloatNetwork(SMALL_B0, seed=0, dropout_rate=0.0, drop_connect_rate=0.0)
     images = tf.random.stateless_uniform([16, 32, 32, 3], seed=[0, 1])
     labels = tf.constant(np.arange(16) % 10, tf.int32)
     if kind == "quantized":
